@@ -1,0 +1,46 @@
+"""What the lifecycle asks of a provisioner: bring a GPU server up, tear it down, say what exists.
+
+A provisioner does the slow, blocking work; the lifecycle calls it only from its background
+operation thread, never from a request thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+# Called with a short sentence for a person, e.g. "creating compute instance (2/4)".
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the upstream Ollama answers and how to reach it."""
+
+    url: str  # base URL, e.g. "http://127.0.0.1:11435" or "https://203.0.113.7:11434"
+    token: str | None = None  # bearer token the upstream's front requires; never shown
+    ca_cert: str | None = None  # PEM of the upstream's self-signed certificate, pinned
+    server_hostname: str | None = None  # the name that certificate is issued to
+    instance_status: str = "running"  # running | stopped | absent
+
+
+class ProvisionError(Exception):
+    """Bringing up or tearing down failed; the message is a sentence for a person, no secrets."""
+
+
+class Provisioner(Protocol):
+    name: str
+    typical_cold_start: float  # seconds, used for Retry-After before any cold start is measured
+
+    def observe(self) -> Endpoint | None:
+        """What exists now (None: nothing). Cheap enough to call on every lease take-over."""
+
+    def bring_up(self, progress: Progress) -> Endpoint:
+        """Make the server exist (adopting one that already does) and return its endpoint.
+
+        Idempotent: a second call after a crash finishes or adopts, never creates a second server.
+        Raises ProvisionError with a reason a person can act on.
+        """
+
+    def tear_down(self, progress: Progress) -> None:
+        """Remove the server. Idempotent: nothing to remove is success."""
