@@ -6,8 +6,9 @@ operation thread, never from a request thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 # Called with a short sentence for a person, e.g. "creating compute instance (2/4)".
 Progress = Callable[[str], None]

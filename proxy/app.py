@@ -1,0 +1,286 @@
+"""The HTTP face of the proxy, routes only: create_app(config, lifecycle, forwarder)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import falcon
+
+from .config import Config
+from .forward import Forwarder, UpstreamError
+from .lifecycle import Lifecycle, Snapshot, Ticket
+from .upstream import normalise_model
+
+SERVICE = "ollama-exoscale"
+LOCAL_VERSION = "0.12.6"  # answered by /api/version before any upstream told us its own
+_PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
+
+
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_body(path: str, message: str, **extra: Any) -> dict[str, Any]:
+    """Ollama's flat {"error": "..."} on /api/*, OpenAI's error object on /v1/*."""
+    if is_openai(path):
+        return {"error": {"message": message, "type": extra.pop("type", "error"), **extra}}
+    return {"error": message, **extra}
+
+
+def _iso(timestamp: float) -> str | None:
+    if not timestamp:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+class Auth:
+    """Bearer keys on every route but GET|HEAD /, compared in constant time."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = [key.encode() for key in keys]
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self.keys or (req.path == "/" and req.method in ("GET", "HEAD")):
+            return
+        scheme, _, offered = (req.get_header("Authorization") or "").partition(" ")
+        offered_bytes = offered.strip().encode()
+        matched = False
+        for key in self.keys:  # no early exit: timing says nothing about which key is close
+            matched |= hmac.compare_digest(key, offered_bytes)
+        if scheme.lower() != "bearer" or not matched:
+            raise falcon.HTTPUnauthorized(
+                description="a valid API key is required: send Authorization: Bearer <key>",
+                challenges=["Bearer"],
+            )
+
+
+class Root:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.text = "Ollama is running"
+
+    on_head = on_get
+
+
+class Status:
+    def __init__(self, config: Config, lifecycle: Lifecycle):
+        self.config = config
+        self.lifecycle = lifecycle
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = status_document(self.config, self.lifecycle)
+
+
+def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
+    """What /status shows: never provisions, never counts as demand, holds no secret."""
+    snapshot = lifecycle.snapshot()
+    now = time.time()
+    idle_left = None
+    if snapshot.phase == "ready":
+        if snapshot.inflight:
+            idle_left = config.idle_timeout
+        else:
+            idle_since = max(snapshot.last_activity, snapshot.ready_since)
+            idle_left = max(0, round(config.idle_timeout - (now - idle_since)))
+    cold = snapshot.cold_starts
+    return {
+        "service": SERVICE,
+        "provisioning_status": snapshot.phase,
+        "detail": snapshot.detail,
+        "instance_status": snapshot.endpoint.instance_status if snapshot.endpoint else "absent",
+        "remote_url": snapshot.endpoint.url if snapshot.endpoint else None,
+        "zone": config.zone,
+        "instance_type": config.instance_type,
+        "ollama_model": ",".join(config.models),
+        "idle_timeout": config.idle_timeout,
+        "idle_action": config.idle_action,
+        "provider": config.provisioner,
+        "phase_since": _iso(snapshot.phase_since),
+        "last_activity": _iso(snapshot.last_activity),
+        "in_flight": snapshot.inflight,
+        "idle_seconds_left": idle_left,
+        "last_error": snapshot.last_error,
+        "failures": snapshot.failures,
+        "retry_at": _iso(snapshot.retry_at) if snapshot.phase == "error" else None,
+        "retry_after": None if snapshot.phase == "ready" else lifecycle.retry_after(snapshot),
+        "cold_starts": {
+            "count": len(cold),
+            "last": cold[-1] if cold else None,
+            "median": lifecycle.typical_cold_start(snapshot) if cold else None,
+        },
+        "upstream_version": snapshot.upstream_version,
+        "store_error": lifecycle.store_error,
+    }
+
+
+class Passive:
+    """Routes clients poll to list models: answered here until the upstream is ready."""
+
+    def __init__(self, config: Config, lifecycle: Lifecycle, forwarder: Forwarder, local):
+        self.config = config
+        self.lifecycle = lifecycle
+        self.forwarder = forwarder
+        self.local = local
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ticket = self.lifecycle.admit(demand=False)
+        if ticket is None:
+            resp.media = self.local(self.config, self.lifecycle.snapshot())
+            return
+        _forward(self.forwarder, self.lifecycle, self.config, req, resp, ticket)
+
+
+def local_version(config: Config, snapshot: Snapshot) -> dict[str, Any]:
+    return {"version": snapshot.upstream_version or LOCAL_VERSION}
+
+
+def local_tags(config: Config, snapshot: Snapshot) -> dict[str, Any]:
+    models = []
+    for model in config.models:
+        name = normalise_model(model)
+        family = name.split("/")[-1].split(":")[0]
+        models.append({
+            "name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+            "digest": "", "details": {"format": "gguf", "family": family, "families": [family],
+                                      "parameter_size": "", "quantization_level": ""},
+        })
+    return {"models": models}
+
+
+def local_ps(config: Config, snapshot: Snapshot) -> dict[str, Any]:
+    return {"models": []}
+
+
+def local_openai_models(config: Config, snapshot: Snapshot) -> dict[str, Any]:
+    data = [
+        {"id": normalise_model(m), "object": "model", "created": 0, "owned_by": "library"}
+        for m in config.models
+    ]
+    return {"object": "list", "data": data}
+
+
+class Demand:
+    """Every other Ollama route: forwarded when ready; otherwise wakes the GPU and says 503."""
+
+    def __init__(self, config: Config, lifecycle: Lifecycle, forwarder: Forwarder):
+        self.config = config
+        self.lifecycle = lifecycle
+        self.forwarder = forwarder
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        if any(part in (".", "..") for part in req.path.split("/")):
+            raise falcon.HTTPBadRequest(description="dot segments are not allowed in the path")
+        ticket = self.lifecycle.admit()
+        if ticket is None:
+            ticket = self._hold(req, resp)
+        if ticket is None:
+            self._unavailable(req, resp)
+            return
+        _forward(self.forwarder, self.lifecycle, self.config, req, resp, ticket)
+
+    def _hold(self, req: falcon.Request, resp: falcon.Response) -> Ticket | None:
+        """RFC 7240 `Prefer: wait=N`: hold up to min(N, PROXY_MAX_HOLD) s while provisioning."""
+        match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
+        seconds = min(int(match.group(1)), self.config.max_hold) if match else 0
+        if seconds <= 0 or not self.lifecycle.try_hold_slot():
+            return None
+        try:
+            self.lifecycle.hold(seconds)
+        finally:
+            self.lifecycle.release_hold_slot()
+        resp.set_header("Preference-Applied", f"wait={seconds:g}")
+        return self.lifecycle.admit()
+
+    def _unavailable(self, req: falcon.Request, resp: falcon.Response) -> None:
+        snapshot = self.lifecycle.snapshot()
+        retry_after = self.lifecycle.retry_after(snapshot)
+        phase, message = explain(snapshot, retry_after)
+        resp.status = falcon.HTTP_503
+        resp.set_header("Retry-After", str(retry_after))
+        if is_openai(req.path):
+            body = error_body(req.path, message, type="service_unavailable",
+                              code="provisioning" if phase != "error" else "provisioning_failed")
+        else:
+            body = error_body(req.path, message, provisioning=phase != "error", status=phase,
+                              retry_after=retry_after)
+        resp.text = json.dumps(body)
+        resp.content_type = falcon.MEDIA_JSON
+
+
+def explain(snapshot: Snapshot, retry_after: int) -> tuple[str, str]:
+    """(phase a client sees, a sentence for a person) while not ready."""
+    phase = snapshot.phase
+    if phase == "error" and snapshot.retry_at <= time.time():
+        phase = "provisioning"  # this request starts the retry
+    detail = f" ({snapshot.detail})" if snapshot.detail else ""
+    if phase == "error":
+        return phase, (
+            f"Starting the GPU server failed: {snapshot.last_error}. It is tried again on a "
+            f"request after {retry_after} s."
+        )
+    if phase == "starting":
+        return phase, (
+            f"The GPU server is up and Ollama is getting ready{detail}. Retry in {retry_after} s."
+        )
+    if phase == "destroying":
+        return phase, (
+            "The GPU server is being removed after idle time; it will start again for this "
+            f"request. Retry in {retry_after} s."
+        )
+    if phase == "ready":  # became ready between the check and now
+        return phase, "The GPU server is ready. Retry now."
+    return "provisioning", f"The GPU server is starting{detail}. Retry in {retry_after} s."
+
+
+def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
+    try:
+        forwarder.forward(
+            req, resp, ticket.endpoint, lambda: lifecycle.finish(ticket),
+            strip_authorization=config.auth_enabled,
+        )
+    except UpstreamError as exc:
+        raise falcon.HTTPError(
+            falcon.code_to_http_status(exc.status), description=str(exc)
+        ) from None
+
+
+def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    """Every error as JSON with an `error` field, in the shape the route's clients parse."""
+    message = exc.description or exc.title
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(error_body(req.path, message))
+
+
+def handle_unexpected(req, resp, exc, params) -> None:
+    """A bug never crashes the worker nor leaks internals: a 500 with a JSON error."""
+    if isinstance(exc, falcon.HTTPError):
+        raise exc
+    import logging
+
+    logging.getLogger("ollama_exoscale.app").exception("unhandled error on %s", req.path)
+    raise falcon.HTTPInternalServerError(description="internal error in the proxy; see its logs")
+
+
+def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.App:
+    app = falcon.App(middleware=[Auth(config.api_keys)])
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.req_options.strip_url_path_trailing_slash = False
+    app.add_route("/", Root())
+    app.add_route("/status", Status(config, lifecycle))
+    for path, local in (
+        ("/api/version", local_version),
+        ("/api/tags", local_tags),
+        ("/api/ps", local_ps),
+        ("/v1/models", local_openai_models),
+    ):
+        app.add_route(path, Passive(config, lifecycle, forwarder, local))
+    demand = Demand(config, lifecycle, forwarder)
+    app.add_sink(demand, r"^/api(/|$)")
+    app.add_sink(demand, r"^/v1(/|$)")
+    return app

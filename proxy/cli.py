@@ -1,0 +1,163 @@
+"""The console script `ollama-exoscale`: serve the proxy, or talk to a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .config import Config, ConfigError
+
+# Exit codes a script can rely on.
+OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
+
+SERVE_FLAGS = {
+    "bind": "PROXY_BIND",
+    "workers": "PROXY_WORKERS",
+    "threads": "PROXY_THREADS",
+    "provisioner": "PROXY_PROVISIONER",
+    "idle_timeout": "PROXY_IDLE_TIMEOUT",
+    "state_dir": "PROXY_STATE_DIR",
+    "local_command": "PROXY_LOCAL_COMMAND",
+    "local_addr": "PROXY_LOCAL_ADDR",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return USAGE
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"ollama-exoscale: {exc}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ollama-exoscale",
+        description="An on-demand GPU proxy for Ollama on Exoscale.",
+    )
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="run the proxy under gunicorn")
+    serve.add_argument("--bind", help="listen address (PROXY_BIND, default 127.0.0.1:11434)")
+    serve.add_argument("--workers", help="gunicorn workers (PROXY_WORKERS, default 2)")
+    serve.add_argument("--threads", help="threads per worker (PROXY_THREADS, default 32)")
+    serve.add_argument("--provisioner", help="exoscale or local (PROXY_PROVISIONER)")
+    serve.add_argument("--idle-timeout", help="seconds (PROXY_IDLE_TIMEOUT, default 1800)")
+    serve.add_argument("--state-dir", help="local state (PROXY_STATE_DIR)")
+    serve.add_argument("--local-command", help="with local: the command (PROXY_LOCAL_COMMAND)")
+    serve.add_argument("--local-addr", help="with local: where it listens (PROXY_LOCAL_ADDR)")
+    serve.set_defaults(run=serve_command)
+
+    status = commands.add_parser("status", help="print a running proxy's status")
+    _client_flags(status)
+    status.add_argument("--json", action="store_true", help="print the raw JSON document")
+    status.set_defaults(run=status_command)
+    return parser
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the proxy (default: http://PROXY_BIND)")
+    parser.add_argument("--key", help="API key (default: OLLAMA_API_KEY)")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    for flag, variable in SERVE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[variable] = str(value)
+    config = Config.from_env()  # a bad value stops here, before gunicorn starts
+    from .provisioners import make_provisioner
+
+    make_provisioner(config)
+    from gunicorn.app.wsgiapp import WSGIApplication
+
+    conf = Path(__file__).with_name("gunicorn_conf.py")
+    sys.argv = ["ollama-exoscale serve", "-c", str(conf), "proxy.wsgi:create()"]
+    WSGIApplication("%(prog)s").run()
+    return OK
+
+
+def _client(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    url = args.url or "http://" + Config.from_env().bind
+    if "://" not in url:
+        url = "http://" + url
+    key = args.key or os.environ.get("OLLAMA_API_KEY")
+    return url.rstrip("/"), ({"Authorization": f"Bearer {key}"} if key else {})
+
+
+def fetch_status(args: argparse.Namespace) -> dict[str, Any] | int:
+    url, headers = _client(args)
+    try:
+        answer = requests.get(url + "/status", headers=headers, timeout=10)
+    except requests.RequestException as exc:
+        print(f"ollama-exoscale: no proxy answers at {url} ({type(exc).__name__})", file=sys.stderr)
+        return UNREACHABLE
+    if answer.status_code != 200:
+        print(f"ollama-exoscale: {url}/status answered HTTP {answer.status_code}: "
+              f"{_error_of(answer)}", file=sys.stderr)
+        return FAILED
+    return answer.json()
+
+
+def status_command(args: argparse.Namespace) -> int:
+    status = fetch_status(args)
+    if isinstance(status, int):
+        return status
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return FAILED if status.get("provisioning_status") == "error" else OK
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A table for a person."""
+    cold = status.get("cold_starts") or {}
+    rows = [
+        ("phase", status.get("provisioning_status")),
+        ("detail", status.get("detail") or "-"),
+        ("instance", status.get("instance_status")),
+        ("upstream", status.get("remote_url") or "-"),
+        ("provider", f"{status.get('provider')} ({status.get('instance_type')} in "
+                     f"{status.get('zone')})"),
+        ("model", status.get("ollama_model")),
+        ("in flight", status.get("in_flight")),
+        ("idle timeout", f"{status.get('idle_timeout'):g} s"),
+        ("idle left", _seconds(status.get("idle_seconds_left"))),
+        ("last activity", status.get("last_activity") or "-"),
+        ("phase since", status.get("phase_since") or "-"),
+        ("cold starts", f"{cold.get('count', 0)} (last {_seconds(cold.get('last'))}, "
+                        f"median {_seconds(cold.get('median'))})"),
+        ("last error", status.get("last_error") or "-"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.0f} s"
+
+
+def _error_of(answer: requests.Response) -> str:
+    try:
+        error = answer.json().get("error")
+    except ValueError:
+        return answer.text[:200]
+    return error.get("message") if isinstance(error, dict) else str(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

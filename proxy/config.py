@@ -1,0 +1,186 @@
+"""The proxy's configuration: read once from the environment (flags override), validated, frozen.
+
+A bad value stops start-up with one line that names the variable, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PROVISIONERS = ("exoscale", "local")
+IDLE_ACTIONS = ("destroy", "stop")
+
+
+class ConfigError(ValueError):
+    """One line for a person: the variable, the bad value, what is accepted."""
+
+
+@dataclass(frozen=True)
+class Config:
+    provisioner: str = "exoscale"
+    local_command: str = "ollama serve"
+    local_addr: str = "127.0.0.1:11435"
+    idle_timeout: float = 1800.0
+    idle_action: str = "destroy"
+    bind: str = "127.0.0.1:11434"
+    workers: int = 2
+    threads: int = 32
+    state_dir: Path = Path(".ollama-exoscale")
+    state_url: str = ""  # empty: SQLite in the state dir
+    api_keys: tuple[str, ...] = ()
+    max_hold: float = 0.0
+    max_held: int = 16  # per worker: held requests beyond it get 503 at once
+    models: tuple[str, ...] = ("llama3.2",)
+    zone: str = "at-vie-2"
+    instance_type: str = "gpua5000.small"
+    template: str = "Linux Ubuntu 24.04 LTS 64-bit"
+    disk_size: int = 100
+    connect_timeout: float = 10.0
+    read_timeout: float = 900.0  # Ollama may take minutes to load a model before its first byte
+    worker_timeout: float = 60.0  # gunicorn's heartbeat timeout; gthread streams are not cut by it
+    start_timeout: float = 3600.0  # most seconds in `starting` before it is an error
+    lease_ttl: float = 15.0
+    tick: float = 0.25  # how often a worker syncs with the store
+    retry_base: float = 15.0  # first back-off after a failed provisioning; doubles each time
+    retry_max: float = 900.0
+    log_level: str = "info"
+    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.bind, "PROXY_BIND")
+
+    @property
+    def local_url(self) -> str:
+        host, port = split_host_port(self.local_addr, "PROXY_LOCAL_ADDR")
+        return f"http://{host}:{port}"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **flags: object) -> Config:
+        """Build the config from `env` (default: os.environ); non-None `flags` win over env."""
+        env = dict(os.environ if env is None else env)
+        read = _Reader(env, {k: v for k, v in flags.items() if v is not None})
+        idle_default = read.number("EXOSCALE_IDLE_TIMEOUT", 1800.0, minimum=1)
+        config = cls(
+            provisioner=read.choice("PROXY_PROVISIONER", "exoscale", PROVISIONERS),
+            local_command=read.text("PROXY_LOCAL_COMMAND", "ollama serve"),
+            local_addr=read.address("PROXY_LOCAL_ADDR", "127.0.0.1:11435"),
+            idle_timeout=read.number("PROXY_IDLE_TIMEOUT", idle_default, minimum=1),
+            idle_action=read.choice("PROXY_IDLE_ACTION", "destroy", IDLE_ACTIONS),
+            bind=read.address("PROXY_BIND", "127.0.0.1:11434"),
+            workers=int(read.number("PROXY_WORKERS", 2, minimum=1, whole=True)),
+            threads=int(read.number("PROXY_THREADS", 32, minimum=1, whole=True)),
+            state_dir=Path(read.text("PROXY_STATE_DIR", ".ollama-exoscale")).absolute(),
+            state_url=read.state_url("PROXY_STATE_URL"),
+            api_keys=read.items("PROXY_API_KEYS"),
+            max_hold=read.number("PROXY_MAX_HOLD", 0.0, minimum=0),
+            max_held=int(read.number("PROXY_MAX_HELD", 16, minimum=0, whole=True)),
+            models=read.models("OLLAMA_MODEL", "llama3.2"),
+            zone=read.text("EXOSCALE_ZONE", "at-vie-2"),
+            instance_type=read.text("EXOSCALE_INSTANCE_TYPE", "gpua5000.small"),
+            template=read.text("EXOSCALE_TEMPLATE", "Linux Ubuntu 24.04 LTS 64-bit"),
+            disk_size=int(read.number("EXOSCALE_DISK_SIZE", 100, minimum=10, whole=True)),
+            connect_timeout=read.number("PROXY_CONNECT_TIMEOUT", 10.0, minimum=0.1),
+            read_timeout=read.number("PROXY_READ_TIMEOUT", 900.0, minimum=1),
+            worker_timeout=read.number("PROXY_WORKER_TIMEOUT", 60.0, minimum=1),
+            start_timeout=read.number("PROXY_START_TIMEOUT", 3600.0, minimum=1),
+            lease_ttl=read.number("PROXY_LEASE_TTL", 15.0, minimum=1),
+            tick=read.number("PROXY_TICK", 0.25, minimum=0.01),
+            retry_base=read.number("PROXY_RETRY_BASE", 15.0, minimum=0.1),
+            retry_max=read.number("PROXY_RETRY_MAX", 900.0, minimum=0.1),
+            log_level=read.choice(
+                "PROXY_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+            ),
+            env=env,
+        )
+        return config
+
+
+def split_host_port(value: str, name: str) -> tuple[str, int]:
+    """'host:port' → (host, port); raises ConfigError naming `name`."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{name}={value!r} is not an address; use host:port, e.g. 127.0.0.1:11434"
+        )
+    return host, int(port)
+
+
+class _Reader:
+    """Reads one variable at a time, flags first, raising ConfigError with the variable's name."""
+
+    def __init__(self, env: Mapping[str, str], flags: Mapping[str, object]):
+        self.env = env
+        self.flags = flags
+
+    def raw(self, name: str) -> str | None:
+        if name in self.flags:
+            return str(self.flags[name])
+        value = self.env.get(name)
+        return value.strip() if value is not None and value.strip() != "" else None
+
+    def text(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value is None else value
+
+    def choice(self, name: str, default: str, accepted: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in accepted:
+            raise ConfigError(
+                f"{name}={value!r} is not accepted; use one of: {', '.join(accepted)}"
+            )
+        return value
+
+    def number(
+        self, name: str, default: float, *, minimum: float, whole: bool = False
+    ) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        kind = "a whole number" if whole else "a number"
+        try:
+            number = int(value) if whole else float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not {kind}; use e.g. {default:g}") from None
+        if number != number or number < minimum or number == float("inf"):
+            raise ConfigError(f"{name}={value!r} is out of range; use {kind} >= {minimum:g}")
+        return number
+
+    def address(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        split_host_port(value, name)
+        return value
+
+    def items(self, name: str) -> tuple[str, ...]:
+        value = self.raw(name) or ""
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def models(self, name: str, default: str) -> tuple[str, ...]:
+        models = self.items(name) or (default,)
+        for model in models:
+            if any(c.isspace() for c in model) or model.startswith(("/", ".")):
+                raise ConfigError(
+                    f"{name}={model!r} is not a model name; use names like llama3.2 or qwen3:8b"
+                )
+        return models
+
+    def state_url(self, name: str) -> str:
+        value = self.raw(name) or ""
+        if not value:
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme not in ("sqlite", "s3") or not (parts.netloc or parts.path):
+            raise ConfigError(
+                f"{name}={value!r} is not a store URL; use sqlite:///path/state.db or "
+                "s3://bucket/prefix?endpoint=https://sos-at-vie-2.exo.io"
+            )
+        return value

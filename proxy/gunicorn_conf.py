@@ -1,0 +1,37 @@
+"""gunicorn settings for the proxy, from the project's config (PROXY_* environment).
+
+Run directly with `gunicorn -c proxy/gunicorn_conf.py 'proxy.wsgi:create()'`, or through
+`ollama-exoscale serve`, which uses the same settings.
+"""
+
+from proxy.config import Config
+from proxy.logs import setup_logging
+
+_config = Config.from_env()
+
+bind = _config.bind
+workers = _config.workers
+threads = _config.threads
+# gthread keeps the worker's heartbeat apart from request threads: a stream that runs for
+# many minutes is never killed by `timeout` (a sync worker would be).
+worker_class = "gthread"
+timeout = int(_config.worker_timeout)
+# Time for streams to finish and for a running provisioning step to end on SIGTERM.
+graceful_timeout = 30
+keepalive = 5
+# Each worker builds its own app after the fork: threads and sockets are never shared.
+preload_app = False
+accesslog = None
+errorlog = "-"
+loglevel = _config.log_level
+
+
+def post_worker_init(worker):
+    setup_logging(_config.log_level)
+
+
+def worker_exit(server, worker):
+    """Let a provisioning step finish and give the lease up before the worker goes."""
+    from proxy import wsgi
+
+    wsgi.close(timeout=graceful_timeout - 2)

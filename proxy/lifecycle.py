@@ -1,0 +1,255 @@
+"""The lifecycle as one worker sees it: the phase, demand accounting, and the sync loop.
+
+Phases: idle → provisioning → starting → ready → destroying → idle, plus error.
+
+Request threads never touch the store: they read an in-memory snapshot and count demand in
+memory. One background loop per worker flushes this worker's demand report to the store and
+reads the shared state back every `tick` seconds (and at once when a request wakes it). The
+same loop drives the Reconciler, which acts only while this worker holds the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .provisioner import Endpoint, Provisioner
+from .reconciler import Reconciler
+from .store import Store, StoreError, WorkerReport
+from .upstream import Sessions
+
+log = logging.getLogger("ollama_exoscale.lifecycle")
+
+PHASES = ("idle", "provisioning", "starting", "ready", "destroying", "error")
+WORKER_TTL = 10.0  # a worker silent this long is dead: its in-flight requests stop counting
+HEARTBEAT = 1.0
+RETRY_AFTER_MAX = 60  # the OpenAI SDKs honour Retry-After only up to 60 s
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The shared state as of the last sync, plus demand summed over live workers."""
+
+    phase: str = "idle"
+    phase_since: float = 0.0
+    detail: str = ""
+    endpoint: Endpoint | None = None
+    last_error: str | None = None
+    retry_at: float = 0.0
+    failures: int = 0
+    cold_starts: tuple[float, ...] = ()
+    provisioning_started_at: float = 0.0
+    ready_since: float = 0.0
+    upstream_version: str | None = None
+    inflight: int = 0
+    last_activity: float = 0.0
+    wanted_at: float = 0.0
+
+    @classmethod
+    def build(cls, doc: dict[str, Any], reports: list[WorkerReport], now: float) -> Snapshot:
+        endpoint = doc.get("endpoint")
+        live = [r for r in reports if now - r.heartbeat < WORKER_TTL]
+        return cls(
+            phase=doc.get("phase", "idle"),
+            phase_since=doc.get("phase_since", 0.0),
+            detail=doc.get("detail", ""),
+            endpoint=Endpoint(**endpoint) if endpoint else None,
+            last_error=doc.get("last_error"),
+            retry_at=doc.get("retry_at", 0.0),
+            failures=doc.get("failures", 0),
+            cold_starts=tuple(doc.get("cold_starts", ())),
+            provisioning_started_at=doc.get("provisioning_started_at", 0.0),
+            ready_since=doc.get("ready_since", 0.0),
+            upstream_version=doc.get("upstream_version"),
+            inflight=sum(r.inflight for r in live),
+            last_activity=max((r.last_activity for r in reports), default=0.0),
+            wanted_at=max((r.wanted_at for r in reports), default=0.0),
+        )
+
+
+@dataclass
+class Ticket:
+    """One request passing through to the upstream; `demand` ones move the idle clock."""
+
+    endpoint: Endpoint
+    demand: bool
+    done: bool = field(default=False)
+
+
+class Lifecycle:
+    """One per worker. Thread-safe; request threads call admit/finish/want/hold."""
+
+    def __init__(
+        self,
+        config: Config,
+        provisioner: Provisioner,
+        store: Store,
+        sessions: Sessions,
+        *,
+        start: bool = True,
+    ):
+        self.config = config
+        self.provisioner = provisioner
+        self.store = store
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.reconciler = Reconciler(config, provisioner, store, sessions, holder=self.worker)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._inflight = 0
+        self._last_activity = 0.0
+        self._wanted_at = 0.0
+        self._held = 0
+        self._reported: WorkerReport | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._snapshot = Snapshot()
+        self.store_error: str | None = None
+        self._sync()
+        self._thread = threading.Thread(target=self._loop, name="lifecycle-sync", daemon=True)
+        if start:
+            self._thread.start()
+
+    # -- request side: memory only ---------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def admit(self, demand: bool = True) -> Ticket | None:
+        """A ticket to forward if the upstream is ready; None (and a wake-up wish) if not."""
+        snapshot = self._snapshot
+        if snapshot.phase == "ready" and snapshot.endpoint is not None:
+            with self._lock:
+                self._inflight += 1
+            return Ticket(snapshot.endpoint, demand)
+        if demand:
+            self.want()
+        return None
+
+    def finish(self, ticket: Ticket) -> None:
+        """The request or stream has ended (idempotent)."""
+        with self._lock:
+            if ticket.done:
+                return
+            ticket.done = True
+            self._inflight -= 1
+            if ticket.demand:
+                self._last_activity = time.time()
+
+    def want(self) -> None:
+        """Demand while not ready: ask the reconciler to bring the server up."""
+        now = time.time()
+        with self._lock:
+            self._wanted_at = now
+            self._last_activity = now
+        self._wake.set()
+
+    def hold(self, seconds: float) -> Snapshot:
+        """Wait up to `seconds` for ready (or error); False-y slot means the hold cap is full."""
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            while True:
+                snapshot = self._snapshot
+                left = deadline - time.monotonic()
+                if snapshot.phase in ("ready", "error") or left <= 0 or self._stop.is_set():
+                    return snapshot
+                self._changed.wait(min(left, 1.0))
+
+    def try_hold_slot(self) -> bool:
+        with self._lock:
+            if self._held >= self.config.max_held:
+                return False
+            self._held += 1
+            return True
+
+    def release_hold_slot(self) -> None:
+        with self._lock:
+            self._held -= 1
+
+    def retry_after(self, snapshot: Snapshot | None = None) -> int:
+        """Whole seconds until it is worth asking again, from the phase and past cold starts."""
+        snapshot = snapshot or self._snapshot
+        now = time.time()
+        if snapshot.phase == "error":
+            return _clamp(snapshot.retry_at - now)
+        typical = self.typical_cold_start(snapshot)
+        if snapshot.phase in ("provisioning", "starting"):
+            return _clamp(typical - (now - snapshot.provisioning_started_at))
+        return _clamp(typical)
+
+    def typical_cold_start(self, snapshot: Snapshot | None = None) -> float:
+        snapshot = snapshot or self._snapshot
+        if snapshot.cold_starts:
+            return statistics.median(snapshot.cold_starts)
+        return self.provisioner.typical_cold_start
+
+    # -- background: the sync loop ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.tick)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._sync()
+
+    def _sync(self) -> None:
+        """Flush this worker's demand, read the shared state back, let the reconciler act."""
+        now = time.time()
+        try:
+            self._flush(now)
+            doc = self.store.load()
+            reports = self.store.reports()
+            self.reconciler.tick(doc, reports, now)
+            self.store_error = None
+        except StoreError as exc:
+            # Keep answering with what we know; never act on a state we could not read.
+            if self.store_error != str(exc):
+                log.error("state store unavailable: %s", exc)
+            self.store_error = str(exc)
+            return
+        snapshot = Snapshot.build(self.reconciler.doc or doc, reports, now)
+        with self._changed:
+            self._snapshot = snapshot
+            self._changed.notify_all()
+
+    def _flush(self, now: float) -> None:
+        with self._lock:
+            report = WorkerReport(
+                self.worker, self._inflight, self._last_activity, self._wanted_at, now
+            )
+        last = self._reported
+        unchanged = last is not None and (
+            last.inflight,
+            last.last_activity,
+            last.wanted_at,
+        ) == (report.inflight, report.last_activity, report.wanted_at)
+        if unchanged and now - last.heartbeat < HEARTBEAT:
+            return
+        self.store.report(report)
+        self._reported = report
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop syncing, let a running operation finish (up to `timeout`), give the lease up."""
+        self._stop.set()
+        self._wake.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            self._flush(time.time())
+        except StoreError:
+            pass
+        self.reconciler.close(timeout)
+
+
+def _clamp(seconds: float) -> int:
+    return int(min(max(1, round(seconds)), RETRY_AFTER_MAX))

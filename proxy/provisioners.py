@@ -1,0 +1,209 @@
+"""The provisioners the config can name, and the `local` one: a command started on demand.
+
+`local` runs PROXY_LOCAL_COMMAND (e.g. `ollama serve` on a workstation) with OLLAMA_HOST set,
+and stops it when idle so the GPU's memory and power are freed. The process runs in its own
+session and is recorded in a pid file, so any worker (or a restarted proxy) can find it, adopt
+it and stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from .config import Config, ConfigError, split_host_port
+from .provisioner import Endpoint, Progress, Provisioner, ProvisionError
+
+log = logging.getLogger("ollama_exoscale.local")
+
+_children: dict[int, subprocess.Popen] = {}  # started by this process: polled so none is a zombie
+
+
+class LocalProvisioner:
+    name = "local"
+    typical_cold_start = 5.0
+
+    def __init__(
+        self,
+        command: str,
+        addr: str,
+        state_dir: Path,
+        env: Mapping[str, str],
+        *,
+        start_wait: float = 60.0,
+        stop_grace: float = 10.0,
+    ):
+        self.argv = shlex.split(command)
+        if not self.argv:
+            raise ConfigError("PROXY_LOCAL_COMMAND is empty; use e.g. 'ollama serve'")
+        self.host, self.port = split_host_port(addr, "PROXY_LOCAL_ADDR")
+        self.addr = addr
+        self.url = f"http://{self.host}:{self.port}"
+        self.state_dir = Path(state_dir)
+        self.env = dict(env)
+        self.start_wait = start_wait
+        self.stop_grace = stop_grace
+        self.pid_file = self.state_dir / "local-upstream.json"
+        self.log_file = self.state_dir / "local-upstream.log"
+
+    def observe(self) -> Endpoint | None:
+        pid = self._running_pid()
+        return Endpoint(self.url) if pid else None
+
+    def bring_up(self, progress: Progress) -> Endpoint:
+        if self._running_pid():
+            return Endpoint(self.url)
+        if _accepts(self.host, self.port):
+            raise ProvisionError(
+                f"PROXY_LOCAL_ADDR {self.addr} is already in use by another program; stop it or "
+                "choose another address"
+            )
+        progress(f"starting `{shlex.join(self.argv)}` on {self.addr}")
+        process = self._spawn()
+        deadline = time.monotonic() + self.start_wait
+        while time.monotonic() < deadline:
+            code = process.poll()
+            if code is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise ProvisionError(
+                    f"`{shlex.join(self.argv)}` exited with code {code} before listening on "
+                    f"{self.addr}: {self._log_tail()}"
+                )
+            if _accepts(self.host, self.port):
+                return Endpoint(self.url)
+            time.sleep(0.1)
+        self._stop(process.pid)
+        raise ProvisionError(
+            f"`{shlex.join(self.argv)}` did not listen on {self.addr} within {self.start_wait:g} s"
+        )
+
+    def tear_down(self, progress: Progress) -> None:
+        pid = self._running_pid()
+        if pid:
+            progress(f"stopping `{shlex.join(self.argv)}` (pid {pid})")
+            self._stop(pid)
+        self.pid_file.unlink(missing_ok=True)
+
+    def _spawn(self) -> subprocess.Popen:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "OLLAMA_HOST": self.addr}
+        try:
+            with open(self.log_file, "ab") as log_out:
+                process = subprocess.Popen(
+                    self.argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives this worker; stopped as a group
+                )
+        except OSError as exc:
+            raise ProvisionError(
+                f"cannot start `{shlex.join(self.argv)}`: {exc.strerror}; check "
+                "PROXY_LOCAL_COMMAND"
+            ) from None
+        _children[process.pid] = process
+        record = {"pid": process.pid, "started": _start_time(process.pid), "addr": self.addr}
+        self.pid_file.write_text(json.dumps(record))
+        log.info("started local upstream pid %d on %s", process.pid, self.addr)
+        return process
+
+    def _running_pid(self) -> int | None:
+        try:
+            record = json.loads(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+        pid = record.get("pid")
+        if not isinstance(pid, int) or not _alive(pid):
+            return None
+        if record.get("started") != _start_time(pid):
+            return None  # the pid was reused by another process
+        return pid
+
+    def _stop(self, pid: int) -> None:
+        """SIGTERM the process group, SIGKILL after the grace period."""
+        for sig, wait in ((signal.SIGTERM, self.stop_grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not _alive(pid):
+                    log.info("local upstream pid %d stopped", pid)
+                    return
+                time.sleep(0.05)
+        log.error("local upstream pid %d did not stop", pid)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no output)"
+        return " / ".join(lines[-3:])[-400:] or "(no output)"
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        _children.pop(pid, None)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _proc_state(pid) not in ("Z", "X")  # a zombie is dead, merely not yet reaped
+
+
+def _proc_stat(pid: int) -> list[str]:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _proc_state(pid: int) -> str:
+    fields = _proc_stat(pid)
+    return fields[0] if fields else ""
+
+
+def _start_time(pid: int) -> str:
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""  # field 22 of /proc/pid/stat: start time
+
+
+def make_provisioner(config: Config) -> Provisioner:
+    """The provisioner PROXY_PROVISIONER names."""
+    if config.provisioner == "local":
+        return LocalProvisioner(
+            config.local_command, config.local_addr, config.state_dir, config.env
+        )
+    try:
+        from .exoscale import ExoscaleProvisioner
+    except ImportError as exc:
+        raise ConfigError(
+            f"PROXY_PROVISIONER=exoscale is not available in this build ({exc}); "
+            "use PROXY_PROVISIONER=local"
+        ) from None
+    return ExoscaleProvisioner.from_config(config)

@@ -1,0 +1,119 @@
+"""Talking to the upstream Ollama: pooled sessions (with the upstream's certificate pinned) and
+the readiness probe."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .provisioner import Endpoint
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Verifies the upstream's certificate against the name it was issued to, not the IP."""
+
+    def __init__(self, server_hostname: str | None, **kwargs):
+        self._server_hostname = server_hostname
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
+        if self._server_hostname:
+            pool_kwargs["server_hostname"] = self._server_hostname
+            pool_kwargs["assert_hostname"] = self._server_hostname
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+
+
+class Sessions:
+    """One pooled requests.Session per endpoint, made on first use and kept."""
+
+    def __init__(self, pool_size: int, cert_dir: Path | None = None):
+        self.pool_size = pool_size
+        self._cert_dir = Path(cert_dir or tempfile.gettempdir())
+        self._sessions: dict[tuple, requests.Session] = {}
+        self._lock = threading.Lock()
+
+    def get(self, endpoint: Endpoint) -> requests.Session:
+        key = (endpoint.url, endpoint.ca_cert, endpoint.server_hostname)
+        session = self._sessions.get(key)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(key) or self._make(endpoint)
+                self._sessions[key] = session
+        return session
+
+    def _make(self, endpoint: Endpoint) -> requests.Session:
+        session = requests.Session()
+        session.headers.clear()  # forward the client's headers, not requests' defaults
+        session.trust_env = False  # never route upstream traffic through an env proxy
+        adapter = _PinnedAdapter(
+            endpoint.server_hostname, pool_connections=4, pool_maxsize=self.pool_size
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        if endpoint.ca_cert:
+            session.verify = str(self._write_cert(endpoint.ca_cert))
+        return session
+
+    def _write_cert(self, pem: str) -> Path:
+        digest = hashlib.sha256(pem.encode()).hexdigest()[:16]
+        path = self._cert_dir / f"upstream-{digest}.pem"
+        if not path.exists():
+            self._cert_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(pem)
+        return path
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions.values():
+                session.close()
+            self._sessions.clear()
+
+
+def auth_headers(endpoint: Endpoint) -> dict[str, str]:
+    return {"Authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
+
+
+def normalise_model(name: str) -> str:
+    """Ollama lists `llama3.2` as `llama3.2:latest`."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+@dataclass(frozen=True)
+class Probe:
+    ready: bool
+    reason: str  # for a person: why it is not ready yet
+    version: str | None = None
+
+
+def probe(sessions: Sessions, endpoint: Endpoint, models: tuple[str, ...]) -> Probe:
+    """Ready means the upstream answers and `/api/tags` lists every configured model."""
+    session = sessions.get(endpoint)
+    try:
+        answer = session.get(
+            endpoint.url + "/api/tags", headers=auth_headers(endpoint), timeout=(3, 10)
+        )
+    except requests.RequestException as exc:
+        return Probe(False, f"the upstream does not answer yet ({type(exc).__name__})")
+    if answer.status_code != 200:
+        return Probe(False, f"the upstream answers /api/tags with HTTP {answer.status_code}")
+    try:
+        listed = {normalise_model(m.get("name", "")) for m in answer.json().get("models", [])}
+    except (ValueError, AttributeError):
+        return Probe(False, "the upstream's /api/tags is not Ollama's JSON")
+    missing = [m for m in models if normalise_model(m) not in listed]
+    if missing:
+        return Probe(False, f"waiting for the upstream to list {', '.join(missing)}")
+    version = None
+    try:
+        version = session.get(
+            endpoint.url + "/api/version", headers=auth_headers(endpoint), timeout=(3, 10)
+        ).json().get("version")
+    except (requests.RequestException, ValueError, AttributeError):
+        pass
+    return Probe(True, "ready", version)

@@ -1,0 +1,46 @@
+"""One worker's proxy: config → store, provisioner, lifecycle, forwarder → the WSGI app.
+
+gunicorn calls `create()` in each worker after the fork (`proxy.wsgi:create()`), so every
+worker has its own threads, sessions and store connection.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import falcon
+
+from .app import create_app
+from .config import Config
+from .forward import Forwarder
+from .lifecycle import Lifecycle
+from .provisioners import make_provisioner
+from .store import open_store
+from .upstream import Sessions
+
+log = logging.getLogger("ollama_exoscale")
+
+lifecycle: Lifecycle | None = None  # this worker's, so gunicorn's worker_exit hook can close it
+
+
+def build(config: Config) -> tuple[falcon.App, Lifecycle]:
+    sessions = Sessions(pool_size=config.threads, cert_dir=config.state_dir / "certs")
+    store = open_store(config.state_url, config.state_dir)
+    provisioner = make_provisioner(config)
+    life = Lifecycle(config, provisioner, store, sessions)
+    forwarder = Forwarder(sessions, config.connect_timeout, config.read_timeout)
+    return create_app(config, life, forwarder), life
+
+
+def create() -> falcon.App:
+    global lifecycle
+    config = Config.from_env()
+    if not config.api_keys:
+        log.warning("PROXY_API_KEYS is empty: anyone who can reach %s can use the GPU", config.bind)
+    app, lifecycle = build(config)
+    return app
+
+
+def close(timeout: float) -> None:
+    if lifecycle is not None:
+        lifecycle.close(timeout)
