@@ -5,7 +5,6 @@ Run directly with `gunicorn -c proxy/gunicorn_conf.py 'proxy.wsgi:create()'`, or
 """
 
 from proxy.config import Config
-from proxy.logs import setup_logging
 
 _config = Config.from_env()
 
@@ -21,13 +20,11 @@ graceful_timeout = 30
 keepalive = 5
 # Each worker builds its own app after the fork: threads and sockets are never shared.
 preload_app = False
+# gunicorn 27's control socket would be shared by every proxy on the host; not needed here.
+control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = _config.log_level
-
-
-def post_worker_init(worker):
-    setup_logging(_config.log_level)
 
 
 def worker_exit(server, worker):

@@ -1,0 +1,119 @@
+"""Running the real proxy for tests: gunicorn in a subprocess on a free port, logs captured."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fake_ollama_command(*flags: str) -> str:
+    """PROXY_LOCAL_COMMAND that runs the test upstream with this interpreter."""
+    return " ".join([sys.executable, "-m", "tests.fake_ollama", *flags])
+
+
+def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Proxy:
+    """`ollama-exoscale serve` with the `local` provisioner, as a user would start it."""
+
+    def __init__(self, state_dir: Path, **env: str | int | float):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.state_dir / f"proxy-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "PROXY_BIND": f"127.0.0.1:{self.port}",
+            "PROXY_STATE_DIR": str(self.state_dir),
+            "PROXY_PROVISIONER": "local",
+            "PROXY_WORKERS": "2",
+            "PROXY_THREADS": "8",
+            **{key: str(value) for key, value in env.items()},
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Proxy:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve"],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(self._answers, 20, what=f"the proxy on {self.url}\n{self.logs()}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the proxy exited with {self.process.returncode}:\n{self.logs()}")
+        try:
+            return requests.get(self.url + "/", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def status(self) -> dict:
+        return requests.get(self.url + "/status", timeout=5).json()
+
+    def wait_phase(self, phase: str, timeout: float = 20) -> dict:
+        return wait_until(
+            lambda: (s := self.status())["provisioning_status"] == phase and s,
+            timeout,
+            interval=0.1,
+            what=f"phase {phase} (logs:\n{self.logs()})",
+        )
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode if self.process else None
+
+    def kill_upstream(self) -> None:
+        """Stop the local upstream the proxy left running (it outlives the proxy on purpose)."""
+        try:
+            pid = json.loads((self.state_dir / "local-upstream.json").read_text())["pid"]
+            os.killpg(pid, signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass
+
+    def __enter__(self) -> Proxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.kill_upstream()
