@@ -1,0 +1,175 @@
+"""The HTTP contract while the GPU server is not ready, in-process through Falcon's test client."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import falcon.testing
+import pytest
+
+from proxy.app import create_app
+from proxy.config import Config
+from proxy.forward import Forwarder
+from proxy.lifecycle import Lifecycle
+from proxy.provisioner import Endpoint
+from proxy.store import SqliteStore
+from proxy.upstream import Sessions
+from tests.doubles import GatedProvisioner
+from tests.harness import wait_until
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    """A proxy whose provisioning never finishes (the gate stays shut)."""
+    made = []
+
+    def make(**settings):
+        config = Config(state_dir=tmp_path, tick=0.02, lease_ttl=1.0,
+                        models=("llama3.2", "qwen3:8b"))
+        config = dataclasses.replace(config, **settings)
+        provisioner = GatedProvisioner(Endpoint("http://127.0.0.1:9"), open_gate=False)
+        sessions = Sessions(4)
+        life = Lifecycle(config, provisioner, SqliteStore(tmp_path / "state.db"), sessions)
+        made.append((life, provisioner))
+        app = create_app(config, life, Forwarder(sessions, 1, 5))
+        return falcon.testing.TestClient(app), life, provisioner
+
+    yield make
+    for life, provisioner in made:
+        provisioner.gate.set()
+        life.close(timeout=5)
+
+
+def test_root_says_ollama_is_running_without_provisioning(proxy):
+    client, life, provisioner = proxy()
+    for method in ("GET", "HEAD"):
+        answer = client.simulate_request(method, "/")
+        assert answer.status_code == 200
+    assert client.simulate_get("/").text == "Ollama is running"
+    time.sleep(0.2)
+    assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+
+
+def test_model_listing_routes_answer_without_waking_the_gpu(proxy):
+    client, life, provisioner = proxy()
+    tags = client.simulate_get("/api/tags").json
+    assert [m["name"] for m in tags["models"]] == ["llama3.2:latest", "qwen3:8b"]
+    assert client.simulate_get("/api/ps").json == {"models": []}
+    assert "version" in client.simulate_get("/api/version").json
+    models = client.simulate_get("/v1/models").json
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["llama3.2:latest", "qwen3:8b"]
+    time.sleep(0.2)
+    assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+
+
+def test_demand_gets_503_with_retry_after_and_starts_provisioning(proxy):
+    client, life, provisioner = proxy()
+    started = time.monotonic()
+    answer = client.simulate_post("/api/chat", json={"model": "llama3.2", "messages": []})
+    assert time.monotonic() - started < 0.5
+    assert answer.status_code == 503
+    retry_after = int(answer.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    assert answer.json == {
+        "error": answer.json["error"],
+        "provisioning": True,
+        "status": "provisioning",
+        "retry_after": retry_after,
+    }
+    assert "starting" in answer.json["error"] and isinstance(answer.json["error"], str)
+    wait_until(lambda: provisioner.bring_ups == 1, 5, what="a bring-up")
+
+
+def test_openai_routes_get_openai_shaped_503(proxy):
+    client, life, provisioner = proxy()
+    answer = client.simulate_post("/v1/chat/completions", json={"model": "llama3.2"})
+    assert answer.status_code == 503
+    error = answer.json["error"]
+    assert error["type"] == "service_unavailable" and error["code"] == "provisioning"
+    assert "Retry in" in error["message"]
+    assert int(answer.headers["Retry-After"]) >= 1
+
+
+def test_error_phase_says_why_and_that_it_is_not_provisioning(proxy):
+    client, life, provisioner = proxy(retry_base=30)
+    provisioner.fail_with = "quota exceeded for gpua5000 in at-vie-2"
+    provisioner.gate.set()
+    client.simulate_post("/api/generate", json={})
+    wait_until(lambda: life.snapshot().phase == "error", 5, what="error")
+    answer = client.simulate_post("/api/generate", json={})
+    assert answer.status_code == 503
+    assert answer.json["provisioning"] is False
+    assert answer.json["status"] == "error"
+    assert "quota exceeded" in answer.json["error"]
+    assert 25 <= int(answer.headers["Retry-After"]) <= 30
+
+
+def test_status_has_the_contract_fields_and_does_not_provision(proxy):
+    client, life, provisioner = proxy()
+    status = client.simulate_get("/status").json
+    for field in (
+        "service", "provisioning_status", "instance_status", "remote_url", "zone",
+        "instance_type", "ollama_model", "idle_timeout", "provider", "phase_since",
+        "last_activity", "in_flight", "idle_seconds_left", "last_error", "cold_starts",
+    ):
+        assert field in status
+    assert status["provisioning_status"] == "idle"
+    assert set(status["cold_starts"]) == {"count", "last", "median"}
+    time.sleep(0.2)
+    assert provisioner.bring_ups == 0
+
+
+def test_api_keys_guard_every_route_but_root(proxy):
+    client, life, provisioner = proxy(api_keys=("k1", "k2"))
+    assert client.simulate_get("/").status_code == 200
+    for path in ("/status", "/api/tags", "/api/chat", "/v1/models"):
+        answer = client.simulate_get(path)
+        assert answer.status_code == 401, path
+        assert isinstance(answer.json["error"], (str, dict))
+    wrong = client.simulate_get("/api/tags", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    right = client.simulate_get("/api/tags", headers={"Authorization": "Bearer k2"})
+    assert right.status_code == 200
+    assert provisioner.bring_ups == 0
+
+
+def test_unauthorised_body_names_no_key(proxy):
+    client, life, provisioner = proxy(api_keys=("secret-key-1",))
+    answer = client.simulate_post("/api/chat", headers={"Authorization": "Bearer secret-key-2"})
+    assert answer.status_code == 401
+    assert "secret-key" not in answer.text
+
+
+def test_dot_segments_are_refused(proxy):
+    client, life, provisioner = proxy()
+    answer = client.simulate_get("/api/../status")
+    assert answer.status_code == 400
+    assert "error" in answer.json
+
+
+def test_unknown_routes_get_a_json_404(proxy):
+    client, life, provisioner = proxy()
+    answer = client.simulate_get("/nothing")
+    assert answer.status_code == 404
+    assert json.loads(answer.text)["error"]
+
+
+def test_prefer_wait_holds_up_to_max_hold_then_503(proxy):
+    client, life, provisioner = proxy(max_hold=0.5)
+    started = time.monotonic()
+    answer = client.simulate_post("/api/chat", json={}, headers={"Prefer": "wait=30"})
+    held = time.monotonic() - started
+    assert answer.status_code == 503
+    assert 0.5 <= held < 3
+    assert answer.headers.get("Preference-Applied") == "wait=0.5"
+
+
+def test_hold_cap_answers_503_at_once(proxy):
+    client, life, provisioner = proxy(max_hold=5, max_held=0)
+    started = time.monotonic()
+    answer = client.simulate_post("/api/chat", json={}, headers={"Prefer": "wait=5"})
+    assert answer.status_code == 503
+    assert time.monotonic() - started < 0.5
