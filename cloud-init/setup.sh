@@ -1,0 +1,147 @@
+#!/bin/bash
+# ollama-exoscale: brings this GPU server up, then opens its public front.
+#
+# Rendered by infra/cloudinit.py (the values below were shell-quoted there) and run by
+# ollama-exoscale-setup.service at every boot until it succeeds. Every step checks what is
+# already done and does only the rest, so a run after a reboot or a failure picks up where the
+# last one stopped. The front (nginx, on the public port) starts only once every model is
+# pulled: "the port answers and /api/tags lists the model" means ready.
+set -euo pipefail
+
+MODELS=({{ models }})
+PORT={{ port }}
+OLLAMA_IMAGE={{ ollama_image }}
+STATE_DIR=/var/lib/ollama-exoscale
+NVIDIA_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
+NVIDIA_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
+SITE=/etc/ollama-exoscale/nginx-site.conf
+export DEBIAN_FRONTEND=noninteractive
+
+log() { echo "ollama-exoscale-setup: $*"; }
+
+# apt waits for another apt (unattended-upgrades at first boot) instead of failing on its lock.
+apt_get() { apt-get -q -o DPkg::Lock::Timeout=1200 "$@"; }
+
+retry() {  # retry N COMMAND...: downloads fail now and then
+  local tries=$1 n=1
+  shift
+  until "$@"; do
+    if [ "$n" -ge "$tries" ]; then return 1; fi
+    log "retrying in $((n * 15)) s: $*"
+    sleep $((n * 15))
+    n=$((n + 1))
+  done
+}
+
+installed() {  # installed PACKAGE...: all of them are installed
+  local package
+  for package in "$@"; do
+    # shellcheck disable=SC2016 # ${Status} is dpkg-query's field, not a shell variable
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || return 1
+  done
+}
+
+install_packages() {
+  if installed ca-certificates curl gnupg docker.io nginx ubuntu-drivers-common; then return 0; fi
+  retry 3 apt_get update
+  retry 3 apt_get install -y --no-install-recommends \
+    ca-certificates curl gnupg docker.io nginx ubuntu-drivers-common
+  # Ubuntu starts nginx with its default site: nothing is served before the models are in.
+  rm -f /etc/nginx/sites-enabled/default
+  systemctl disable --now nginx
+}
+
+nvidia_loaded() { [ -e /proc/driver/nvidia/version ]; }
+
+install_nvidia_driver() {
+  if nvidia_loaded; then return 0; fi
+  # The headless, server-branch driver Ubuntu recommends for this GPU (no X, no desktop).
+  retry 3 ubuntu-drivers install --gpgpu
+  modprobe nvidia || true
+  if nvidia_loaded; then return 0; fi
+  # Another module (nouveau) holds the GPU until the next boot: reboot once; the unit runs again.
+  if [ -e "$STATE_DIR/rebooted-for-driver" ]; then
+    log "the NVIDIA driver does not load, even after a reboot"
+    return 1
+  fi
+  touch "$STATE_DIR/rebooted-for-driver"
+  log "rebooting to load the NVIDIA driver"
+  systemctl reboot
+  exit 0
+}
+
+add_nvidia_repository() {
+  # NVIDIA's own apt repository (the toolkit is not in Ubuntu's archive), as NVIDIA documents.
+  local list
+  list=$(mktemp)
+  retry 3 curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey -o "$list.key"
+  gpg --batch --yes --dearmor -o "$NVIDIA_KEYRING" "$list.key"
+  retry 3 curl -fsSL -o "$list" \
+    https://nvidia.github.io/libnvidia-container/stable/deb/nvidia-container-toolkit.list
+  sed "s#deb https://#deb [signed-by=$NVIDIA_KEYRING] https://#g" "$list" >"$NVIDIA_LIST"
+  rm -f "$list" "$list.key"
+}
+
+install_container_toolkit() {
+  if ! command -v nvidia-ctk >/dev/null; then
+    add_nvidia_repository
+    retry 3 apt_get update
+    retry 3 apt_get install -y --no-install-recommends nvidia-container-toolkit
+  fi
+  if ! grep -qs '"nvidia"' /etc/docker/daemon.json; then
+    nvidia-ctk runtime configure --runtime=docker
+    systemctl restart docker
+  fi
+}
+
+wait_for_ollama() {
+  local n
+  for n in $(seq 1 60); do
+    if docker exec ollama ollama list >/dev/null 2>&1; then return 0; fi
+    [ "$n" -eq 1 ] && log "waiting for Ollama to answer"
+    sleep 2
+  done
+  log "Ollama did not answer within 2 minutes"
+  return 1
+}
+
+start_ollama() {
+  # Published on loopback only: Ollama has no authentication; nginx is its only way in.
+  if ! docker container inspect ollama >/dev/null 2>&1; then
+    retry 3 docker pull "$OLLAMA_IMAGE"
+    docker run -d --name ollama --gpus=all --restart unless-stopped \
+      -v ollama:/root/.ollama -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
+  fi
+  docker start ollama >/dev/null
+  wait_for_ollama
+}
+
+pull_models() {
+  local model
+  for model in "${MODELS[@]}"; do
+    if docker exec ollama ollama show "$model" >/dev/null 2>&1; then continue; fi
+    log "pulling model $model"
+    retry 3 docker exec ollama ollama pull "$model" >/dev/null
+  done
+}
+
+start_front() {
+  rm -f /etc/nginx/sites-enabled/default
+  ln -sfn "$SITE" /etc/nginx/sites-enabled/ollama-exoscale
+  nginx -t -q
+  systemctl enable nginx
+  systemctl reload-or-restart nginx
+  log "ready: Ollama answers on port $PORT (TLS, bearer token) with ${MODELS[*]}"
+}
+
+main() {
+  mkdir -p "$STATE_DIR"
+  install_packages
+  install_nvidia_driver
+  install_container_toolkit
+  start_ollama
+  pull_models
+  start_front
+}
+
+main "$@"

@@ -1,0 +1,132 @@
+"""Renders the GPU server's cloud-config (user data) from the templates in `cloud-init/`.
+
+`cloud-init/user-data.yaml` is the skeleton: the files cloud-init writes and the unit it
+starts. Each file's content is a `{{ name }}` placeholder for a file of that folder (itself a
+template) or for the TLS certificate and key. Values are quoted for the place they land in:
+`shlex.quote` in the shell script, a checked charset in nginx's config; the YAML itself is
+written by PyYAML, never by string pasting.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+from .settings import Settings
+
+# The name in the self-signed certificate: the proxy pins the certificate and verifies this
+# name, since the instance's address is not known when the certificate is made.
+TLS_SERVER_NAME = "ollama-exoscale.invalid"
+OLLAMA_IMAGE = "ollama/ollama"
+# What the Exoscale API accepts as user data.
+MAX_USER_DATA_BYTES = 32 * 1024
+
+_PLACEHOLDER = re.compile(r"\{\{ *([A-Za-z0-9_.-]+) *\}\}")
+# RFC 6750's token68: safe inside nginx's double quotes (no `"`, `$`, `\`, space or `;`).
+_TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]{16,}=*$")
+_PEM = re.compile(r"^-----BEGIN ([A-Z0-9 ]+)-----\n[A-Za-z0-9+/=\n]+-----END \1-----\n?$")
+
+
+def template_dir() -> Path:
+    """The `cloud-init/` folder: next to `infra/` in a checkout (or an editable install), else
+    the copy a wheel installs under `<prefix>/share/ollama-exoscale/cloud-init`."""
+    beside = Path(__file__).resolve().parent.parent / "cloud-init"
+    if (beside / "user-data.yaml").is_file():
+        return beside
+    installed = Path(sys.prefix) / "share" / "ollama-exoscale" / "cloud-init"
+    if (installed / "user-data.yaml").is_file():
+        return installed
+    raise FileNotFoundError(
+        f"the cloud-init templates are missing: looked in {beside} and {installed}"
+    )
+
+
+def render_user_data(settings: Settings, token: str, tls_cert_pem: str, tls_key_pem: str) -> str:
+    """The `#cloud-config` document for the GPU server of `settings`."""
+    _check_token(token)
+    files = {
+        "setup.sh": fill(_read("setup.sh"), _shell_values(settings)),
+        "nginx-site.conf": fill(_read("nginx-site.conf"), _nginx_values(settings, token)),
+        "ollama-exoscale-setup.service": _read("ollama-exoscale-setup.service"),
+        "tls.crt": _checked_pem("TLS certificate", tls_cert_pem),
+        "tls.key": _checked_pem("TLS private key", tls_key_pem),
+    }
+    config = yaml.safe_load(_read("user-data.yaml"))
+    for entry in config["write_files"]:
+        entry["content"] = fill(entry["content"], files)
+    rendered = "#cloud-config\n" + yaml.dump(
+        config, Dumper=_BlockDumper, sort_keys=False, width=1000, allow_unicode=False
+    )
+    if len(rendered.encode()) > MAX_USER_DATA_BYTES:
+        raise ValueError(
+            f"the user data is {len(rendered.encode())} bytes; Exoscale accepts at most "
+            f"{MAX_USER_DATA_BYTES}"
+        )
+    return rendered
+
+
+def fill(template: str, values: Mapping[str, str]) -> str:
+    """`template` with each `{{ name }}` replaced by `values[name]`; an unknown name is an error."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise KeyError(f"the cloud-init templates use {{{{ {name} }}}}, which has no value")
+        return values[name]
+
+    return _PLACEHOLDER.sub(value, template)
+
+
+def _shell_values(settings: Settings) -> dict[str, str]:
+    return {
+        "models": " ".join(shlex.quote(model) for model in settings.models),
+        "port": str(int(settings.port)),
+        "ollama_image": shlex.quote(OLLAMA_IMAGE),
+    }
+
+
+def _nginx_values(settings: Settings, token: str) -> dict[str, str]:
+    port = int(settings.port)
+    return {
+        "port": str(port),
+        # Clients come over IPv6 only if an allowed network is IPv6 (the instance gets an address).
+        "listen_ipv6": f"listen [::]:{port} ssl;" if settings.ipv6 else "# IPv4 clients only",
+        "server_name": TLS_SERVER_NAME,
+        "token": token,
+    }
+
+
+def _check_token(token: str) -> None:
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        # Never show the token itself.
+        raise ValueError(
+            "the bearer token must be at least 16 characters of letters, digits and -._~+/"
+        )
+
+
+def _checked_pem(what: str, pem: str) -> str:
+    pem = pem.replace("\r\n", "\n").strip() + "\n"
+    if not _PEM.match(pem):
+        raise ValueError(f"the {what} is not a PEM block")
+    return pem
+
+
+def _read(name: str) -> str:
+    return (template_dir() / name).read_text(encoding="utf-8")
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings as literal blocks (`|`), so the user data stays readable."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_BlockDumper.add_representer(str, _represent_str)
