@@ -177,7 +177,9 @@ class Forwarder:
         if length is not None:
             return RequestBody(req.bounded_stream, length) if length else b""
         if "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
-            return _chunks(req.bounded_stream)
+            # Falcon's bounded_stream reads nothing without a length; gunicorn's wsgi.input
+            # de-chunks the body and ends it itself.
+            return _chunks(req.stream)
         return None
 
 

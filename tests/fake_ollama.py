@@ -611,8 +611,12 @@ class Handler(BaseHTTPRequestHandler):
         name = ROUTES.get((method, path))
         if name:
             return getattr(self, name)
-        if path == "/__echo" or path.startswith("/__echo/"):
+        # Test hooks also answer under /api and /v1, the only prefixes a proxy forwards.
+        hook = path.removeprefix("/api").removeprefix("/v1")
+        if hook == "/__echo" or hook.startswith("/__echo/"):
             return self.echo
+        if method == "GET" and hook == "/__download":
+            return self.download
         if path.startswith("/api/blobs/") and method in ("HEAD", "POST"):
             return self.blob_exists if method == "HEAD" else self.blob_upload
         if path.startswith("/v1/models/") and method == "GET":

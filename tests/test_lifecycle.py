@@ -1,0 +1,183 @@
+"""The lifecycle across workers, in one process: two Lifecycle objects on one SQLite store
+behave as two gunicorn workers do (each has its own connection, sync loop and reconciler)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from proxy.config import Config
+from proxy.lifecycle import Lifecycle
+from proxy.provisioner import Endpoint
+from proxy.store import SqliteStore
+from proxy.upstream import Sessions
+from tests import fake_ollama
+from tests.doubles import GatedProvisioner
+from tests.harness import wait_until
+
+
+@pytest.fixture
+def upstream():
+    server = fake_ollama.start_in_thread(models="llama3.2")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make(tmp_path):
+    made = []
+
+    def make(provisioner, **settings) -> Lifecycle:
+        config = Config(
+            state_dir=tmp_path, tick=0.02, lease_ttl=1.0, idle_timeout=60, retry_base=0.5,
+            models=("llama3.2",),
+        )
+        config = dataclasses.replace(config, **settings)
+        life = Lifecycle(config, provisioner, SqliteStore(tmp_path / "state.db"), Sessions(4))
+        made.append(life)
+        return life
+
+    yield make
+    for life in made:
+        life.close(timeout=5)
+
+
+def phase_of(life: Lifecycle) -> str:
+    return life.snapshot().phase
+
+
+def test_demand_on_two_workers_brings_up_one_server(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url), open_gate=False)
+    a, b = make(provisioner), make(provisioner)
+    assert a.admit() is None and b.admit() is None
+    wait_until(lambda: phase_of(a) == "provisioning", 5, what="provisioning")
+    assert b.admit() is None
+    provisioner.gate.set()
+    wait_until(lambda: phase_of(a) == phase_of(b) == "ready", 10, what="ready on both")
+    assert provisioner.bring_ups == 1
+    ticket = b.admit()
+    assert ticket is not None and ticket.endpoint.url == upstream.url
+    b.finish(ticket)
+
+
+def test_not_ready_until_the_upstream_lists_the_model(make):
+    slow = fake_ollama.start_in_thread(models="llama3.2", tags_delay=1.5)
+    try:
+        life = make(GatedProvisioner(Endpoint(slow.url)))
+        life.want()
+        wait_until(lambda: phase_of(life) == "starting", 5, what="starting")
+        assert "llama3.2" in life.snapshot().detail
+        assert life.admit() is None
+        wait_until(lambda: phase_of(life) == "ready", 10, what="ready")
+    finally:
+        slow.close()
+
+
+def test_failed_provisioning_shows_the_reason_and_backs_off(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    provisioner.fail_with = "quota exceeded for gpua5000"
+    life = make(provisioner, retry_base=1.0)
+    life.want()
+    wait_until(lambda: phase_of(life) == "error", 5, what="error")
+    snapshot = life.snapshot()
+    assert snapshot.last_error == "quota exceeded for gpua5000"
+    assert snapshot.retry_at > time.time()
+    # Demand during the back-off does not retry at once: no tight loop of cloud calls.
+    for _ in range(10):
+        life.want()
+        time.sleep(0.05)
+    assert provisioner.bring_ups == 1
+    assert 1 <= life.retry_after() <= 1
+    provisioner.fail_with = None
+    wait_until(lambda: time.time() >= snapshot.retry_at, 3)
+    life.want()
+    wait_until(lambda: phase_of(life) == "ready", 5, what="ready after the retry")
+    assert provisioner.bring_ups == 2
+    assert life.snapshot().last_error is None
+
+
+def test_back_off_doubles_with_each_failure(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    provisioner.fail_with = "boom"
+    life = make(provisioner, retry_base=0.2)
+    delays = []
+    for attempt in range(3):
+        life.want()
+        wait_until(lambda n=attempt + 1: life.snapshot().failures == n, 5, what="a failure")
+        snapshot = life.snapshot()
+        delays.append(snapshot.retry_at - snapshot.phase_since)
+        time.sleep(max(0.0, snapshot.retry_at - time.time()))
+    assert delays == pytest.approx([0.2, 0.4, 0.8], abs=0.01)
+
+
+def test_idle_server_is_removed_after_the_timeout(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    life = make(provisioner, idle_timeout=1.0)
+    life.want()
+    wait_until(lambda: phase_of(life) == "ready", 5, what="ready")
+    ticket = life.admit()
+    life.finish(ticket)
+    ended = time.time()
+    wait_until(lambda: phase_of(life) == "idle", 10, what="idle")
+    assert provisioner.tear_downs == 1
+    assert time.time() - ended >= 1.0
+
+
+def test_no_removal_while_a_request_is_in_flight_on_another_worker(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a, b = make(provisioner, idle_timeout=0.5), make(provisioner, idle_timeout=0.5)
+    a.want()
+    wait_until(lambda: phase_of(b) == "ready", 5, what="ready")
+    stream = b.admit()  # a long stream on worker b; worker a sees no traffic
+    time.sleep(2.0)
+    assert phase_of(a) == "ready" and provisioner.tear_downs == 0
+    assert a.snapshot().inflight == 1
+    b.finish(stream)
+    ended = time.time()
+    wait_until(lambda: phase_of(a) == "idle", 10, what="idle after the stream")
+    assert provisioner.tear_downs == 1
+    assert time.time() - ended >= 0.5  # idle time counts from the end of the stream
+
+
+def test_demand_after_removal_brings_the_server_back(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    life = make(provisioner, idle_timeout=0.3)
+    life.want()
+    wait_until(lambda: phase_of(life) == "ready", 5, what="ready")
+    wait_until(lambda: phase_of(life) == "idle", 10, what="idle")
+    life.want()
+    wait_until(lambda: phase_of(life) == "ready", 5, what="ready again")
+    assert provisioner.bring_ups == 2
+    assert len(life.snapshot().cold_starts) == 2
+
+
+def test_a_restart_adopts_the_server_that_exists(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    provisioner.exists = True  # left running by a previous proxy whose store is gone
+    life = make(provisioner)
+    wait_until(lambda: phase_of(life) == "ready", 5, what="ready by adoption")
+    assert provisioner.bring_ups == 0
+
+
+def test_the_lease_moves_when_its_holder_closes(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a = make(provisioner)
+    wait_until(lambda: a.reconciler.doc is not None, 5, what="a holds the lease")
+    b = make(provisioner)
+    a.close(timeout=5)
+    wait_until(lambda: b.reconciler.doc is not None, 5, what="b takes the lease")
+    b.want()
+    wait_until(lambda: phase_of(b) == "ready", 5, what="ready through b")
+
+
+def test_hold_returns_when_ready(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url), open_gate=False)
+    life = make(provisioner)
+    life.want()
+    started = time.monotonic()
+    assert life.hold(0.3).phase != "ready"
+    assert time.monotonic() - started >= 0.3
+    provisioner.gate.set()
+    assert life.hold(10).phase == "ready"
