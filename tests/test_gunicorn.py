@@ -1,0 +1,210 @@
+"""The whole lifecycle through a real gunicorn (gthread, several workers), the `local`
+provisioner starting the test upstream, and the real `ollama` and `openai` clients."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ollama
+import openai
+import pytest
+import requests
+
+from tests.harness import Proxy, fake_ollama_command, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def upstream_env(tmp_path, *flags: str, **env) -> dict:
+    return {
+        "PROXY_LOCAL_COMMAND": fake_ollama_command(
+            "--models", "llama3.2", "--starts-file", str(tmp_path / "starts"), *flags
+        ),
+        "PROXY_LOCAL_ADDR": f"127.0.0.1:{free_port()}",
+        **env,
+    }
+
+
+def starts(tmp_path) -> int:
+    path = tmp_path / "starts"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_ollama_client_sees_503_then_a_stream_whose_chunks_arrive_as_produced(tmp_path):
+    env = upstream_env(tmp_path, "--chunk-interval", "0.1", "--chunks", "12")
+    with Proxy(tmp_path, **env) as proxy:
+        client = ollama.Client(host=proxy.url)
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503
+        assert "starting" in caught.value.error
+        raw = requests.post(proxy.url + "/api/chat", json={"model": "llama3.2"}, timeout=5)
+        assert raw.status_code == 503 and int(raw.headers["Retry-After"]) >= 1
+        proxy.wait_phase("ready")
+
+        arrivals = []
+        stream = client.chat(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        for chunk in stream:
+            arrivals.append((time.monotonic(), chunk))
+        contents = [c.message.content for _, c in arrivals if not c.done]
+        assert len(contents) == 12
+        assert arrivals[-1][1].done
+        # Streamed, not buffered: the first token arrived long before the upstream finished.
+        assert arrivals[-1][0] - arrivals[0][0] > 0.8
+
+
+def test_openai_client_sees_503_then_streams_server_sent_events(tmp_path):
+    env = upstream_env(tmp_path, "--chunk-interval", "0.1", "--chunks", "10")
+    with Proxy(tmp_path, **env) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(
+                model="llama3.2", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert caught.value.status_code == 503
+        assert int(caught.value.response.headers["retry-after"]) >= 1
+        assert caught.value.body["code"] == "provisioning"
+        proxy.wait_phase("ready")
+        arrivals = []
+        for event in client.chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
+            arrivals.append(time.monotonic())
+            last = event
+        assert len(arrivals) >= 10
+        assert last.choices[0].finish_reason == "stop"
+        assert arrivals[-1] - arrivals[0] > 0.7
+
+
+def test_a_long_stream_outlives_gunicorns_worker_timeout(tmp_path):
+    env = upstream_env(
+        tmp_path, "--chunk-interval", "0.25", "--chunks", "24", PROXY_WORKER_TIMEOUT="2"
+    )
+    with Proxy(tmp_path, **env) as proxy:
+        requests.post(proxy.url + "/api/generate", json={}, timeout=5)
+        proxy.wait_phase("ready")
+        started = time.monotonic()
+        lines = []
+        with requests.post(
+            proxy.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"},
+            stream=True, timeout=30,
+        ) as answer:
+            for line in answer.iter_lines():
+                lines.append(json.loads(line))
+        assert time.monotonic() - started > 5  # well past the 2 s worker timeout
+        assert lines[-1]["done"] is True and len(lines) == 25
+        assert "WORKER TIMEOUT" not in proxy.logs()
+
+
+def test_idle_removal_waits_for_the_stream_then_happens_after_the_timeout(tmp_path):
+    env = upstream_env(tmp_path, "--chunk-interval", "0.2", "--chunks", "20",
+                       PROXY_IDLE_TIMEOUT="1")
+    with Proxy(tmp_path, **env) as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready")
+        phases = []
+        with requests.post(
+            proxy.url + "/api/chat", json={"model": "llama3.2"}, stream=True, timeout=30
+        ) as answer:
+            for _ in answer.iter_lines():
+                phases.append(proxy.status()["provisioning_status"])
+        ended = time.monotonic()
+        assert set(phases) == {"ready"}  # 4 s of stream, idle timeout 1 s: never removed
+        idle = proxy.wait_phase("idle", timeout=15)
+        assert time.monotonic() - ended >= 1
+        assert idle["instance_status"] == "absent"
+        assert starts(tmp_path) == 1
+        assert not (tmp_path / "local-upstream.json").exists()  # stopped and forgotten
+
+
+def test_many_workers_and_concurrent_cold_requests_start_one_upstream(tmp_path):
+    env = upstream_env(tmp_path, "--startup-delay", "0.5", PROXY_WORKERS="4")
+    with Proxy(tmp_path, **env) as proxy:
+        barrier = threading.Barrier(40)
+
+        def cold(_):
+            barrier.wait()
+            return requests.post(proxy.url + "/api/embed", json={"input": "x"}, timeout=10)
+
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(cold, range(40)))
+        assert {a.status_code for a in answers} <= {503, 200}
+        proxy.wait_phase("ready")
+        after = [requests.post(proxy.url + "/api/embed", json={"model": "llama3.2",
+                                                                "input": "x"}, timeout=10)
+                 for _ in range(8)]
+        assert {a.status_code for a in after} == {200}
+        assert starts(tmp_path) == 1
+
+
+def test_a_restarted_proxy_adopts_the_running_upstream(tmp_path):
+    env = upstream_env(tmp_path)
+    proxy = Proxy(tmp_path, **env).start()
+    try:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready")
+    finally:
+        proxy.stop()
+    with Proxy(tmp_path, **env) as again:
+        again.wait_phase("ready")
+        answer = requests.post(again.url + "/api/chat", json={"model": "llama3.2",
+                                                              "stream": False}, timeout=10)
+        assert answer.status_code == 200
+        assert starts(tmp_path) == 1
+
+
+def test_status_command_prints_a_table(tmp_path):
+    env = upstream_env(tmp_path)
+    with Proxy(tmp_path, **env) as proxy:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "status", "--url", proxy.url],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "phase" in result.stdout and "idle" in result.stdout
+        raw = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "status", "--url", proxy.url, "--json"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert json.loads(raw.stdout)["provisioning_status"] == "idle"
+    gone = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "status", "--url", proxy.url],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert gone.returncode == 3 and "no proxy answers" in gone.stderr
+
+
+def test_a_bad_config_value_stops_serve_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve"],
+        env={"PATH": "/usr/bin:/bin", "PROXY_IDLE_TIMEOUT": "soon"},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "PROXY_IDLE_TIMEOUT='soon'" in result.stderr
+
+
+
+def test_sigterm_during_provisioning_lets_the_step_finish_and_a_restart_resumes(tmp_path):
+    env = upstream_env(tmp_path, "--startup-delay", "2")
+    proxy = Proxy(tmp_path, **env).start()
+    try:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("provisioning")
+    finally:
+        started = time.monotonic()
+        code = proxy.stop()
+    assert code == 0
+    assert time.monotonic() - started < 30
+    assert starts(tmp_path) == 1  # the bring-up step ran to its end, not cut off
+    with Proxy(tmp_path, **env) as again:
+        again.wait_phase("ready")
+        assert starts(tmp_path) == 1  # resumed and adopted, never a second server
