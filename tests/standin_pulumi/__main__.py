@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import engine
+from . import backend
 from .backend import CliError, Workspace, mask, reveal
 
 VERSION = "3.272.0"
@@ -79,9 +79,9 @@ def main(argv: list[str]) -> int:
         "config get": lambda: config_get(ws, stack, positional[2]),
         "config set": lambda: config_set(ws, stack, positional[2], positional[3], options),
         "config": lambda: config_show(ws, stack, options),
-        "up": lambda: engine.up(ws, stack, options, env),
-        "refresh": lambda: engine.refresh(ws, stack, options, env),
-        "destroy": lambda: engine.destroy(ws, stack, options, env),
+        "up": lambda: engine().up(ws, stack, options, env),
+        "refresh": lambda: engine().refresh(ws, stack, options, env),
+        "destroy": lambda: engine().destroy(ws, stack, options, env),
         "cancel": lambda: ws.backend.cancel(stack) or 0,
         "whoami": lambda: print("standin") or 0,
     }
@@ -89,6 +89,13 @@ def main(argv: list[str]) -> int:
     if handler is None:
         raise CliError(f"the stand-in pulumi does not know `{' '.join(argv)}`")
     return handler() or 0
+
+
+def engine():
+    """The engine module, imported only for the commands that run one (gRPC is slow to load)."""
+    from . import engine as module
+
+    return module
 
 
 def workspace_file(ws: Workspace) -> Path:
@@ -222,11 +229,11 @@ def config_show(ws: Workspace, stack: str, options: dict) -> int:
 
 def plugin(positional: list[str], options: dict, env: dict) -> int:
     if positional[:1] == ["ls"]:
-        print(json.dumps(engine.plugins(env), indent=2))
+        print(json.dumps(backend.plugins(env), indent=2))
         return 0
     if positional[:1] == ["install"] and len(positional) >= 4:
         kind, name, version = positional[1:4]
-        engine.install_plugin(kind, name, version, options.get("-f") or options.get("--file"), env)
+        backend.install_plugin(kind, name, version, options.get("-f") or options.get("--file"), env)
         return 0
     raise CliError(f"the stand-in pulumi does not know `plugin {' '.join(positional)}`")
 

@@ -14,6 +14,7 @@ import base64
 import getpass
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -262,3 +263,37 @@ class Backend:
         folder = self.lock_dir(stack)
         for path in folder.glob("*.json") if folder.exists() else ():
             path.unlink(missing_ok=True)
+
+
+# -- plugins (under $PULUMI_HOME/plugins, as the real CLI keeps them) ---------------------------
+
+
+def plugins(env: dict[str, str]) -> list[dict]:
+    """`pulumi plugin ls --json`: what is installed under $PULUMI_HOME/plugins."""
+    folder = Path(env.get("PULUMI_HOME") or Path.home() / ".pulumi") / "plugins"
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        kind, _, rest = path.name.partition("-")
+        name, _, version = rest.rpartition("-v")
+        if not path.is_dir() or not name or path.name.endswith(".partial"):
+            continue
+        stamp = now_text()
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        found.append({
+            "name": name, "kind": kind, "version": version, "size": size,
+            "installTime": stamp, "lastUsedTime": stamp,
+        })
+    return found
+
+
+def install_plugin(kind: str, name: str, version: str, file: str | None, env: dict) -> None:
+    """`pulumi plugin install KIND NAME VERSION [-f FILE]`: no downloads, a file or a stub."""
+    home = Path(env.get("PULUMI_HOME") or Path.home() / ".pulumi")
+    target = home / "plugins" / f"{kind}-{name}-v{version.lstrip('v')}"
+    target.mkdir(parents=True, exist_ok=True)
+    binary = target / f"pulumi-{kind}-{name}"
+    if file:
+        shutil.copyfile(file, binary)
+    else:
+        binary.write_text("#!/bin/sh\nexit 0\n")
+    os.chmod(binary, 0o755)

@@ -10,7 +10,6 @@ against the simulated cloud, writing the state after every step and streaming en
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
 import sys
@@ -504,34 +503,3 @@ def destroy(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> in
     finally:
         operation.finish(lock)
     return 0
-
-
-def plugins(env: dict[str, str]) -> list[dict]:
-    """`pulumi plugin ls --json`: what is installed under $PULUMI_HOME/plugins."""
-    folder = Path(env.get("PULUMI_HOME") or Path.home() / ".pulumi") / "plugins"
-    found = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        kind, _, rest = path.name.partition("-")
-        name, _, version = rest.rpartition("-v")
-        if not path.is_dir() or not name or path.name.endswith(".partial"):
-            continue
-        stamp = now_text()
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        found.append({
-            "name": name, "kind": kind, "version": version, "size": size,
-            "installTime": stamp, "lastUsedTime": stamp,
-        })
-    return found
-
-
-def install_plugin(kind: str, name: str, version: str, file: str | None, env: dict) -> None:
-    """`pulumi plugin install KIND NAME VERSION [-f FILE]`: no downloads, a file or a stub."""
-    home = Path(env.get("PULUMI_HOME") or Path.home() / ".pulumi")
-    target = home / "plugins" / f"{kind}-{name}-v{version.lstrip('v')}"
-    target.mkdir(parents=True, exist_ok=True)
-    binary = target / f"pulumi-{kind}-{name}"
-    if file:
-        shutil.copyfile(file, binary)
-    else:
-        binary.write_text("#!/bin/sh\nexit 0\n")
-    os.chmod(binary, 0o755)

@@ -1,0 +1,202 @@
+"""Helpers for tests that drive the real `pulumi.automation` against the stand-in CLI.
+
+`standin` (a pytest fixture; import it into the test module) gives a state dir, an environment
+for the runner (plugins installed in a private PULUMI_HOME, fake Exoscale credentials) and a
+free port for the simulated instance, and stops every simulated instance at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from infra.automation import required_plugins
+
+ROOT = Path(__file__).resolve().parent  # PulumiCommand(root=ROOT) runs ROOT/bin/pulumi
+API_KEY = "EXOstandinkey0123456789"
+API_SECRET = "standin-secret-abcdefghijklmnop"
+
+
+@dataclass
+class Standin:
+    state_dir: Path
+    env: dict[str, str]
+    port: int
+
+    @property
+    def backend(self) -> Path:
+        return self.state_dir / "pulumi-backend"
+
+    def cloud(self) -> dict:
+        path = self.backend / "standin-cloud.json"
+        return json.loads(path.read_text()) if path.exists() else {"instances": {}}
+
+    def instances(self) -> dict[str, dict]:
+        return self.cloud().get("instances", {})
+
+    def locks(self) -> list[Path]:
+        return sorted((self.backend / ".pulumi" / "locks").rglob("*.json"))
+
+    def checkpoint(self, stack: str = "ollama-exoscale") -> dict:
+        path = self.backend / ".pulumi" / "stacks" / "ollama-exoscale" / f"{stack}.json"
+        return json.loads(path.read_text())["checkpoint"]["latest"]
+
+    def stop_instances(self) -> None:
+        for record in self.instances().values():
+            stop_process_group(record.get("pid"))
+
+
+def install_plugins(pulumi_home: Path, skip: tuple[str, ...] = ()) -> None:
+    """What `pulumi plugin install resource NAME VERSION` leaves in PULUMI_HOME."""
+    for name, version in required_plugins().items():
+        if name not in skip:
+            folder = pulumi_home / "plugins" / f"resource-{name}-v{version}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"pulumi-resource-{name}").write_text("#!/bin/sh\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "pulumi-home"
+    install_plugins(home)
+    return {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": str(tmp_path),
+        "PULUMI_HOME": str(home),
+        "STANDIN_PYTHON": sys.executable,
+        "EXOSCALE_API_KEY": API_KEY,
+        "EXOSCALE_API_SECRET": API_SECRET,
+    }
+
+
+@pytest.fixture
+def standin(tmp_path: Path):
+    world = Standin(state_dir=tmp_path / "state", env=base_env(tmp_path), port=free_port())
+    world.env["STANDIN_INSTANCE_PORT"] = str(world.port)
+    try:
+        yield world
+    finally:
+        world.stop_instances()
+
+
+def stop_process_group(pid: int | None) -> None:
+    if not pid:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def get_tags(url: str, token: str, ca_cert: str, server_name: str, timeout: float = 15.0) -> dict:
+    """GET {url}/api/tags over TLS, trusting only `ca_cert` for `server_name`, with the token."""
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    context = ssl.create_default_context(cadata=ca_cert)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname=server_name) as tls:
+                    tls.sendall(
+                        f"GET /api/tags HTTP/1.1\r\nHost: {server_name}\r\n"
+                        f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    answer = b""
+                    while chunk := tls.recv(65536):
+                        answer += chunk
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert status == 200, head.decode(errors="replace")
+    return json.loads(body)
+
+
+def sample_program(port: int, name: str = "ollama-exoscale-gpu"):
+    """A small program with the resource types of infra/program.py (used until it lands)."""
+
+    def program() -> None:
+        import pulumi
+        import pulumi_random
+        import pulumi_tls
+        import pulumiverse_exoscale as exoscale
+
+        server_name = "ollama.internal"
+        template = exoscale.get_template_output(
+            zone="at-vie-2", name="Linux Ubuntu 24.04 LTS 64-bit"
+        )
+        group = exoscale.SecurityGroup("ollama", name=name)
+        rule = exoscale.SecurityGroupRule(
+            "ollama-https", security_group_id=group.id, type="INGRESS", protocol="TCP",
+            start_port=port, end_port=port, cidr="0.0.0.0/0",
+        )
+        token = pulumi_random.RandomPassword("token", length=40, special=False)
+        key = pulumi_tls.PrivateKey("tls-key", algorithm="ECDSA", ecdsa_curve="P256")
+        cert = pulumi_tls.SelfSignedCert(
+            "tls-cert", private_key_pem=key.private_key_pem,
+            subject={"common_name": server_name}, dns_names=[server_name],
+            validity_period_hours=24 * 365, allowed_uses=["digital_signature", "server_auth"],
+        )
+        instance = exoscale.ComputeInstance(
+            "gpu", zone="at-vie-2", name=name, type="gpua5000.small", template_id=template.id,
+            disk_size=100, security_group_ids=[group.id],
+            user_data=pulumi.Output.secret("#cloud-config\n"),
+            opts=pulumi.ResourceOptions(depends_on=[rule, cert, token]),
+        )
+        pulumi.export("remote_url", instance.public_ip_address.apply(lambda ip: f"https://{ip}:{port}"))
+        pulumi.export("public_ip", instance.public_ip_address)
+        pulumi.export("instance_id", instance.id)
+        pulumi.export("token", token.result)
+        pulumi.export("tls_certificate", cert.cert_pem)
+        pulumi.export("tls_server_name", server_name)
+
+    return program
+
+
+def program_for(port: int):
+    """The program the tests deploy."""
+    return sample_program(port)
+
+
+def crash_mid_up(world: Standin, timeout: float = 60.0) -> None:
+    """Run an `up` in another process and kill it (SIGKILL, CLI included) mid-create."""
+    env = {**world.env, "STANDIN_UP_HANG": "1", "PYTHONPATH": str(ROOT.parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.standin_pulumi.crash", str(world.state_dir), str(world.port)],
+        env=env, cwd=ROOT.parents[1], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not (world.instances() and _pending(world)):
+            assert process.poll() is None, "the crashing up ended early"
+            assert time.monotonic() < deadline, "the stand-in did not reach the hang point"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the proxy host "crashes": runner and CLI
+        process.wait()
+
+
+def _pending(world: Standin) -> bool:
+    try:
+        return bool(world.checkpoint()["pending_operations"])
+    except (OSError, ValueError, KeyError):
+        return False
