@@ -1,0 +1,72 @@
+"""Reaching the upstream: the readiness probe, the token, and the pinned TLS certificate."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from proxy.provisioner import Endpoint
+from proxy.upstream import Sessions, normalise_model, probe
+from tests import fake_ollama
+
+NAME = "ollama-exoscale.invalid"  # the certificate's name; the server is reached by IP
+
+
+def make_cert(tmp_path, name: str, stem: str) -> tuple[str, str]:
+    key, cert = tmp_path / f"{stem}.key", tmp_path / f"{stem}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}"],
+        check=True, capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def tls_upstream(tmp_path):
+    cert, key = make_cert(tmp_path, NAME, "server")
+    server = fake_ollama.start_in_thread(models="llama3.2", token="t0k3n", tls_cert=cert,
+                                         tls_key=key)
+    yield server, open(cert).read()
+    server.close()
+
+
+def test_model_names_are_normalised_like_ollama():
+    assert normalise_model("llama3.2") == "llama3.2:latest"
+    assert normalise_model("qwen3:8b") == "qwen3:8b"
+    assert normalise_model("hf.co/org/model") == "hf.co/org/model:latest"
+
+
+def test_probe_over_pinned_tls_with_the_token_is_ready(tmp_path, tls_upstream):
+    server, pem = tls_upstream
+    endpoint = Endpoint(server.url.replace("http://", "https://"), token="t0k3n", ca_cert=pem,
+                        server_hostname=NAME)
+    result = probe(Sessions(2, tmp_path), endpoint, ("llama3.2",))
+    assert result.ready, result.reason
+
+
+def test_probe_refuses_a_certificate_other_than_the_pinned_one(tmp_path, tls_upstream):
+    server, _ = tls_upstream
+    other, _ = make_cert(tmp_path, NAME, "other")
+    endpoint = Endpoint(server.url.replace("http://", "https://"), token="t0k3n",
+                        ca_cert=open(other).read(), server_hostname=NAME)
+    result = probe(Sessions(2, tmp_path), endpoint, ("llama3.2",))
+    assert not result.ready and "SSLError" in result.reason
+
+
+def test_probe_without_the_token_is_not_ready(tmp_path, tls_upstream):
+    server, pem = tls_upstream
+    endpoint = Endpoint(server.url.replace("http://", "https://"), ca_cert=pem,
+                        server_hostname=NAME)
+    result = probe(Sessions(2, tmp_path), endpoint, ("llama3.2",))
+    assert not result.ready and "401" in result.reason
+
+
+def test_probe_names_the_model_it_waits_for(tmp_path, tls_upstream):
+    server, pem = tls_upstream
+    endpoint = Endpoint(server.url.replace("http://", "https://"), token="t0k3n", ca_cert=pem,
+                        server_hostname=NAME)
+    result = probe(Sessions(2, tmp_path), endpoint, ("llama3.2", "qwen3:8b"))
+    assert not result.ready and "qwen3:8b" in result.reason
