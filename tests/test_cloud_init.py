@@ -1,0 +1,410 @@
+"""The GPU server's user data, checked by the real tools that will read it.
+
+cloud-init's own schema (`cloud-init schema`), `bash -n` and `shellcheck` for the bring-up
+script, `nginx -t` for the front's config, and the front itself: a real nginx with the
+rendered config, a throwaway certificate (`openssl req -x509`) and a stand-in Ollama, so the
+token check, the pinned certificate, the headers and streaming are seen working.
+
+These need Debian packages: cloud-init, shellcheck, nginx, openssl. A missing one fails the
+test with its name; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.cloudinit import TLS_SERVER_NAME, fill, render_user_data
+from infra.settings import Settings
+
+TOKEN = "b7Qm2Lx9" * 6
+SCRIPT = "/usr/local/sbin/ollama-exoscale-setup"
+SITE = "/etc/ollama-exoscale/nginx-site.conf"
+UNIT = "/etc/systemd/system/ollama-exoscale-setup.service"
+CLOUD_INIT_SCHEMA = Path("/usr/lib/python3/dist-packages/cloudinit/config/schemas")
+
+
+def need(tool: str, package: str) -> str:
+    """The path of `tool`, or a failure that says which Debian package to install."""
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin")
+    if not path:
+        pytest.fail(f"`{tool}` is missing: install the Debian package {package} "
+                    f"(apt-get install {package})")
+    return path
+
+
+def run(*command: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> types.SimpleNamespace:
+    """A throwaway self-signed certificate for the fixed server name, as the program makes."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    made = run(
+        need("openssl", "openssl"), "req", "-x509", "-newkey", "ec",
+        "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={TLS_SERVER_NAME}",
+        "-addext", f"subjectAltName=DNS:{TLS_SERVER_NAME}",
+    )
+    assert made.returncode == 0, made.stderr
+    return types.SimpleNamespace(cert=cert, key=key)
+
+
+def render(tls, **overrides) -> str:
+    settings = Settings(**{"allowed_cidrs": ("203.0.113.7/32",), **overrides})
+    return render_user_data(settings, TOKEN, tls.cert.read_text(), tls.key.read_text())
+
+
+def written(user_data: str) -> dict[str, dict]:
+    """path -> write_files entry."""
+    return {entry["path"]: entry for entry in yaml.safe_load(user_data)["write_files"]}
+
+
+@pytest.fixture(scope="module")
+def user_data(tls) -> str:
+    return render(tls, models=("llama3.2", "qwen3:8b", "hf.co/user/repo:Q4_K_M"))
+
+
+# -- cloud-init --------------------------------------------------------------------------------
+
+
+def test_user_data_passes_cloud_init_schema(user_data, tmp_path):
+    cloud_init = need("cloud-init", "cloud-init")
+    path = tmp_path / "user-data"
+    path.write_text(user_data)
+    checked = run(cloud_init, "schema", "--config-file", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "Valid cloud-config" in checked.stdout
+
+
+def test_cloud_init_schema_does_reject_a_bad_config(tmp_path):
+    """The check above is worth something: the same command rejects a broken config."""
+    cloud_init = need("cloud-init", "cloud-init")
+    path = tmp_path / "user-data"
+    path.write_text("#cloud-config\nwrite_files:\n  - content: x\nruncmd: 5\n")
+    assert run(cloud_init, "schema", "--config-file", str(path)).returncode != 0
+
+
+def test_user_data_uses_only_keys_cloud_init_knows(user_data):
+    need("cloud-init", "cloud-init")
+    schema = json.loads((CLOUD_INIT_SCHEMA / "schema-cloud-config-v1.json").read_text())
+    known = {key for definition in schema["$defs"].values()
+             for key in definition.get("properties", {})}
+    assert set(yaml.safe_load(user_data)) <= known
+
+
+def test_user_data_is_a_cloud_config_that_round_trips(user_data, tls):
+    assert user_data.startswith("#cloud-config\n")
+    files = written(user_data)
+    assert files["/etc/ollama-exoscale/tls.crt"]["content"] == tls.cert.read_text()
+    assert files["/etc/ollama-exoscale/tls.key"]["content"] == tls.key.read_text()
+    assert "{{" not in user_data
+
+
+def test_secrets_are_written_for_root_only(user_data):
+    files = written(user_data)
+    assert files["/etc/ollama-exoscale/tls.key"]["permissions"] == "0600"
+    assert files[SITE]["permissions"] == "0600"
+    assert files[SCRIPT]["permissions"] == "0700"
+    assert all(entry["owner"] == "root:root" for entry in files.values())
+
+
+def test_token_is_only_in_the_nginx_config(user_data):
+    files = written(user_data)
+    assert [path for path, entry in files.items() if TOKEN in entry["content"]] == [SITE]
+    assert TOKEN not in json.dumps(yaml.safe_load(user_data)["runcmd"])
+
+
+def test_runcmd_enables_and_starts_the_unit_that_runs_the_script(user_data):
+    config = yaml.safe_load(user_data)
+    unit = written(user_data)[UNIT]["content"]
+    assert ["systemctl", "enable", "ollama-exoscale-setup.service"] in config["runcmd"]
+    assert ["systemctl", "start", "--no-block", "ollama-exoscale-setup.service"] in config["runcmd"]
+    assert f"ExecStart={SCRIPT}\n" in unit
+    assert "Restart=on-failure" in unit  # runs again after a failure
+    assert "WantedBy=multi-user.target" in unit  # and at every boot
+
+
+def test_user_data_fits_what_exoscale_accepts(tls):
+    many = tuple(f"model{i}:latest" for i in range(50))
+    assert len(render(tls, models=many).encode()) < 32 * 1024
+
+
+def test_a_token_that_could_break_the_config_is_refused(tls):
+    settings = Settings(allowed_cidrs=("203.0.113.7/32",))
+    for token in ('abc"; return 200; #' * 2, "short", "with space" * 3, "dollar$var" * 3):
+        with pytest.raises(ValueError) as caught:
+            render_user_data(settings, token, tls.cert.read_text(), tls.key.read_text())
+        assert token not in str(caught.value)
+
+
+def test_unknown_placeholder_is_an_error():
+    with pytest.raises(KeyError, match="nope"):
+        fill("a {{ nope }} b", {})
+
+
+# -- the bring-up script -----------------------------------------------------------------------
+
+
+def script_of(user_data: str, tmp_path: Path) -> Path:
+    path = tmp_path / "ollama-exoscale-setup"
+    path.write_text(written(user_data)[SCRIPT]["content"])
+    return path
+
+
+def test_script_passes_bash_n(user_data, tmp_path):
+    checked = run(need("bash", "bash"), "-n", str(script_of(user_data, tmp_path)))
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_script_passes_shellcheck(user_data, tmp_path):
+    shellcheck = need("shellcheck", "shellcheck")
+    checked = run(shellcheck, "--shell=bash", str(script_of(user_data, tmp_path)))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_models_reach_the_script_as_they_are(tls, tmp_path):
+    """Quoted for the shell: even names the settings would refuse arrive as one word each."""
+    models = ("llama3.2", "it's $(reboot)", "a b;c", "qwen3:8b")
+    settings = types.SimpleNamespace(models=models, port=11434, ipv6=False)
+    user_data = render_user_data(settings, TOKEN, tls.cert.read_text(), tls.key.read_text())
+    script = written(user_data)[SCRIPT]["content"]
+    line = next(line for line in script.splitlines() if line.startswith("MODELS=("))
+    shown = run(need("bash", "bash"), "-c", f'{line}\nprintf "%s\\n" "${{MODELS[@]}}"')
+    assert shown.stdout.splitlines() == list(models)
+    assert line == "MODELS=(" + " ".join(shlex.quote(m) for m in models) + ")"
+
+
+def test_script_pulls_models_before_it_opens_the_front(user_data):
+    script = written(user_data)[SCRIPT]["content"]
+    main = script[script.index("\nmain() {"):]
+    assert main.index("pull_models") < main.index("start_front")
+    assert "-p 127.0.0.1:11434:11434" in script  # Ollama itself on loopback only
+    assert "--gpus=all" in script and "--restart unless-stopped" in script
+    assert "-v ollama:/root/.ollama" in script
+    assert "nvidia-ctk runtime configure --runtime=docker" in script
+
+
+# -- the front: nginx --------------------------------------------------------------------------
+
+
+def nginx_files(user_data: str, tls, folder: Path, upstream_port: int = 11434) -> Path:
+    """The rendered site in a throwaway nginx prefix; returns the main config."""
+    site = written(user_data)[SITE]["content"]
+    site = site.replace("/etc/ollama-exoscale/tls.crt", str(tls.cert))
+    site = site.replace("/etc/ollama-exoscale/tls.key", str(tls.key))
+    site = site.replace("http://127.0.0.1:11434", f"http://127.0.0.1:{upstream_port}")
+    (folder / "site.conf").write_text(site)
+    temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    main = folder / "nginx.conf"
+    main.write_text(
+        f"daemon off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\n"
+        f"events {{}}\nhttp {{\n    access_log {folder}/access.log;\n{temp}\n"
+        f"    include {folder}/site.conf;\n}}\n"
+    )
+    return main
+
+
+def test_nginx_config_passes_nginx_t(user_data, tls, tmp_path):
+    nginx = need("nginx", "nginx")
+    main = nginx_files(user_data, tls, tmp_path)
+    checked = run(nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
+                  "-c", str(main))
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_nginx_config_with_ipv6_passes_nginx_t(tls, tmp_path):
+    nginx = need("nginx", "nginx")
+    user_data = render(tls, allowed_cidrs=("2001:db8::/64",))
+    assert "listen [::]:11434 ssl;" in written(user_data)[SITE]["content"]
+    main = nginx_files(user_data, tls, tmp_path)
+    checked = run(nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
+                  "-c", str(main))
+    assert checked.returncode == 0, checked.stderr
+
+
+class StandInOllama(http.server.BaseHTTPRequestHandler):
+    """Records what reaches Ollama; streams /api/chat in two parts, the second on a signal."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+    release = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.seen.append((self.command, self.path, dict(self.headers), b""))
+        self._send(200, b'{"models": [{"name": "llama3.2:latest"}]}')
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self._body()
+        self.seen.append((self.command, self.path, dict(self.headers), body))
+        if self.path != "/api/chat":
+            self._send(201, json.dumps({"received": len(body)}).encode())
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._chunk(b'{"message": "first"}\n')
+        self.release.wait(10)  # the client must have the first line before the rest exists
+        self._chunk(b'{"done": true}\n')
+        self._chunk(b"")
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                chunk = self.rfile.read(size + 2)[:size]
+                if size == 0:
+                    return data
+                data += chunk
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def front(tls, tmp_path):
+    """A real nginx with the rendered site on a free port, in front of a stand-in Ollama."""
+    nginx = need("nginx", "nginx")
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandInOllama)
+    StandInOllama.seen = []
+    StandInOllama.release = threading.Event()
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = free_port()
+    tmp_path.chmod(0o755)  # nginx's workers may run as another user
+    main = nginx_files(render(tls, port=port), tls, tmp_path, upstream.server_address[1])
+    process = subprocess.Popen(
+        [nginx, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"nginx did not start: {process.stderr.read().decode()}"
+                                f"{(tmp_path / 'error.log').read_text()}")
+                time.sleep(0.05)
+        yield types.SimpleNamespace(port=port, cert=tls.cert, seen=StandInOllama.seen,
+                                    release=StandInOllama.release)
+    finally:
+        StandInOllama.release.set()
+        process.terminate()
+        process.wait(10)
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def connect(front) -> http.client.HTTPConnection:
+    """HTTPS to 127.0.0.1, trusting only the pinned certificate, for the fixed server name."""
+    context = ssl.create_default_context(cafile=str(front.cert))
+    raw = socket.create_connection(("127.0.0.1", front.port), timeout=10)
+    connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+    connection.sock = context.wrap_socket(raw, server_hostname=TLS_SERVER_NAME)
+    return connection
+
+
+def request(front, method: str, path: str, headers: dict | None = None, body=None):
+    connection = connect(front)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    return response, response.read()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", f"Bearer {TOKEN[:-1]}", f"bearer {TOKEN}", f"Bearer {TOKEN}x", TOKEN,
+     f"Bearer  {TOKEN}"],
+)
+def test_front_refuses_requests_without_the_exact_token(front, authorization):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for method, path in (("GET", "/api/tags"), ("POST", "/api/pull"), ("GET", "/"),
+                         ("GET", "/v1/models"), ("GET", "/index.html")):
+        response, body = request(front, method, path, headers)
+        assert response.status == 401, (method, path)
+        assert response.getheader("Content-Type") == "application/json"
+        assert "error" in json.loads(body)
+        assert response.getheader("WWW-Authenticate", "").startswith("Bearer")
+    assert front.seen == []  # nothing reached Ollama
+
+
+def test_front_refuses_head_without_the_token(front):
+    response, _ = request(front, "HEAD", "/")
+    assert response.status == 401
+    assert front.seen == []
+
+
+def test_front_forwards_with_the_token_as_ollama_wants(front):
+    response, body = request(front, "GET", "/api/tags?x=1",
+                             {"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200
+    assert json.loads(body)["models"][0]["name"] == "llama3.2:latest"
+    method, path, headers, _ = front.seen[0]
+    assert (method, path) == ("GET", "/api/tags?x=1")
+    assert headers["Host"] == "localhost:11434"
+    assert "Authorization" not in headers  # the token stops at the front
+
+
+def test_front_streams_responses_as_they_come(front):
+    connection = connect(front)
+    connection.request("POST", "/api/chat", body=b'{"model": "llama3.2"}',
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "application/x-ndjson"
+    assert json.loads(response.readline()) == {"message": "first"}  # before the rest exists
+    front.release.set()
+    assert json.loads(response.readline()) == {"done": True}
+
+
+def test_front_takes_large_uploads(front):
+    blob = b"\x00" * (3 * 1024 * 1024)  # beyond nginx's default 1 MB body limit
+    response, body = request(front, "POST", "/api/blobs/sha256:00",
+                             {"Authorization": f"Bearer {TOKEN}"}, blob)
+    assert response.status == 201
+    assert json.loads(body) == {"received": len(blob)}
+
+
+def test_front_serves_only_tls(front):
+    with socket.create_connection(("127.0.0.1", front.port), timeout=5) as plain:
+        plain.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = plain.recv(4096)
+    assert b"llama3.2" not in answer and not answer.startswith(b"HTTP/1.1 200")
