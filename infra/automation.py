@@ -153,6 +153,7 @@ class PendingCreate:
     type: str
     name: str  # the cloud object's name, as the program gave it
     zone: str
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def logical_name(self) -> str:
@@ -353,28 +354,32 @@ class StackRunner:
                 continue
             resource = operation.get("resource") or {}
             inputs = resource.get("inputs") or {}
+            labels = inputs.get("labels") if isinstance(inputs.get("labels"), dict) else {}
             found.append(PendingCreate(
                 urn=resource.get("urn", ""), type=resource.get("type", ""),
                 name=_plain(inputs.get("name")), zone=_plain(inputs.get("zone")),
+                labels={k: _plain(v) for k, v in labels.items()},
             ))
         return found
 
-    def find_instances(self, zone: str, name: str, progress: Progress) -> list[str]:
-        """Ids of the compute instances named `name` in `zone`, asked of the Exoscale provider.
+    def find_instances(self, pending: PendingCreate) -> list[str]:
+        """Ids of the compute instances with the name and labels of `pending`, in its zone.
 
-        Runs a program that only reads (`getComputeInstanceList`) in a side stack, so the
-        provider, its credentials and its plugin are the same as for the real stack.
+        Asks the Exoscale provider (`getComputeInstanceList`) from a program that only reads,
+        in a side stack: the provider, its credentials and its plugin are the real stack's.
         """
         self._require_credentials()
 
         def lookup() -> None:
             import pulumiverse_exoscale as exoscale
 
-            found = exoscale.get_compute_instance_list_output(zone=zone, name=name)
+            found = exoscale.get_compute_instance_list_output(
+                zone=pending.zone, name=pending.name, labels=dict(pending.labels) or None
+            )
             pulumi.export("ids", found.instances.apply(lambda xs: [x.id for x in xs or []]))
 
         stack = self._stack(f"{self.stack_name}-lookup", lookup)
-        narrator = _Narrator("lookup", progress, self.scrub, None)
+        narrator = _Narrator("lookup", lambda _: None, self.scrub, None)  # steps are noise
         try:
             result = stack.up(on_event=narrator, color="never")
         except CommandError as exc:
@@ -472,7 +477,7 @@ class StackRunner:
     def _failure(self, exc: CommandError, doing: str, narrator: _Narrator | None = None
                  ) -> AutomationError:
         """Our named error for a failed CLI command; every message is scrubbed."""
-        text = str(exc)
+        text = "\n".join([str(exc), *(narrator.errors if narrator else ())])
         if isinstance(exc, ConcurrentUpdateError) or "the stack is currently locked by" in text:
             holders = _lock_holders(text)
             who = "; ".join(str(h) for h in holders) or "another process"

@@ -14,7 +14,6 @@ the state, the rest are dropped, and the stack is refreshed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -55,15 +54,6 @@ class ExoscaleProvisioner:
             settings = Settings.from_env(config.env)
         except SettingsError as exc:
             raise ConfigError(str(exc)) from None
-        # Flags given to the proxy win over the environment, as everywhere else.
-        known = {f.name for f in dataclasses.fields(settings)}
-        overrides = {
-            "zone": config.zone, "instance_type": config.instance_type,
-            "template": config.template, "disk_size": config.disk_size, "models": config.models,
-        }
-        settings = dataclasses.replace(
-            settings, **{k: v for k, v in overrides.items() if k in known}
-        )
         return cls(StackRunner(settings, config.state_dir, config.env))
 
     def observe(self) -> Endpoint | None:
@@ -119,7 +109,7 @@ class ExoscaleProvisioner:
                 continue
             progress(f"an update was interrupted while creating instance {pending.name}; "
                      "looking for it in the cloud")
-            found = self.runner.find_instances(pending.zone, pending.name, progress)
+            found = self.runner.find_instances(pending)
             if not found:
                 continue
             progress(f"adopting instance {found[0]} into the stack")

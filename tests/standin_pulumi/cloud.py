@@ -139,6 +139,10 @@ class Cloud:
                 for object_id, record in instances.items()
                 if _matches(args.get("name"), record.get("name"))
                 and record.get("zone") == args.get("zone")
+                and all(
+                    _matches(want, (record.get("labels") or {}).get(key))
+                    for key, want in (args.get("labels") or {}).items()
+                )
             ]
             return {"id": args.get("zone"), "zone": args.get("zone"), "instances": found}
         raise StepError(f"unknown function {token}")

@@ -12,12 +12,12 @@ import sys
 
 from infra.automation import StackRunner
 
-from .harness import ROOT, program_for
+from .harness import ROOT, settings_for
 
 
 def main() -> None:
     state_dir, port = sys.argv[1], int(sys.argv[2])
-    runner = StackRunner(None, state_dir, os.environ, pulumi_root=ROOT, program=program_for(port))
+    runner = StackRunner(settings_for(port), state_dir, os.environ, pulumi_root=ROOT)
     runner.up(lambda sentence: print(sentence, flush=True))
 
 

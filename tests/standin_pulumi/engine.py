@@ -218,13 +218,15 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
         )
         try:
             with grpc.insecure_channel(client) as channel:
-                response = language_pb2_grpc.LanguageRuntimeStub(channel).Run(request)
+                error = language_pb2_grpc.LanguageRuntimeStub(channel).Run(request).error
+        except grpc.RpcError as exc:  # after a failed step the SDK may give up on Run itself
+            error = f"the program failed: {exc.details()}"
         finally:
             server.stop(0)
-        if response.error and not self.failure:
-            self.diagnostic("error", response.error + "\n")
-            print(f"    error: {response.error}")
-            self.failure = response.error
+        if error and not self.failure:
+            self.diagnostic("error", error + "\n")
+            print(f"    error: {error}")
+            self.failure = error
         if not self.failure:
             self.delete_unregistered()
 
@@ -243,6 +245,8 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
     # -- Engine -------------------------------------------------------------------------------
 
     def Log(self, request, context):
+        if self.failure:
+            return empty_pb2.Empty()  # the real engine has stopped listening by now
         severity = SEVERITIES.get(request.severity, "info")
         self.diagnostic(severity, request.message + "\n", request.urn)
         if severity != "debug":
@@ -288,9 +292,10 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
                 self.provider(request.tok.split(":")[0], request.version)
                 result = self.cloud.invoke(request.tok, _to_dict(request.args))
             except StepError as exc:
-                self.failure = self.failure or str(exc)
                 self.diagnostic("error", f"{exc}\n")
-                context.abort(grpc.StatusCode.UNKNOWN, f"invocation of {request.tok}: {exc}")
+                print(f"    error: {exc}")
+                self.failure = self.failure or str(exc)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the update failed")
         return resource_pb2.ResourceInvokeResponse(**{"return": _to_struct(result)})
 
     def RegisterResource(self, request, context):

@@ -1,12 +1,13 @@
 """Helpers for tests that drive the real `pulumi.automation` against the stand-in CLI.
 
-`standin` (a pytest fixture; import it into the test module) gives a state dir, an environment
-for the runner (plugins installed in a private PULUMI_HOME, fake Exoscale credentials) and a
-free port for the simulated instance, and stops every simulated instance at the end.
+`standin_world(tmp_path)` gives a state dir, an environment for the runner (plugins installed in
+a private PULUMI_HOME, fake Exoscale credentials) and a free port for the simulated instance,
+and stops every simulated instance at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,12 +16,12 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from infra.automation import required_plugins
+from infra.settings import Settings
 
 ROOT = Path(__file__).resolve().parent  # PulumiCommand(root=ROOT) runs ROOT/bin/pulumi
 API_KEY = "EXOstandinkey0123456789"
@@ -84,10 +85,10 @@ def base_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def standin(tmp_path: Path):
+@contextlib.contextmanager
+def standin_world(tmp_path: Path) -> Iterator[Standin]:
+    """A state dir, the runner's environment and a port; every simulated instance stopped after."""
     world = Standin(state_dir=tmp_path / "state", env=base_env(tmp_path), port=free_port())
-    world.env["STANDIN_INSTANCE_PORT"] = str(world.port)
     try:
         yield world
     finally:
@@ -130,50 +131,9 @@ def get_tags(url: str, token: str, ca_cert: str, server_name: str, timeout: floa
     return json.loads(body)
 
 
-def sample_program(port: int, name: str = "ollama-exoscale-gpu"):
-    """A small program with the resource types of infra/program.py (used until it lands)."""
-
-    def program() -> None:
-        import pulumi
-        import pulumi_random
-        import pulumi_tls
-        import pulumiverse_exoscale as exoscale
-
-        server_name = "ollama.internal"
-        template = exoscale.get_template_output(
-            zone="at-vie-2", name="Linux Ubuntu 24.04 LTS 64-bit"
-        )
-        group = exoscale.SecurityGroup("ollama", name=name)
-        rule = exoscale.SecurityGroupRule(
-            "ollama-https", security_group_id=group.id, type="INGRESS", protocol="TCP",
-            start_port=port, end_port=port, cidr="0.0.0.0/0",
-        )
-        token = pulumi_random.RandomPassword("token", length=40, special=False)
-        key = pulumi_tls.PrivateKey("tls-key", algorithm="ECDSA", ecdsa_curve="P256")
-        cert = pulumi_tls.SelfSignedCert(
-            "tls-cert", private_key_pem=key.private_key_pem,
-            subject={"common_name": server_name}, dns_names=[server_name],
-            validity_period_hours=24 * 365, allowed_uses=["digital_signature", "server_auth"],
-        )
-        instance = exoscale.ComputeInstance(
-            "gpu", zone="at-vie-2", name=name, type="gpua5000.small", template_id=template.id,
-            disk_size=100, security_group_ids=[group.id],
-            user_data=pulumi.Output.secret("#cloud-config\n"),
-            opts=pulumi.ResourceOptions(depends_on=[rule, cert, token]),
-        )
-        pulumi.export("remote_url", instance.public_ip_address.apply(lambda ip: f"https://{ip}:{port}"))
-        pulumi.export("public_ip", instance.public_ip_address)
-        pulumi.export("instance_id", instance.id)
-        pulumi.export("token", token.result)
-        pulumi.export("tls_certificate", cert.cert_pem)
-        pulumi.export("tls_server_name", server_name)
-
-    return program
-
-
-def program_for(port: int):
-    """The program the tests deploy."""
-    return sample_program(port)
+def settings_for(port: int, **overrides) -> Settings:
+    """Settings for a test: the instance serves on `port`, reachable from this host only."""
+    return Settings(allowed_cidrs=("127.0.0.1/32",), port=port, **overrides)
 
 
 def crash_mid_up(world: Standin, timeout: float = 60.0) -> None:

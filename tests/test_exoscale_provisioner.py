@@ -1,0 +1,132 @@
+"""The `exoscale` provisioner over the runner and the stand-in Pulumi CLI: bring up, observe,
+tear down, adoption after a restart, and repair after a crash mid-update."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import datetime
+
+import pytest
+
+from infra.automation import StackRunner
+from proxy.exoscale import ExoscaleProvisioner
+from proxy.provisioner import ProvisionError
+from tests.standin_pulumi.harness import (
+    ROOT,
+    base_env,
+    crash_mid_up,
+    get_tags,
+    settings_for,
+    standin_world,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def standin(tmp_path):
+    with standin_world(tmp_path) as world:
+        yield world
+
+
+def provisioner_for(world) -> ExoscaleProvisioner:
+    """A fresh provisioner, as a restarted proxy makes one: same state dir, new objects."""
+    runner = StackRunner(settings_for(world.port), world.state_dir, world.env, pulumi_root=ROOT)
+    return ExoscaleProvisioner(runner)
+
+
+@pytest.mark.slow
+def test_bring_up_observe_and_tear_down(standin):
+    provisioner = provisioner_for(standin)
+    said: list[str] = []
+    assert provisioner.observe() is None
+
+    endpoint = provisioner.bring_up(said.append)
+
+    assert endpoint.url == f"https://127.0.0.1:{standin.port}"
+    assert endpoint.server_hostname and endpoint.token and "BEGIN CERTIFICATE" in endpoint.ca_cert
+    assert endpoint.instance_status == "running"
+    tags = get_tags(endpoint.url, endpoint.token, endpoint.ca_cert, endpoint.server_hostname)
+    assert tags["models"][0]["name"] == "llama3.2:latest"
+    assert provisioner.observe() == endpoint
+    assert any("creating exoscale:ComputeInstance gpu" in s for s in said)
+
+    provisioner.tear_down(said.append)
+
+    assert provisioner.observe() is None
+    assert standin.instances() == {}
+    provisioner.tear_down(said.append)  # nothing to remove is success
+
+
+@pytest.mark.slow
+def test_a_restarted_proxy_adopts_the_instance_that_exists(standin):
+    endpoint = provisioner_for(standin).bring_up(lambda _: None)
+    (instance_id,) = standin.instances()
+
+    restarted = provisioner_for(standin)
+
+    assert restarted.observe() == endpoint
+    assert restarted.bring_up(lambda _: None) == endpoint  # adopts, creates nothing
+    assert list(standin.instances()) == [instance_id]
+
+
+@pytest.mark.slow
+def test_a_crash_mid_up_is_repaired_without_a_second_instance(standin):
+    crash_mid_up(standin)  # leaves a lock, a pending create, and the instance in the cloud
+    (orphan,) = standin.instances()
+    assert standin.locks() and standin.checkpoint()["pending_operations"]
+    said: list[str] = []
+
+    endpoint = provisioner_for(standin).bring_up(said.append)
+
+    assert list(standin.instances()) == [orphan]  # adopted, not created twice
+    assert standin.locks() == []
+    assert standin.checkpoint()["pending_operations"] == []
+    assert any(s.startswith("clearing the stack lock left by an update that is gone") for s in said)
+    assert f"adopting instance {orphan} into the stack" in said
+    tags = get_tags(endpoint.url, endpoint.token, endpoint.ca_cert, endpoint.server_hostname)
+    assert tags["models"]
+
+    provisioner_for(standin).tear_down(lambda _: None)
+    assert standin.instances() == {}
+
+
+def test_a_live_lock_is_left_alone(standin):
+    provisioner = provisioner_for(standin)
+    provisioner.observe()  # creates the stack
+    lock_dir = standin.backend / ".pulumi/locks/organization/ollama-exoscale/ollama-exoscale"
+    lock_dir.mkdir(parents=True)
+    (lock_dir / "live.json").write_text(json.dumps({
+        "pid": os.getpid(), "username": "ops", "hostname": socket.gethostname(),
+        "timestamp": datetime.now().astimezone().isoformat(),
+    }))
+
+    with pytest.raises(ProvisionError, match=r"locked by an update in progress \(pid"):
+        provisioner.bring_up(lambda _: None)
+
+    assert standin.locks() == [lock_dir / "live.json"]
+    assert standin.instances() == {}
+
+
+def test_a_failed_up_is_a_provision_error_with_the_reason(standin):
+    standin.env["STANDIN_FAIL_UP"] = "quota exceeded for gpua5000"
+
+    with pytest.raises(ProvisionError, match="quota exceeded for gpua5000"):
+        provisioner_for(standin).bring_up(lambda _: None)
+
+
+def test_a_missing_cli_is_a_provision_error_saying_what_to_install(tmp_path):
+    env = {**base_env(tmp_path), "PATH": str(tmp_path / "empty")}
+    provisioner = ExoscaleProvisioner(StackRunner(settings_for(11434), tmp_path, env))
+
+    with pytest.raises(ProvisionError, match=r"Pulumi CLI is not installed: install it"):
+        provisioner.observe()
+    with pytest.raises(ProvisionError, match=r"get\.pulumi\.com"):
+        provisioner.bring_up(lambda _: None)
+
+
+def test_typical_cold_start_is_about_seven_minutes():
+    assert ExoscaleProvisioner.name == "exoscale"
+    assert 300 <= ExoscaleProvisioner.typical_cold_start <= 600
