@@ -91,6 +91,8 @@ def declare(settings: Settings) -> None:
         ssh_keys=[settings.ssh_key] if settings.ssh_key else None,
         ipv6=settings.ipv6,
         labels=instance_labels(settings, pulumi.get_stack()),
+        # cloud-init runs once per instance: new user data (models, port) needs a new instance.
+        opts=pulumi.ResourceOptions(replace_on_changes=["user_data"]),
     )
 
     public_ip = pulumi.Output.unsecret(instance.public_ip_address)

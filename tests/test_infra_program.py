@@ -16,6 +16,7 @@ import pulumi
 import pytest
 import yaml
 from pulumi.runtime import rpc
+from pulumi.runtime.mocks import MockMonitor
 
 from infra import program
 from infra.cloudinit import TLS_SERVER_NAME
@@ -73,6 +74,18 @@ class CloudMocks(pulumi.runtime.Mocks):
         return found[0]
 
 
+class RecordingMonitor(MockMonitor):
+    """The mock monitor, also keeping the resource options the mocks do not see."""
+
+    def __init__(self, mocks: CloudMocks) -> None:
+        super().__init__(mocks)
+        mocks.replace_on_changes = {}
+
+    def RegisterResource(self, request):  # noqa: N802 (the gRPC method's name)
+        self.mocks.replace_on_changes[request.name] = list(request.replaceOnChanges)
+        return super().RegisterResource(request)
+
+
 @dataclasses.dataclass
 class Run:
     mocks: CloudMocks
@@ -85,7 +98,10 @@ def run_program(monkeypatch):
 
     def run(settings: Settings, stack: str = "ollama-exoscale") -> Run:
         mocks = CloudMocks()
-        pulumi.runtime.set_mocks(mocks, project="ollama-exoscale", stack=stack, preview=False)
+        monitor = RecordingMonitor(mocks)
+        pulumi.runtime.set_mocks(
+            mocks, project="ollama-exoscale", stack=stack, preview=False, monitor=monitor
+        )
         exported: dict[str, pulumi.Output] = {}
         monkeypatch.setattr(
             pulumi, "export", lambda name, value: exported.__setitem__(name, value)
@@ -146,6 +162,12 @@ def test_instance_inputs(run_program):
     assert instance["name"] == "ollama-exoscale"
     assert "sshKeys" not in instance and "sshKey" not in instance
     assert instance.get("ipv6") is False
+
+
+def test_new_user_data_replaces_the_instance(run_program):
+    """cloud-init runs once per instance: a server must not keep running an old declaration."""
+    run = run_program(settings())
+    assert run.mocks.replace_on_changes["gpu"] == ["userData"]
 
 
 def test_labels_mark_the_instance_as_ours_with_its_stack(run_program):
