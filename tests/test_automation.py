@@ -10,6 +10,7 @@ import socket
 import time
 from datetime import datetime, timedelta, timezone
 
+import pulumi.automation as auto
 import pytest
 
 from infra.automation import (
@@ -97,6 +98,48 @@ def test_second_up_changes_nothing_and_keeps_the_instance(standin):
     assert second == first
     assert len(said) == 1 and said[0].endswith(": 6 unchanged")  # no step to narrate
     assert len(standin.instances()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli_version", ["3.272.0", "3.200.0"])  # gRPC stream / event log file
+def test_on_event_gets_step_events_with_metadata_and_masked_secrets(standin, monkeypatch,
+                                                                    cli_version):
+    monkeypatch.setenv("STANDIN_PULUMI_VERSION", cli_version)
+    runner = runner_for(standin)
+    workspace = auto.LocalWorkspaceOptions(
+        work_dir=str(standin.state_dir / "pulumi-workspace"),
+        env_vars={**standin.env, "PULUMI_CONFIG_PASSPHRASE": ""},
+        pulumi_command=auto.PulumiCommand(root=str(ROOT)), secrets_provider="passphrase",
+        project_settings=auto.ProjectSettings(
+            name="ollama-exoscale", runtime="python",
+            backend=auto.ProjectBackend(runner.backend_url),
+        ),
+    )
+    (standin.state_dir / "pulumi-workspace").mkdir(parents=True)
+    stack = auto.create_or_select_stack(
+        "ollama-exoscale", project_name="ollama-exoscale", program=runner.program, opts=workspace
+    )
+    events: list[auto.EngineEvent] = []
+
+    result = stack.up(on_event=events.append)
+
+    assert result.summary.result == "succeeded"
+    pre = {e.resource_pre_event.metadata.urn: e.resource_pre_event.metadata
+           for e in events if e.resource_pre_event}
+    done = {e.res_outputs_event.metadata.urn: e.res_outputs_event.metadata
+            for e in events if e.res_outputs_event}
+    instance = next(u for u in done if u.endswith("ComputeInstance::gpu"))
+    assert pre[instance].op == auto.OpType.CREATE
+    assert pre[instance].type == "exoscale:index/computeInstance:ComputeInstance"
+    assert done[instance].new.id in standin.instances()
+    assert done[instance].new.outputs["publicIpAddress"] == "127.0.0.1"
+    assert done[instance].new.inputs["userData"] == "[secret]"  # secrets masked, like the CLI
+    token = next(m for u, m in done.items() if u.endswith("RandomPassword::token"))
+    assert token.new.outputs["result"] == "[secret]"
+    assert set(pre) == set(done)
+    assert events[-1].cancel_event is not None
+    assert any(e.summary_event for e in events)
+    runner.destroy(lambda _: None)
 
 
 def test_missing_cli_raises_pulumi_not_installed_saying_how_to_install(tmp_path):

@@ -11,6 +11,7 @@ from datetime import datetime
 import pytest
 
 from infra.automation import StackRunner
+from proxy.config import Config, ConfigError
 from proxy.exoscale import ExoscaleProvisioner
 from proxy.provisioner import ProvisionError
 from tests.standin_pulumi.harness import (
@@ -125,6 +126,25 @@ def test_a_missing_cli_is_a_provision_error_saying_what_to_install(tmp_path):
         provisioner.observe()
     with pytest.raises(ProvisionError, match=r"get\.pulumi\.com"):
         provisioner.bring_up(lambda _: None)
+
+
+def test_from_config_builds_the_runner_from_the_proxy_environment(tmp_path):
+    env = {"PROXY_STATE_DIR": str(tmp_path / "state"), "EXOSCALE_ALLOWED_CIDRS": "203.0.113.7",
+           "EXOSCALE_ZONE": "ch-gva-2", "EXOSCALE_API_KEY": "k", "EXOSCALE_API_SECRET": "s"}
+
+    runner = ExoscaleProvisioner.from_config(Config.from_env(env)).runner
+
+    assert runner.settings.zone == "ch-gva-2"
+    assert runner.settings.allowed_cidrs == ("203.0.113.7/32",)
+    assert runner.backend_url == (tmp_path / "state" / "pulumi-backend").as_uri()
+    assert runner.env["EXOSCALE_API_SECRET"] == "s"
+
+
+def test_from_config_refuses_settings_the_program_cannot_use(tmp_path):
+    env = {"PROXY_STATE_DIR": str(tmp_path), "EXOSCALE_ALLOWED_CIDRS": "not-a-network"}
+
+    with pytest.raises(ConfigError, match="EXOSCALE_ALLOWED_CIDRS='not-a-network'"):
+        ExoscaleProvisioner.from_config(Config.from_env(env))
 
 
 def test_typical_cold_start_is_about_seven_minutes():
