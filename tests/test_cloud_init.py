@@ -5,8 +5,8 @@ script, `nginx -t` for the front's config, and the front itself: a real nginx wi
 rendered config, a throwaway certificate (`openssl req -x509`) and a stand-in Ollama, so the
 token check, the pinned certificate, the headers and streaming are seen working.
 
-These need Debian packages: cloud-init, shellcheck, nginx, openssl. A missing one fails the
-test with its name; nothing is skipped.
+These need Debian packages: cloud-init, shellcheck, nginx, openssl, systemd. A missing one
+fails the test with its name; nothing is skipped.
 """
 
 from __future__ import annotations
@@ -137,7 +137,35 @@ def test_runcmd_enables_and_starts_the_unit_that_runs_the_script(user_data):
     assert ["systemctl", "start", "--no-block", "ollama-exoscale-setup.service"] in config["runcmd"]
     assert f"ExecStart={SCRIPT}\n" in unit
     assert "Restart=on-failure" in unit  # runs again after a failure
-    assert "WantedBy=multi-user.target" in unit  # and at every boot
+    assert "WantedBy=cloud-init.target" in unit  # and at every boot
+
+
+def unit_values(text: str, key: str) -> set[str]:
+    return {word for line in text.splitlines() if line.startswith(f"{key}=")
+            for word in line.split("=", 1)[1].split()}
+
+
+def test_unit_makes_no_ordering_cycle_with_cloud_init(user_data):
+    """Ordered after cloud-final, the unit must not be wanted by a target cloud-final follows
+    (a target is ordered after the units it wants): checked against cloud-init's own units."""
+    need("cloud-init", "cloud-init")
+    unit = written(user_data)[UNIT]["content"]
+    cloud_final = Path("/lib/systemd/system/cloud-final.service").read_text()
+    assert "cloud-final.service" in unit_values(unit, "After")
+    wanted_by = unit_values(unit, "WantedBy")
+    assert wanted_by and not wanted_by & unit_values(cloud_final, "After")
+    assert Path("/lib/systemd/system/cloud-init.target").is_file()
+
+
+def test_unit_passes_systemd_analyze_verify(user_data, tmp_path):
+    analyze = need("systemd-analyze", "systemd")
+    script = tmp_path / "ollama-exoscale-setup"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    unit = tmp_path / "ollama-exoscale-setup.service"
+    unit.write_text(written(user_data)[UNIT]["content"].replace(SCRIPT, str(script)))
+    checked = run(analyze, "verify", "--man=no", str(unit))
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
 
 
 def test_user_data_fits_what_exoscale_accepts(tls):
