@@ -155,10 +155,6 @@ class PendingCreate:
     zone: str
     labels: Mapping[str, str] = field(default_factory=dict)
 
-    @property
-    def logical_name(self) -> str:
-        return self.urn.split("::")[-1]
-
 
 def find_pulumi(env: Mapping[str, str], pulumi_root: str | os.PathLike | None = None
                 ) -> auto.PulumiCommand:
