@@ -142,6 +142,22 @@ def test_on_event_gets_step_events_with_metadata_and_masked_secrets(standin, mon
     runner.destroy(lambda _: None)
 
 
+@pytest.mark.slow
+def test_new_settings_replace_the_instance_without_leaving_the_old_one(standin):
+    first = runner_for(standin).up(lambda _: None)
+    said: list[str] = []
+    changed = settings_for(standin.port, models=("llama3.2", "qwen3:8b"))  # new user data
+
+    second = StackRunner(changed, standin.state_dir, standin.env, pulumi_root=ROOT).up(said.append)
+
+    assert second.instance_id != first.instance_id
+    assert list(standin.instances()) == [second.instance_id]
+    assert any(s.startswith("replacing exoscale:ComputeInstance gpu (6/6, ") for s in said)
+    assert (second.token, second.tls_certificate) == (first.token, first.tls_certificate)
+    assert get_tags(second.remote_url, second.token, second.tls_certificate,
+                    second.tls_server_name)["models"]
+
+
 def test_missing_cli_raises_pulumi_not_installed_saying_how_to_install(tmp_path):
     env = {**base_env(tmp_path), "PATH": str(tmp_path / "empty")}
     runner = StackRunner(settings_for(11434), tmp_path / "state", env)

@@ -336,8 +336,11 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
             outputs = self.cloud.update(new["type"], old["id"], new["inputs"], old["outputs"])
             new = {**new, "id": old["id"], "outputs": outputs}
         else:
+            if op == "replace" and new["type"] == INSTANCE:
+                # Simulated instances share 127.0.0.1:port: the old one must free it first.
+                self.cloud.delete(old["type"], old.get("id", ""))
             new = self.create(new)
-            if op == "replace":
+            if op == "replace" and new["type"] != INSTANCE:
                 self.cloud.delete(old["type"], old.get("id", ""))
         new["outputs"] = _mark_secrets(new.get("outputs") or {}, secret_outputs)
         self.put(new)
