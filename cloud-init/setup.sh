@@ -17,7 +17,7 @@ NVIDIA_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 SITE=/etc/ollama-exoscale/nginx-site.conf
 export DEBIAN_FRONTEND=noninteractive
 
-log() { echo "ollama-exoscale-setup: $*"; }
+log() { echo "ollama-exoscale-setup: $*" >&2; }
 
 # apt waits for another apt (unattended-upgrades at first boot) instead of failing on its lock.
 apt_get() { apt-get -q -o DPkg::Lock::Timeout=1200 "$@"; }

@@ -23,6 +23,7 @@ from .settings import Settings
 # name, since the instance's address is not known when the certificate is made.
 TLS_SERVER_NAME = "ollama-exoscale.invalid"
 OLLAMA_IMAGE = "ollama/ollama"
+HEADER = "#cloud-config\n# ollama-exoscale: rendered by infra/cloudinit.py from cloud-init/\n"
 # What the Exoscale API accepts as user data.
 MAX_USER_DATA_BYTES = 32 * 1024
 
@@ -59,7 +60,7 @@ def render_user_data(settings: Settings, token: str, tls_cert_pem: str, tls_key_
     config = yaml.safe_load(_read("user-data.yaml"))
     for entry in config["write_files"]:
         entry["content"] = fill(entry["content"], files)
-    rendered = "#cloud-config\n" + yaml.dump(
+    rendered = HEADER + yaml.dump(
         config, Dumper=_BlockDumper, sort_keys=False, width=1000, allow_unicode=False
     )
     if len(rendered.encode()) > MAX_USER_DATA_BYTES:
