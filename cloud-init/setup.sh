@@ -37,7 +37,7 @@ installed() {  # installed PACKAGE...: all of them are installed
   local package
   for package in "$@"; do
     # shellcheck disable=SC2016 # ${Status} is dpkg-query's field, not a shell variable
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || return 1
+    [ "$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null)" = "install ok installed" ] || return 1
   done
 }
 
