@@ -9,6 +9,10 @@ kept next to the state, in the `file://` backend directory (`standin-cloud.json`
 instance "boots" by starting `python -m tests.fake_ollama` with the stack's TLS certificate and
 token, and is stopped when destroyed.
 
+Modules: `__main__` (the command line), `backend` (workspace, file backend, locks, plugins),
+`engine` (up/refresh/destroy, the gRPC services, events), `cloud` (the simulated providers);
+`harness` and `crash` help the tests that use it.
+
 Knobs (environment of the CLI process):
   STANDIN_PULUMI_VERSION  what `pulumi version` says (default 3.272.0, see cli.VERSION)
   STANDIN_BOOT_DELAY      seconds before a new instance's Ollama listens (default 0)
