@@ -20,6 +20,7 @@ Knobs (environment of the CLI process):
   STANDIN_MODELS          the models it lists (default llama3.2)
   STANDIN_INSTANCE_PORT   the port it serves on (default: the non-SSH port its firewall opens)
   STANDIN_FAIL_UP         make `up` fail creating the compute instance with this provider error
+  STANDIN_FAIL_UP_FILE    the same, with the error read from this file while it exists
   STANDIN_UP_HANG         `up` hangs once the cloud has created the instance, leaving the lock
                           and a pending create in the state (the test kills the process)
 """

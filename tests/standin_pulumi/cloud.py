@@ -151,6 +151,9 @@ class Cloud:
 
     def _create_instance(self, plain: dict, inputs: dict, stack: list[dict]) -> tuple[str, dict]:
         failure = self.env.get("STANDIN_FAIL_UP")
+        switch = self.env.get("STANDIN_FAIL_UP_FILE")  # a test removes it to let `up` succeed
+        if switch and os.path.exists(switch):
+            failure = open(switch).read().strip() or "simulated failure"
         if failure:
             raise StepError(f"creating Compute instance: {failure}")
         object_id = str(uuid.uuid4())

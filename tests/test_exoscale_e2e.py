@@ -1,0 +1,145 @@
+"""The `exoscale` provisioner end to end through a real gunicorn: the real Automation API and
+Pulumi program, driven by the stand-in CLI on PATH, whose simulated instance runs the test
+Ollama behind TLS and the stack's token."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ollama
+import pytest
+import requests
+
+from tests.harness import Proxy, wait_until
+from tests.standin_pulumi.harness import API_KEY, API_SECRET, ROOT, base_env, free_port
+
+pytestmark = pytest.mark.slow
+
+
+class World:
+    def __init__(self, tmp_path, **env):
+        self.tmp_path = tmp_path
+        self.state = tmp_path / "state"
+        pulumi_env = base_env(tmp_path)
+        self.env = {
+            "PROXY_PROVISIONER": "exoscale",
+            "PATH": f"{ROOT / 'bin'}:{os.environ.get('PATH', os.defpath)}",
+            "HOME": pulumi_env["HOME"],
+            "PULUMI_HOME": pulumi_env["PULUMI_HOME"],
+            "STANDIN_PYTHON": pulumi_env["STANDIN_PYTHON"],
+            "EXOSCALE_API_KEY": API_KEY,
+            "EXOSCALE_API_SECRET": API_SECRET,
+            "EXOSCALE_ALLOWED_CIDRS": "127.0.0.1/32",
+            "EXOSCALE_PORT": str(free_port()),
+            "STANDIN_BOOT_DELAY": "1",
+            "PROXY_TICK": "0.1",
+            **env,
+        }
+
+    def proxy(self) -> Proxy:
+        return Proxy(self.state, **self.env)
+
+    def instances(self) -> dict:
+        import json
+
+        path = self.state / "pulumi-backend" / "standin-cloud.json"
+        return json.loads(path.read_text()).get("instances", {}) if path.exists() else {}
+
+    def stop_instances(self) -> None:
+        from tests.standin_pulumi.harness import stop_process_group
+
+        for record in self.instances().values():
+            stop_process_group(record.get("pid"))
+
+
+def stored_token(state) -> str:
+    """The upstream token, as the lease holder keeps it in the private coordination store."""
+    import json
+    import sqlite3
+
+    with sqlite3.connect(state / "state.db") as db:
+        return json.loads(db.execute("SELECT doc FROM lifecycle").fetchone()[0])["endpoint"][
+            "token"
+        ]
+
+
+@pytest.fixture
+def world(tmp_path):
+    made = []
+
+    def make(**env) -> World:
+        made.append(World(tmp_path, **env))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.stop_instances()
+
+
+def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
+    w = world(PROXY_IDLE_TIMEOUT="3")
+    with w.proxy() as proxy:
+        first = requests.post(proxy.url + "/api/chat", json={"model": "llama3.2"}, timeout=5)
+        assert first.status_code == 503 and first.json()["provisioning"] is True
+        details = set()
+        wait_until(
+            lambda: details.add(proxy.status()["detail"])
+            or proxy.status()["provisioning_status"] == "ready",
+            90, interval=0.1, what="ready",
+        )
+        # Pulumi's engine events reach /status as progress sentences.
+        assert any(d.startswith("creating ") for d in details), details
+        assert any(d.startswith("pulumi up finished") for d in details), details
+        status = proxy.status()
+        assert status["remote_url"].startswith("https://127.0.0.1:")
+        token = stored_token(w.state)
+        assert len(token) >= 40
+        assert token not in requests.get(proxy.url + "/status", timeout=5).text
+        assert len(w.instances()) == 1
+
+        chunks = list(ollama.Client(host=proxy.url).chat(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        ))
+        assert chunks[-1].done and len(chunks) > 2
+
+        proxy.wait_phase("idle", timeout=90)
+        assert w.instances() == {}
+        logs = proxy.logs()
+        assert API_SECRET not in logs and API_KEY not in logs and token not in logs
+
+
+def test_a_failed_up_shows_the_reason_then_recovers(world, tmp_path):
+    switch = tmp_path / "fail-up"
+    switch.write_text("quota exceeded for gpua5000 in at-vie-2")
+    w = world(STANDIN_FAIL_UP_FILE=str(switch), PROXY_RETRY_BASE="1")
+    with w.proxy() as proxy:
+        requests.post(proxy.url + "/api/generate", json={}, timeout=5)
+        status = proxy.wait_phase("error", timeout=90)
+        assert "quota exceeded" in status["last_error"]
+        answer = requests.post(proxy.url + "/api/generate", json={}, timeout=5)
+        assert answer.status_code == 503 and answer.json()["status"] in ("error", "provisioning")
+        switch.unlink()
+        time.sleep(1.1)
+        requests.post(proxy.url + "/api/generate", json={}, timeout=5)
+        proxy.wait_phase("ready", timeout=90)
+        assert len(w.instances()) == 1
+
+
+def test_a_restarted_proxy_adopts_the_instance_in_the_stack(world):
+    w = world()
+    with w.proxy() as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready", timeout=90)
+    (w.state / "state.db").unlink()  # even with the coordination store gone
+    with w.proxy() as again:
+        again.wait_phase("ready", timeout=90)
+        assert len(w.instances()) == 1
+
+
+def test_a_missing_pulumi_cli_is_an_error_that_says_what_to_install(world):
+    w = world(PATH="/usr/bin:/bin")
+    with w.proxy() as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        status = proxy.wait_phase("error", timeout=30)
+        assert "Pulumi CLI" in status["last_error"] and "install" in status["last_error"]
