@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     _client_flags(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
     status.set_defaults(run=status_command)
+
+    doctor = commands.add_parser(
+        "doctor", help="check the prerequisites of the exoscale provisioner, and say how to fix"
+    )
+    doctor.set_defaults(run=doctor_command)
     return parser
 
 
@@ -88,6 +93,27 @@ def serve_command(args: argparse.Namespace) -> int:
     sys.argv = ["ollama-exoscale serve", "-c", str(conf), "proxy.wsgi:create()"]
     WSGIApplication("%(prog)s").run()
     return OK
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    """Each prerequisite on a line: ok or FAIL, what was found, and the fix."""
+    from infra.doctor import run_checks
+    from infra.settings import Settings, SettingsError
+
+    config = Config.from_env()
+    checks = run_checks(config.env, config.state_dir)
+    failed = [check for check in checks if not check.ok]
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            print(f"      fix: {check.fix}")
+    try:
+        Settings.from_env(config.env)
+        print("ok    settings: the Exoscale settings are valid")
+    except SettingsError as exc:
+        failed.append(exc)
+        print(f"FAIL  settings: {exc}")
+    return FAILED if failed else OK
 
 
 def _client(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
