@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
 import time
 from datetime import datetime, timezone
@@ -38,25 +39,52 @@ def _iso(timestamp: float) -> str | None:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-class Auth:
-    """Bearer keys on every route but GET|HEAD /, compared in constant time."""
+# Routes that can fill the disk, change or remove models: admin keys only.
+ADMIN_ROUTES = re.compile(r"^/api/(pull|push|create|copy|delete|blobs/.*)$|^/admin/")
 
-    def __init__(self, keys: tuple[str, ...]):
-        self.keys = [key.encode() for key in keys]
+
+class Auth:
+    """Bearer keys on every route but GET|HEAD / and the static /ui page, in constant time.
+
+    Management routes (pull, push, create, copy, delete, blobs, /admin/*) need an admin key.
+    """
+
+    def __init__(self, config: Config):
+        self.enabled = config.auth_enabled
+        self.keys = [(key.encode(), False) for key in config.api_keys]
+        self.keys += [(key.encode(), True) for key in config.admin_keys]
+        self.names = dict(config.key_names)
+        self.log = logging.getLogger("ollama_exoscale.auth")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.keys or (req.path == "/" and req.method in ("GET", "HEAD")):
+        if not self.enabled or _public(req):
             return
         scheme, _, offered = (req.get_header("Authorization") or "").partition(" ")
         offered_bytes = offered.strip().encode()
-        matched = False
-        for key in self.keys:  # no early exit: timing says nothing about which key is close
-            matched |= hmac.compare_digest(key, offered_bytes)
-        if scheme.lower() != "bearer" or not matched:
+        match = None
+        for key, admin in self.keys:  # no early exit: timing tells nothing about which key
+            if hmac.compare_digest(key, offered_bytes) and scheme.lower() == "bearer":
+                match = (key.decode(), admin)
+        if match is None:
+            self.log.warning("401 for %s %s from %s: %s", req.method, req.path, req.remote_addr,
+                             "no bearer key" if not offered else "unknown key")
             raise falcon.HTTPUnauthorized(
                 description="a valid API key is required: send Authorization: Bearer <key>",
                 challenges=["Bearer"],
             )
+        key, admin = match
+        req.context.key_name = self.names.get(key, "key")
+        if not admin and ADMIN_ROUTES.match(req.path):
+            self.log.warning("403 for %s %s: key %s is not an admin key", req.method, req.path,
+                             req.context.key_name)
+            raise falcon.HTTPForbidden(
+                description=f"{req.path} changes the server's models: it needs an admin key "
+                "(PROXY_ADMIN_KEYS)"
+            )
+
+
+def _public(req: falcon.Request) -> bool:
+    return req.method in ("GET", "HEAD") and req.path in ("/", "/ui")
 
 
 class Root:
@@ -260,14 +288,12 @@ def handle_unexpected(req, resp, exc, params) -> None:
     """A bug never crashes the worker nor leaks internals: a 500 with a JSON error."""
     if isinstance(exc, falcon.HTTPError):
         raise exc
-    import logging
-
     logging.getLogger("ollama_exoscale.app").exception("unhandled error on %s", req.path)
     raise falcon.HTTPInternalServerError(description="internal error in the proxy; see its logs")
 
 
 def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.App:
-    app = falcon.App(middleware=[Auth(config.api_keys)])
+    app = falcon.App(middleware=[Auth(config)])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.req_options.strip_url_path_trailing_slash = False

@@ -32,6 +32,8 @@ class Config:
     state_dir: Path = Path(".ollama-exoscale")
     state_url: str = ""  # empty: SQLite in the state dir
     api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # may also pull, push, create, copy, delete, upload, warm up
+    key_names: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     max_hold: float = 0.0
     max_held: int = 16  # per worker: held requests beyond it get 503 at once
     models: tuple[str, ...] = ("llama3.2",)
@@ -61,7 +63,7 @@ class Config:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys or self.admin_keys)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: object) -> Config:
@@ -69,6 +71,7 @@ class Config:
         env = dict(os.environ if env is None else env)
         read = _Reader(env, {k: v for k, v in flags.items() if v is not None})
         idle_default = read.number("EXOSCALE_IDLE_TIMEOUT", 1800.0, minimum=1)
+        keys, admin_keys, names = read.keys("PROXY_API_KEYS", "PROXY_ADMIN_KEYS", "PROXY_KEYS_FILE")
         config = cls(
             provisioner=read.choice("PROXY_PROVISIONER", "exoscale", PROVISIONERS),
             local_command=read.text("PROXY_LOCAL_COMMAND", "ollama serve"),
@@ -80,7 +83,9 @@ class Config:
             threads=int(read.number("PROXY_THREADS", 32, minimum=1, whole=True)),
             state_dir=Path(read.text("PROXY_STATE_DIR", ".ollama-exoscale")).absolute(),
             state_url=read.state_url("PROXY_STATE_URL"),
-            api_keys=read.items("PROXY_API_KEYS"),
+            api_keys=keys,
+            admin_keys=admin_keys,
+            key_names=names,
             max_hold=read.number("PROXY_MAX_HOLD", 0.0, minimum=0),
             max_held=int(read.number("PROXY_MAX_HELD", 16, minimum=0, whole=True)),
             models=read.models("OLLAMA_MODEL", "llama3.2"),
@@ -163,6 +168,41 @@ class _Reader:
     def items(self, name: str) -> tuple[str, ...]:
         value = self.raw(name) or ""
         return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def keys(
+        self, plain: str, admin: str, file: str
+    ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:
+        """(user keys, admin keys, key → name for the logs) from two lists and a keys file.
+
+        The file has one key a line: `NAME KEY [admin]`; `#` starts a comment.
+        """
+        keys = list(self.items(plain))
+        admins = list(self.items(admin))
+        names = {k: f"{plain}[{i}]" for i, k in enumerate(keys)}
+        names.update({k: f"{admin}[{i}]" for i, k in enumerate(admins)})
+        path = self.raw(file)
+        if path:
+            try:
+                lines = Path(path).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"{file}={path!r} cannot be read ({exc.strerror})") from None
+            for number, line in enumerate(lines, 1):
+                words = line.split("#", 1)[0].split()
+                if not words:
+                    continue
+                if len(words) not in (2, 3) or (len(words) == 3 and words[2] != "admin"):
+                    raise ConfigError(
+                        f"{file}={path!r} line {number} is not `NAME KEY [admin]`"
+                    )
+                (admins if len(words) == 3 else keys).append(words[1])
+                names[words[1]] = words[0]
+        for key in keys + admins:
+            if len(key) < 8:
+                raise ConfigError(
+                    f"an API key named {names[key]} is shorter than 8 characters; use a long "
+                    "random key, e.g. `openssl rand -hex 24`"
+                )
+        return tuple(keys), tuple(admins), names
 
     def models(self, name: str, default: str) -> tuple[str, ...]:
         models = self.items(name) or (default,)

@@ -37,7 +37,7 @@ def create() -> falcon.App:
     global lifecycle
     config = Config.from_env()
     setup_logging(config.log_level)
-    if not config.api_keys:
+    if not config.auth_enabled:
         log.warning("PROXY_API_KEYS is empty: anyone who can reach %s can use the GPU", config.bind)
     app, lifecycle = build(config)
     return app

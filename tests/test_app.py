@@ -173,3 +173,24 @@ def test_hold_cap_answers_503_at_once(proxy):
     answer = client.simulate_post("/api/chat", json={}, headers={"Prefer": "wait=5"})
     assert answer.status_code == 503
     assert time.monotonic() - started < 0.5
+
+
+def test_management_routes_need_an_admin_key(proxy):
+    client, life, provisioner = proxy(api_keys=("user-key-1",), admin_keys=("admin-key-1",))
+    user = {"Authorization": "Bearer user-key-1"}
+    admin = {"Authorization": "Bearer admin-key-1"}
+    for method, path in (("POST", "/api/pull"), ("POST", "/api/create"), ("POST", "/api/copy"),
+                         ("DELETE", "/api/delete"), ("POST", "/api/push"),
+                         ("POST", "/api/blobs/sha256:" + "a" * 64)):
+        answer = client.simulate_request(method, path, headers=user)
+        assert answer.status_code == 403, path
+        assert "admin key" in answer.json["error"]
+        assert client.simulate_request(method, path, headers=admin).status_code == 503
+    assert client.simulate_post("/api/chat", headers=user).status_code == 503
+    assert client.simulate_get("/api/tags", headers=admin).status_code == 200
+
+
+def test_the_ui_page_is_public_but_shows_nothing_without_a_key(proxy):
+    client, life, provisioner = proxy(api_keys=("user-key-1",))
+    assert client.simulate_get("/status").status_code == 401
+    assert client.simulate_get("/ui").status_code in (200, 404)  # page itself holds no data

@@ -33,9 +33,9 @@ def test_idle_timeout_alias_is_accepted_and_proxy_variable_wins():
 
 
 def test_lists_are_comma_separated():
-    config = Config.from_env({"OLLAMA_MODEL": "llama3.2, qwen3:8b", "PROXY_API_KEYS": "a,b,"})
+    config = Config.from_env({"OLLAMA_MODEL": "llama3.2, qwen3:8b", "PROXY_API_KEYS": "key-aaaaaa,key-bbbbbb,"})
     assert config.models == ("llama3.2", "qwen3:8b")
-    assert config.api_keys == ("a", "b")
+    assert config.api_keys == ("key-aaaaaa", "key-bbbbbb")
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,32 @@ def test_a_bad_value_names_variable_value_and_what_is_accepted(variable, value, 
     assert repr(value.strip()) in message or repr(value.strip().lower()) in message
     assert accepted in message
     assert "\n" not in message
+
+
+def test_keys_file_gives_names_and_admin_rights(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nalice alice-key-123456\nops  ops-key-1234567 admin\n\n")
+    config = Config.from_env({"PROXY_KEYS_FILE": str(keys), "PROXY_API_KEYS": "env-key-12345"})
+    assert config.api_keys == ("env-key-12345", "alice-key-123456")
+    assert config.admin_keys == ("ops-key-1234567",)
+    assert config.key_names["alice-key-123456"] == "alice"
+    assert config.auth_enabled
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("alice\n", "line 1 is not `NAME KEY [admin]`"),
+    ("alice key-1234567 root\n", "line 1"),
+    ("alice short\n", "shorter than 8 characters"),
+])
+def test_a_bad_keys_file_is_a_one_line_error_without_the_key(tmp_path, content, fragment):
+    keys = tmp_path / "keys"
+    keys.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"PROXY_KEYS_FILE": str(keys)})
+    assert fragment in str(caught.value)
+    assert "short\n" not in str(caught.value) and "'short'" not in str(caught.value)
+
+
+def test_a_missing_keys_file_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match="PROXY_KEYS_FILE=.*cannot be read"):
+        Config.from_env({"PROXY_KEYS_FILE": str(tmp_path / "nope")})
