@@ -15,6 +15,7 @@ import falcon
 from .config import Config
 from .forward import Forwarder, UpstreamError
 from .lifecycle import Lifecycle, Snapshot, Ticket
+from .metrics import HELD, Counting, MetricsResource
 from .upstream import normalise_model
 
 SERVICE = "ollama-exoscale"
@@ -217,9 +218,11 @@ class Demand:
         seconds = min(int(match.group(1)), self.config.max_hold) if match else 0
         if seconds <= 0 or not self.lifecycle.try_hold_slot():
             return None
+        HELD.inc()
         try:
             self.lifecycle.hold(seconds)
         finally:
+            HELD.dec()
             self.lifecycle.release_hold_slot()
         resp.set_header("Preference-Applied", f"wait={seconds:g}")
         return self.lifecycle.admit()
@@ -266,6 +269,7 @@ def explain(snapshot: Snapshot, retry_after: int) -> tuple[str, str]:
 
 
 def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
+    req.context.forwarded = True
     try:
         forwarder.forward(
             req, resp, ticket.endpoint, lambda: lifecycle.finish(ticket),
@@ -293,12 +297,13 @@ def handle_unexpected(req, resp, exc, params) -> None:
 
 
 def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.App:
-    app = falcon.App(middleware=[Auth(config)])
+    app = falcon.App(middleware=[Counting(), Auth(config)])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.req_options.strip_url_path_trailing_slash = False
     app.add_route("/", Root())
     app.add_route("/status", Status(config, lifecycle))
+    app.add_route("/metrics", MetricsResource(lifecycle, config.idle_timeout))
     for path, local in (
         ("/api/version", local_version),
         ("/api/tags", local_tags),

@@ -4,6 +4,9 @@ Run directly with `gunicorn -c proxy/gunicorn_conf.py 'proxy.wsgi:create()'`, or
 `ollama-exoscale serve`, which uses the same settings.
 """
 
+import os
+import shutil
+
 from proxy.config import Config
 
 _config = Config.from_env()
@@ -25,6 +28,23 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = _config.log_level
+
+
+# Workers' metrics are summed through files here (prometheus-client's multiprocess mode).
+_metrics_dir = _config.state_dir / "metrics"
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+
+
+def on_starting(server):
+    """A fresh metrics dir: counts of a previous run's workers would be summed in otherwise."""
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):

@@ -209,3 +209,31 @@ def test_sigterm_during_provisioning_lets_the_step_finish_and_a_restart_resumes(
     with Proxy(tmp_path, **env) as again:
         again.wait_phase("ready")
         assert starts(tmp_path) == 1  # resumed and adopted, never a second server
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_metrics_sum_every_worker(tmp_path):
+    env = upstream_env(tmp_path, PROXY_WORKERS="3")
+    with Proxy(tmp_path, **env) as proxy:
+        for _ in range(12):  # spread over the workers by the kernel
+            requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready")
+        time.sleep(0.6)
+        for _ in range(5):
+            requests.post(proxy.url + "/api/show", json={"model": "llama3.2"}, timeout=5)
+        text = requests.get(proxy.url + "/metrics", timeout=5).text
+        requested = "ollama_exoscale_requests_total"
+        assert metric(text, requested, route="/api/chat", outcome="unavailable") >= 12
+        assert metric(text, requested, route="/api/show", outcome="forwarded") == 5
+        assert metric(text, "ollama_exoscale_phase", phase="ready") == 1
+        assert metric(text, "ollama_exoscale_cold_start_seconds_count") == 1
