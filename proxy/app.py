@@ -8,6 +8,7 @@ import logging
 import re
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import falcon
@@ -145,6 +146,32 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "upstream_version": snapshot.upstream_version,
         "store_error": lifecycle.store_error,
     }
+
+
+class Page:
+    """/ui: one self-contained page; it holds no data, it fetches /status with the key."""
+
+    def __init__(self):
+        self.html = (Path(__file__).with_name("ui.html")).read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.cache_control = ["no-cache"]
+        resp.data = self.html
+
+
+class WarmUp:
+    """POST /admin/up: start the GPU server now, as a request would (admin key)."""
+
+    def __init__(self, config: Config, lifecycle: Lifecycle):
+        self.config = config
+        self.lifecycle = lifecycle
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if self.lifecycle.snapshot().phase != "ready":
+            self.lifecycle.want()
+        resp.status = falcon.HTTP_202
+        resp.media = status_document(self.config, self.lifecycle)
 
 
 class Passive:
@@ -304,6 +331,8 @@ def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> fa
     app.add_route("/", Root())
     app.add_route("/status", Status(config, lifecycle))
     app.add_route("/metrics", MetricsResource(lifecycle, config.idle_timeout))
+    app.add_route("/ui", Page())
+    app.add_route("/admin/up", WarmUp(config, lifecycle))
     for path, local in (
         ("/api/version", local_version),
         ("/api/tags", local_tags),

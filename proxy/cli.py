@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import requests
 from .config import Config, ConfigError
 
 # Exit codes a script can rely on.
-OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
+OK, FAILED, USAGE, UNREACHABLE, TIMEOUT = 0, 1, 2, 3, 4
 
 SERVE_FLAGS = {
     "bind": "PROXY_BIND",
@@ -66,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
     status.set_defaults(run=status_command)
 
+    up = commands.add_parser("up", help="start the GPU server now (pre-warm; admin key)")
+    _client_flags(up)
+    up.add_argument("--wait", action="store_true", help="show progress until ready")
+    up.add_argument("--timeout", type=float, default=1800, help="with --wait: seconds")
+    up.set_defaults(run=up_command)
+
+    wait = commands.add_parser("wait", help="block until the GPU server is ready")
+    _client_flags(wait)
+    wait.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
+    wait.set_defaults(run=wait_command)
+
     doctor = commands.add_parser(
         "doctor", help="check the prerequisites of the exoscale provisioner, and say how to fix"
     )
@@ -93,6 +105,48 @@ def serve_command(args: argparse.Namespace) -> int:
     sys.argv = ["ollama-exoscale serve", "-c", str(conf), "proxy.wsgi:create()"]
     WSGIApplication("%(prog)s").run()
     return OK
+
+
+def up_command(args: argparse.Namespace) -> int:
+    url, headers = _client(args)
+    try:
+        answer = requests.post(url + "/admin/up", headers=headers, timeout=10)
+    except requests.RequestException as exc:
+        print(f"ollama-exoscale: no proxy answers at {url} ({type(exc).__name__})", file=sys.stderr)
+        return UNREACHABLE
+    if answer.status_code != 202:
+        print(f"ollama-exoscale: {url}/admin/up answered HTTP {answer.status_code}: "
+              f"{_error_of(answer)}", file=sys.stderr)
+        return FAILED
+    if not args.wait:
+        print(f"provisioning requested ({answer.json().get('provisioning_status')})")
+        return OK
+    return wait_command(args)
+
+
+def wait_command(args: argparse.Namespace) -> int:
+    """Show each change of phase or progress until ready (0), error (1) or timeout (4)."""
+    started = time.monotonic()
+    shown = None
+    while True:
+        status = fetch_status(args)
+        if isinstance(status, int):
+            return status
+        phase, detail = status.get("provisioning_status"), status.get("detail") or ""
+        if (phase, detail) != shown:
+            shown = (phase, detail)
+            elapsed = time.monotonic() - started
+            print(f"[{elapsed:5.0f} s] {phase}{': ' + detail if detail else ''}", flush=True)
+        if phase == "ready":
+            return OK
+        if phase == "error":
+            print(f"ollama-exoscale: {status.get('last_error')}", file=sys.stderr)
+            return FAILED
+        if time.monotonic() - started > args.timeout:
+            print(f"ollama-exoscale: not ready after {args.timeout:g} s (phase {phase})",
+                  file=sys.stderr)
+            return TIMEOUT
+        time.sleep(1.0)
 
 
 def doctor_command(args: argparse.Namespace) -> int:

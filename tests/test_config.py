@@ -33,7 +33,9 @@ def test_idle_timeout_alias_is_accepted_and_proxy_variable_wins():
 
 
 def test_lists_are_comma_separated():
-    config = Config.from_env({"OLLAMA_MODEL": "llama3.2, qwen3:8b", "PROXY_API_KEYS": "key-aaaaaa,key-bbbbbb,"})
+    config = Config.from_env(
+        {"OLLAMA_MODEL": "llama3.2, qwen3:8b", "PROXY_API_KEYS": "key-aaaaaa,key-bbbbbb,"}
+    )
     assert config.models == ("llama3.2", "qwen3:8b")
     assert config.api_keys == ("key-aaaaaa", "key-bbbbbb")
 

@@ -4,6 +4,7 @@ provisioner starting the test upstream, and the real `ollama` and `openai` clien
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -237,3 +238,29 @@ def test_metrics_sum_every_worker(tmp_path):
         assert metric(text, requested, route="/api/show", outcome="forwarded") == 5
         assert metric(text, "ollama_exoscale_phase", phase="ready") == 1
         assert metric(text, "ollama_exoscale_cold_start_seconds_count") == 1
+
+
+def test_up_wait_shows_progress_until_ready_with_an_admin_key(tmp_path):
+    env = upstream_env(tmp_path, "--startup-delay", "1", PROXY_API_KEYS="user-key-123",
+                       PROXY_ADMIN_KEYS="admin-key-123")
+    with Proxy(tmp_path, **env) as proxy:
+        denied = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "up", "--url", proxy.url, "--key",
+             "user-key-123"], capture_output=True, text=True, timeout=30,
+        )
+        assert denied.returncode == 1 and "admin key" in denied.stderr
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "up", "--wait", "--url", proxy.url],
+            env={**os.environ, "OLLAMA_API_KEY": "admin-key-123"},
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert len(lines) >= 2 and lines[-1].endswith("ready: ready")
+        assert any("provisioning" in line or "starting" in line for line in lines[:-1])
+        assert "admin-key-123" not in proxy.logs() and "user-key-123" not in proxy.logs()
+        waited = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "wait", "--url", proxy.url, "--key",
+             "user-key-123", "--timeout", "5"], capture_output=True, text=True, timeout=30,
+        )
+        assert waited.returncode == 0
