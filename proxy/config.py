@@ -50,6 +50,7 @@ class Config:
     retry_base: float = 15.0  # first back-off after a failed provisioning; doubles each time
     retry_max: float = 900.0
     log_level: str = "info"
+    log_format: str = "text"
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -60,6 +61,13 @@ class Config:
     def local_url(self) -> str:
         host, port = split_host_port(self.local_addr, "PROXY_LOCAL_ADDR")
         return f"http://{host}:{port}"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values never to log: keys, credentials, passphrases."""
+        names = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET", "PULUMI_CONFIG_PASSPHRASE",
+                 "AWS_SECRET_ACCESS_KEY", "PULUMI_ACCESS_TOKEN")
+        return self.api_keys + self.admin_keys + tuple(self.env.get(n, "") for n in names)
 
     @property
     def auth_enabled(self) -> bool:
@@ -104,6 +112,7 @@ class Config:
             log_level=read.choice(
                 "PROXY_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            log_format=read.choice("PROXY_LOG_FORMAT", "text", ("text", "json")),
             env=env,
         )
         return config

@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 from requests.adapters import HTTPAdapter
 
+from .logs import register_secrets
 from .provisioner import Endpoint
 
 
@@ -48,6 +49,7 @@ class Sessions:
         return session
 
     def _make(self, endpoint: Endpoint) -> requests.Session:
+        register_secrets([endpoint.token])
         session = requests.Session()
         session.headers.clear()  # forward the client's headers, not requests' defaults
         session.trust_env = False  # never route upstream traffic through an env proxy

@@ -14,7 +14,7 @@ from .app import create_app
 from .config import Config
 from .forward import Forwarder
 from .lifecycle import Lifecycle
-from .logs import setup_logging
+from .logs import register_secrets, setup_logging
 from .provisioners import make_provisioner
 from .store import open_store
 from .upstream import Sessions
@@ -36,7 +36,8 @@ def build(config: Config) -> tuple[falcon.App, Lifecycle]:
 def create() -> falcon.App:
     global lifecycle
     config = Config.from_env()
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
+    register_secrets(config.secrets)
     if not config.auth_enabled:
         log.warning("PROXY_API_KEYS is empty: anyone who can reach %s can use the GPU", config.bind)
     app, lifecycle = build(config)
