@@ -77,7 +77,7 @@ class SqliteStore:
         self._db = sqlite3.connect(
             str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._set_wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
             """
@@ -89,6 +89,19 @@ class SqliteStore:
                 holder TEXT NOT NULL, expires_at REAL NOT NULL);
             """
         )
+
+    def _set_wal(self) -> None:
+        """WAL mode (kept in the file); workers opening at once may find it busy: retry."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreError(f"state store {self.path}: {exc}") from exc
+                time.sleep(0.05)
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:

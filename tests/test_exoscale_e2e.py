@@ -143,3 +143,55 @@ def test_a_missing_pulumi_cli_is_an_error_that_says_what_to_install(world):
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
         status = proxy.wait_phase("error", timeout=30)
         assert "Pulumi CLI" in status["last_error"] and "install" in status["last_error"]
+
+
+def _stat(pid: int) -> list[str]:
+    text = open(f"/proc/{pid}/stat").read()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def crash(root: int) -> None:
+    """SIGKILL a process and its descendants in its session: the proxy host "crashes".
+
+    The simulated instance runs in a session of its own, as a cloud server outlives its proxy.
+    """
+    import signal
+
+    session = _stat(root)[3]
+    family, grew = {root}, True
+    while grew:
+        grew = False
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in family:
+                try:
+                    fields = _stat(int(entry))
+                except OSError:
+                    continue
+                if int(fields[1]) in family and fields[3] == session:
+                    family.add(int(entry))
+                    grew = True
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_proxy_killed_mid_up_restarts_without_a_second_instance(world):
+    w = world(STANDIN_UP_HANG="1")
+    proxy = w.proxy().start()
+    try:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        wait_until(lambda: len(w.instances()) == 1, 60, what="the instance mid-up")
+        crash(proxy.process.pid)
+        proxy.process.wait(timeout=10)
+    finally:
+        proxy.stop()
+    locks = list((w.state / "pulumi-backend" / ".pulumi" / "locks").rglob("*.json"))
+    assert locks, "the crash should leave the stack locked"
+    del w.env["STANDIN_UP_HANG"]
+    with w.proxy() as again:
+        requests.post(again.url + "/api/chat", json={}, timeout=5)
+        again.wait_phase("ready", timeout=120)
+        assert len(w.instances()) == 1
+        assert not list((w.state / "pulumi-backend" / ".pulumi" / "locks").rglob("*.json"))

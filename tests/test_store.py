@@ -55,3 +55,24 @@ def test_store_file_is_private_to_its_owner(tmp_path):
     store.acquire("x", 1)
     mode = stat.S_IMODE(os.stat(tmp_path / "state" / "state.db").st_mode)
     assert mode & 0o077 == 0
+
+
+def test_many_processes_can_open_a_new_store_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    # Each waits for the same instant, then opens the new file and writes at once.
+    code = (
+        "import sys, time; from proxy.store import SqliteStore, WorkerReport\n"
+        "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+        "store = SqliteStore(sys.argv[1]); store.report(WorkerReport(sys.argv[3]))\n"
+        "store.acquire(sys.argv[3], 5)"
+    )
+    start = str(time.time() + 1.5)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "state.db"), start, str(n)],
+                         stderr=subprocess.PIPE)
+        for n in range(16)
+    ]
+    errors = [p.communicate(timeout=30)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 16, errors
