@@ -108,18 +108,11 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def up_command(args: argparse.Namespace) -> int:
-    url, headers = _client(args)
-    try:
-        answer = requests.post(url + "/admin/up", headers=headers, timeout=10)
-    except requests.RequestException as exc:
-        print(f"ollama-exoscale: no proxy answers at {url} ({type(exc).__name__})", file=sys.stderr)
-        return UNREACHABLE
-    if answer.status_code != 202:
-        print(f"ollama-exoscale: {url}/admin/up answered HTTP {answer.status_code}: "
-              f"{_error_of(answer)}", file=sys.stderr)
-        return FAILED
+    status = call(args, "POST", "/admin/up", expected=202)
+    if isinstance(status, int):
+        return status
     if not args.wait:
-        print(f"provisioning requested ({answer.json().get('provisioning_status')})")
+        print(f"provisioning requested ({status.get('provisioning_status')})")
         return OK
     return wait_command(args)
 
@@ -178,18 +171,25 @@ def _client(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     return url.rstrip("/"), ({"Authorization": f"Bearer {key}"} if key else {})
 
 
-def fetch_status(args: argparse.Namespace) -> dict[str, Any] | int:
+def call(
+    args: argparse.Namespace, method: str, path: str, expected: int = 200
+) -> dict[str, Any] | int:
+    """The proxy's JSON answer, or an exit code after saying what went wrong."""
     url, headers = _client(args)
     try:
-        answer = requests.get(url + "/status", headers=headers, timeout=10)
+        answer = requests.request(method, url + path, headers=headers, timeout=10)
     except requests.RequestException as exc:
         print(f"ollama-exoscale: no proxy answers at {url} ({type(exc).__name__})", file=sys.stderr)
         return UNREACHABLE
-    if answer.status_code != 200:
-        print(f"ollama-exoscale: {url}/status answered HTTP {answer.status_code}: "
+    if answer.status_code != expected:
+        print(f"ollama-exoscale: {url}{path} answered HTTP {answer.status_code}: "
               f"{_error_of(answer)}", file=sys.stderr)
         return FAILED
     return answer.json()
+
+
+def fetch_status(args: argparse.Namespace) -> dict[str, Any] | int:
+    return call(args, "GET", "/status")
 
 
 def status_command(args: argparse.Namespace) -> int:
