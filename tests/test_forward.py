@@ -179,3 +179,19 @@ def test_an_unreachable_upstream_gets_a_502_json_error(tmp_path):
         assert "unreachable" in answer.json()["error"]
         v1 = requests.post(proxy.url + "/v1/chat/completions", json={}, timeout=10)
         assert v1.status_code == 502 and "unreachable" in v1.json()["error"]["message"]
+
+
+def test_response_headers_are_the_upstreams_once_each(ready):
+    proxy, _ = ready
+    import http.client
+
+    connection = http.client.HTTPConnection(proxy.url.removeprefix("http://"), timeout=10)
+    connection.request("POST", "/api/show", body=b'{"model": "llama3.2"}',
+                       headers={"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    names = [name.lower() for name, _ in answer.getheaders()]
+    answer.read()
+    connection.close()
+    assert answer.status == 200
+    assert names.count("date") == 1 and names.count("server") == 1
+    assert names.count("content-type") == 1 and names.count("content-length") == 1
