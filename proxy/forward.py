@@ -28,10 +28,8 @@ HOP_BY_HOP = frozenset(
         "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect",
     }
 )
-# Hop-by-hop, plus Date and Server, which gunicorn sets itself (else they would be sent twice).
 RESPONSE_DROP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade",
-     "date", "server"}
+    {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
 )
 CHUNK = 64 * 1024
 BODILESS = frozenset({204, 304})
