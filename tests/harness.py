@@ -82,12 +82,15 @@ class Proxy:
         return requests.get(self.url + "/status", timeout=5).json()
 
     def wait_phase(self, phase: str, timeout: float = 20) -> dict:
-        return wait_until(
+        """Wait until /status shows `phase`, then until every worker has seen it too."""
+        status = wait_until(
             lambda: (s := self.status())["provisioning_status"] == phase and s,
             timeout,
             interval=0.1,
             what=f"phase {phase} (logs:\n{self.logs()})",
         )
+        time.sleep(3 * float(self.env.get("PROXY_TICK", 0.25)))  # workers sync once a tick
+        return status
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
