@@ -211,8 +211,7 @@ def format_status(status: dict[str, Any]) -> str:
         ("detail", status.get("detail") or "-"),
         ("instance", status.get("instance_status")),
         ("upstream", status.get("remote_url") or "-"),
-        ("provider", f"{status.get('provider')} ({status.get('instance_type')} in "
-                     f"{status.get('zone')})"),
+        ("provider", _provider(status)),
         ("model", status.get("ollama_model")),
         ("in flight", status.get("in_flight")),
         ("idle timeout", f"{status.get('idle_timeout'):g} s"),
@@ -225,6 +224,12 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _provider(status: dict[str, Any]) -> str:
+    if status.get("provider") != "exoscale":
+        return str(status.get("provider"))
+    return f"exoscale ({status.get('instance_type')} in {status.get('zone')})"
 
 
 def _seconds(value: Any) -> str:
