@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +54,7 @@ class Auth:
 
     def __init__(self, config: Config):
         self.enabled = config.auth_enabled
+        self.failures = FailureLimit(config.auth_failures, window=60.0)
         self.keys = [(key.encode(), False) for key in config.api_keys]
         self.keys += [(key.encode(), True) for key in config.admin_keys]
         self.names = dict(config.key_names)
@@ -61,6 +63,13 @@ class Auth:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not self.enabled or _public(req):
             return
+        blocked_for = self.failures.blocked_for(req.remote_addr)
+        if blocked_for:
+            raise falcon.HTTPTooManyRequests(
+                description="too many requests with a wrong API key from this address; "
+                f"retry in {blocked_for} s",
+                retry_after=blocked_for,
+            )
         scheme, _, offered = (req.get_header("Authorization") or "").partition(" ")
         offered_bytes = offered.strip().encode()
         match = None
@@ -68,6 +77,7 @@ class Auth:
             if hmac.compare_digest(key, offered_bytes) and scheme.lower() == "bearer":
                 match = (key.decode(), admin)
         if match is None:
+            self.failures.record(req.remote_addr)
             self.log.warning("401 for %s %s from %s: %s", req.method, req.path, req.remote_addr,
                              "no bearer key" if not offered else "unknown key")
             raise falcon.HTTPUnauthorized(
@@ -83,6 +93,35 @@ class Auth:
                 description=f"{req.path} changes the server's models: it needs an admin key "
                 "(PROXY_ADMIN_KEYS)"
             )
+
+
+class FailureLimit:
+    """Failed keys per client address in a sliding window (per worker), bounded in memory."""
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, limit: int, window: float):
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) >= self.MAX_ADDRESSES and address not in self._failures:
+                self._failures.pop(next(iter(self._failures)))  # the oldest address goes
+            recent = [t for t in self._failures.get(address, []) if now - t < self.window]
+            self._failures[address] = recent[-self.limit :] + [now]
+
+    def blocked_for(self, address: str) -> int:
+        """Seconds this address must wait; 0 when it may try."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(address, []) if now - t < self.window]
+        if len(recent) < self.limit:
+            return 0
+        return max(1, int(self.window - (now - recent[-self.limit])) + 1)
 
 
 def _public(req: falcon.Request) -> bool:
@@ -231,6 +270,12 @@ class Demand:
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
         if any(part in (".", "..") for part in req.path.split("/")):
             raise falcon.HTTPBadRequest(description="dot segments are not allowed in the path")
+        limit = self.forwarder.body_limit(req.path, self.config.max_body, self.config.max_blob)
+        if limit and (req.content_length or 0) > limit:  # refused before it wakes the GPU
+            raise falcon.HTTPContentTooLarge(
+                description=f"the request body ({req.content_length} bytes) is larger than the "
+                f"limit of {limit} bytes (PROXY_MAX_BODY_MB, PROXY_MAX_BLOB_GB)"
+            )
         ticket = self.lifecycle.admit()
         if ticket is None:
             ticket = self._hold(req, resp)
@@ -301,6 +346,7 @@ def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
         forwarder.forward(
             req, resp, ticket.endpoint, lambda: lifecycle.finish(ticket),
             strip_authorization=config.auth_enabled,
+            body_limit=forwarder.body_limit(req.path, config.max_body, config.max_blob),
         )
     except UpstreamError as exc:
         raise falcon.HTTPError(

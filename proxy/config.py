@@ -36,6 +36,9 @@ class Config:
     key_names: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     max_hold: float = 0.0
     max_held: int = 16  # per worker: held requests beyond it get 503 at once
+    max_body: int = 100 * 2**20  # bytes of a request body, but for blob uploads
+    max_blob: int = 0  # bytes of a blob upload; 0: no limit (models are many GB)
+    auth_failures: int = 10  # failed keys per client address a minute, then 429
     models: tuple[str, ...] = ("llama3.2",)
     zone: str = "at-vie-2"
     instance_type: str = "gpua5000.small"
@@ -96,6 +99,9 @@ class Config:
             key_names=names,
             max_hold=read.number("PROXY_MAX_HOLD", 0.0, minimum=0),
             max_held=int(read.number("PROXY_MAX_HELD", 16, minimum=0, whole=True)),
+            max_body=int(read.number("PROXY_MAX_BODY_MB", 100, minimum=0) * 2**20),
+            max_blob=int(read.number("PROXY_MAX_BLOB_GB", 0, minimum=0) * 2**30),
+            auth_failures=int(read.number("PROXY_AUTH_FAILURES", 10, minimum=1, whole=True)),
             models=read.models("OLLAMA_MODEL", "llama3.2"),
             zone=read.text("EXOSCALE_ZONE", "at-vie-2"),
             instance_type=read.text("EXOSCALE_INSTANCE_TYPE", "gpua5000.small"),

@@ -37,11 +37,15 @@ PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer in time (status 502 or 504)."""
+    """The request could not be completed upstream: 502, 504, or 413 for a body too large."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class BodyTooLarge(Exception):
+    """A chunked request body grew past the limit while it was being sent upstream."""
 
 
 class RequestBody:
@@ -62,9 +66,13 @@ class RequestBody:
             yield block
 
 
-def _chunks(stream) -> Iterator[bytes]:
+def _chunks(stream, limit: int) -> Iterator[bytes]:
     """A body sent with Transfer-Encoding: chunked (length unknown), block by block."""
+    sent = 0
     while block := stream.read(CHUNK):
+        sent += len(block)
+        if limit and sent > limit:
+            raise BodyTooLarge()
         yield block
 
 
@@ -118,6 +126,11 @@ class Forwarder:
         self.sessions = sessions
         self.timeout = (connect_timeout, read_timeout)
 
+    @staticmethod
+    def body_limit(path: str, max_body: int, max_blob: int) -> int:
+        """Bytes a request body to `path` may have; 0: no limit."""
+        return max_blob if path.startswith("/api/blobs/") else max_body
+
     def forward(
         self,
         req: falcon.Request,
@@ -126,10 +139,11 @@ class Forwarder:
         on_close: Callable[[], None],
         *,
         strip_authorization: bool,
+        body_limit: int = 0,
     ) -> None:
         """Send `req` upstream and set `resp` to stream the answer; on_close runs exactly once."""
         try:
-            upstream = self._send(req, endpoint, strip_authorization)
+            upstream = self._send(req, endpoint, strip_authorization, body_limit)
         except BaseException:
             on_close()
             raise
@@ -144,7 +158,7 @@ class Forwarder:
         resp.stream = ResponseStream(upstream, on_close)
 
     def _send(
-        self, req: falcon.Request, endpoint: Endpoint, strip_authorization: bool
+        self, req: falcon.Request, endpoint: Endpoint, strip_authorization: bool, limit: int
     ) -> requests.Response:
         url = endpoint.url + quote(req.path, safe=PATH_SAFE)
         if req.query_string:
@@ -152,7 +166,7 @@ class Forwarder:
         headers = upstream_headers(req.headers, strip_authorization)
         if endpoint.token:
             headers["Authorization"] = f"Bearer {endpoint.token}"
-        body = self._body(req)
+        body = self._body(req, limit)
         try:
             return self.sessions.get(endpoint).request(
                 req.method,
@@ -163,6 +177,8 @@ class Forwarder:
                 allow_redirects=False,
                 timeout=self.timeout,
             )
+        except BodyTooLarge:
+            raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
         except requests.Timeout:
             raise UpstreamError(
                 504, f"the upstream Ollama did not answer within {self.timeout[1]:g} s"
@@ -172,14 +188,14 @@ class Forwarder:
             raise UpstreamError(502, f"the upstream Ollama is unreachable ({reason})") from None
 
     @staticmethod
-    def _body(req: falcon.Request):
+    def _body(req: falcon.Request, limit: int):
         length = req.content_length
         if length is not None:
             return RequestBody(req.bounded_stream, length) if length else b""
         if "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
             # Falcon's bounded_stream reads nothing without a length; gunicorn's wsgi.input
             # de-chunks the body and ends it itself.
-            return _chunks(req.stream)
+            return _chunks(req.stream, limit)
         return None
 
 

@@ -194,3 +194,27 @@ def test_the_ui_page_is_public_but_shows_nothing_without_a_key(proxy):
     client, life, provisioner = proxy(api_keys=("user-key-1",))
     assert client.simulate_get("/status").status_code == 401
     assert client.simulate_get("/ui").status_code in (200, 404)  # page itself holds no data
+
+
+def test_a_body_over_the_limit_gets_413_and_does_not_wake_the_gpu(proxy):
+    client, life, provisioner = proxy(max_body=1024)
+    answer = client.simulate_post("/api/chat", body=b"x" * 2048)
+    assert answer.status_code == 413
+    assert "PROXY_MAX_BODY_MB" in answer.json["error"]
+    blob = client.simulate_post("/api/blobs/sha256:" + "a" * 64, body=b"x" * 2048)
+    assert blob.status_code == 503  # blobs have their own limit (none by default)
+    time.sleep(0.2)
+    assert provisioner.bring_ups == 1  # only the blob upload was demand
+
+
+def test_repeated_wrong_keys_from_one_address_get_429_for_a_while(proxy):
+    client, life, provisioner = proxy(api_keys=("right-key-1",), auth_failures=3)
+    wrong = {"Authorization": "Bearer wrong-key"}
+    codes = [client.simulate_get("/api/tags", headers=wrong).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]
+    blocked = client.simulate_get("/api/tags", headers={"Authorization": "Bearer right-key-1"})
+    assert blocked.status_code == 429
+    assert 1 <= int(blocked.headers["Retry-After"]) <= 61
+    other = client.simulate_get("/api/tags", headers={"Authorization": "Bearer right-key-1"},
+                                remote_addr="10.1.2.3")
+    assert other.status_code == 200

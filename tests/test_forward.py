@@ -195,3 +195,21 @@ def test_response_headers_are_the_upstreams_once_each(ready):
     assert answer.status == 200
     assert names.count("date") == 1 and names.count("server") == 1
     assert names.count("content-type") == 1 and names.count("content-length") == 1
+
+
+def test_a_chunked_body_over_the_limit_is_cut_with_413(tmp_path):
+    addr = f"127.0.0.1:{free_port()}"
+    with Proxy(tmp_path, PROXY_LOCAL_COMMAND=fake_ollama_command(), PROXY_LOCAL_ADDR=addr,
+               PROXY_MAX_BODY_MB="1") as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready")
+
+        def body():
+            for _ in range(4):
+                yield b"x" * (512 * 1024)
+
+        answer = requests.post(proxy.url + "/api/__echo/big", data=body(), timeout=30)
+        assert answer.status_code == 413, answer.text
+        assert "larger than" in answer.json()["error"]
+        small = requests.post(proxy.url + "/api/__echo/small", data=iter([b"ok"]), timeout=30)
+        assert small.status_code == 200 and small.json()["body_length"] == 2
