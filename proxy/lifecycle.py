@@ -52,9 +52,12 @@ class Snapshot:
     inflight: int = 0
     last_activity: float = 0.0
     wanted_at: float = 0.0
+    reconciler: str = ""  # the lease holder (host:pid:id) as last seen; "" when none is known
 
     @classmethod
-    def build(cls, doc: dict[str, Any], reports: list[WorkerReport], now: float) -> Snapshot:
+    def build(
+        cls, doc: dict[str, Any], reports: list[WorkerReport], now: float, reconciler: str = ""
+    ) -> Snapshot:
         endpoint = doc.get("endpoint")
         live = [r for r in reports if now - r.heartbeat < WORKER_TTL]
         return cls(
@@ -72,6 +75,7 @@ class Snapshot:
             inflight=sum(r.inflight for r in live),
             last_activity=max((r.last_activity for r in reports), default=0.0),
             wanted_at=max((r.wanted_at for r in reports), default=0.0),
+            reconciler=reconciler,
         )
 
 
@@ -193,11 +197,16 @@ class Lifecycle:
     # -- background: the sync loop ----------------------------------------------------------
 
     def _loop(self) -> None:
+        synced = 0.0
         while not self._stop.is_set():
             self._wake.wait(self.config.tick)
+            # However many requests wake the loop, the store sees one round per half tick:
+            # a burst of demand is flushed as one batch.
+            self._stop.wait(synced + self.config.tick / 2 - time.monotonic())
             self._wake.clear()
             if self._stop.is_set():
                 break
+            synced = time.monotonic()
             self._sync()
 
     def _sync(self) -> None:
@@ -215,7 +224,9 @@ class Lifecycle:
                 log.error("state store unavailable: %s", exc)
             self.store_error = str(exc)
             return
-        snapshot = Snapshot.build(self.reconciler.doc or doc, reports, now)
+        snapshot = Snapshot.build(
+            self.reconciler.doc or doc, reports, now, reconciler=self.reconciler.leader
+        )
         with self._changed:
             self._snapshot = snapshot
             self._changed.notify_all()

@@ -51,6 +51,7 @@ class Reconciler:
         self.sessions = sessions
         self.holder = holder
         self.doc: dict[str, Any] | None = None  # the document as last written, while holder
+        self.leader = ""  # who held the lease at the last look: this worker or another
         self._holding = False
         self._lease_renewed = 0.0
         self._operation: threading.Thread | None = None
@@ -88,12 +89,17 @@ class Reconciler:
             return False  # a non-holder tries about once a second
         held = self.store.acquire(self.holder, ttl)
         self._lease_renewed = now
+        self.leader = self.holder if held else self._other_holder()
         if self._holding and not held:
             log.warning("this worker lost the lease; another reconciles now")
         if not held:
             self.doc = None
         self._holding = held
         return held
+
+    def _other_holder(self) -> str:
+        holder, expires_at = self.store.lease()
+        return holder if expires_at > time.time() else ""
 
     def _decide(self, reports: list[WorkerReport], now: float) -> None:
         doc = self.doc or {}

@@ -8,6 +8,7 @@ It holds three things:
 
 SQLite in the state dir is the embedded default: WAL mode makes it safe across processes on
 one host. The file is created with mode 0600 because the document holds the upstream token.
+Several hosts share an S3 bucket instead (proxy/store_s3.py), chosen by PROXY_STATE_URL.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
+
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -180,14 +184,24 @@ class SqliteStore:
             self._db.close()
 
 
-def open_store(state_url: str, state_dir: Path) -> Store:
-    """The store `PROXY_STATE_URL` names; SQLite in the state dir when it is empty."""
+def open_store(
+    state_url: str, state_dir: Path, env: Mapping[str, str] | None = None
+) -> Store:
+    """The store `PROXY_STATE_URL` names; SQLite in the state dir when it is empty.
+
+    An S3 store is checked on opening (credentials from `env`, default os.environ): a bad URL,
+    missing credentials or an unreachable bucket raise ConfigError, one line for a person.
+    """
     if not state_url:
         return SqliteStore(Path(state_dir) / "state.db")
     parts = urlsplit(state_url)
     if parts.scheme == "sqlite":
         return SqliteStore(Path(parts.netloc + parts.path))
-    raise StoreError(
-        f"PROXY_STATE_URL={state_url!r}: the S3-compatible store is not available in this "
-        "version; use sqlite:///path/state.db or leave it empty"
+    if parts.scheme == "s3":
+        from .store_s3 import open_s3_store  # requests and XML only for those who use S3
+
+        return open_s3_store(state_url, os.environ if env is None else env)
+    raise ConfigError(
+        f"PROXY_STATE_URL={state_url!r} is not a store URL; use sqlite:///path/state.db or "
+        "s3://bucket/prefix?endpoint=https://sos-at-vie-2.exo.io"
     )

@@ -66,6 +66,7 @@ class Proxy:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so kill() takes every worker
         )
         wait_until(self._answers, 20, what=f"the proxy on {self.url}\n{self.logs()}")
         return self
@@ -106,6 +107,19 @@ class Proxy:
         self._log.close()
         return self.process.returncode if self.process else None
 
+    def kill(self) -> None:
+        """SIGKILL the master and every worker at once, as when the host dies."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def owns(self, pid: int) -> bool:
+        """Whether `pid` is this proxy's master or one of its workers."""
+        try:
+            return self.process is not None and os.getpgid(pid) == self.process.pid
+        except ProcessLookupError:
+            return False
+
     def kill_upstream(self) -> None:
         """Stop the local upstream the proxy left running (it outlives the proxy on purpose)."""
         try:
@@ -120,3 +134,52 @@ class Proxy:
     def __exit__(self, *exc) -> None:
         self.stop()
         self.kill_upstream()
+
+
+class MotoS3:
+    """moto's S3 server (tests/moto_s3.py) on a free port, with a fresh bucket per call."""
+
+    CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+    def __init__(self, log_path: Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.moto_s3", str(self.port)],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        wait_until(self._answers, 30, interval=0.1, what="moto's S3 server")
+        self._buckets = 0
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"moto's server exited with {self.process.returncode}")
+        try:
+            return requests.get(self.endpoint + "/moto-api/", timeout=1).status_code < 500
+        except requests.RequestException:
+            return False
+
+    def bucket(self) -> str:
+        """A new empty bucket's name."""
+        self._buckets += 1
+        name = f"state-{self._buckets}-{os.getpid()}"
+        answer = requests.put(f"{self.endpoint}/{name}", timeout=5)
+        assert answer.status_code == 200, answer.text
+        return name
+
+    def url(self, bucket: str, prefix: str = "proxy") -> str:
+        return f"s3://{bucket}/{prefix}?endpoint={self.endpoint}"
+
+    def env(self, bucket: str) -> dict[str, str]:
+        """What a proxy needs to use a bucket as its store."""
+        return {"PROXY_STATE_URL": self.url(bucket), **self.CREDENTIALS}
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
