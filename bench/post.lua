@@ -1,0 +1,9 @@
+-- wrk script: POST the file named by $BENCH_BODY as JSON (GET when it is unset).
+local path = os.getenv("BENCH_BODY")
+if path and path ~= "" then
+  local file = assert(io.open(path, "rb"))
+  wrk.body = file:read("*a")
+  file:close()
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+end

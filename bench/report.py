@@ -1,0 +1,281 @@
+"""bench/RESULTS.md and bench/results.png from one run's results."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+GOAL_MB = 50  # the issue's memory goal: growth under 50 MB for a 1 GiB body
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A number for a table cell; a dash for none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def find(rows: list[dict], **match: Any) -> dict:
+    """The row whose fields equal `match`; an empty dict if none."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), {})
+
+
+# -- goals -------------------------------------------------------------------------------------
+
+
+def goals(results: dict) -> list[list[Any]]:
+    """(goal, figure, verdict) rows: reported, never asserted."""
+    out = []
+    fast = results["503"]["rows"]
+    r = ratio(find(fast, target="ours", clients=64).get("requests_per_s"),
+              find(fast, target="bare-falcon", clients=64).get("requests_per_s"))
+    out.append(["503 fast path ≥ 0.9× bare-falcon req/s at 64 clients", _x(r), _verdict(r, 0.9)])
+    fwd = results["forward"]["rows"]
+    for body in ("embed", "show"):
+        r = ratio(find(fwd, body=body, target="ours", clients=64).get("requests_per_s"),
+                  find(fwd, body=body, target="naive", clients=64).get("requests_per_s"))
+        out.append([f"forward /api/{body} ≥ 2× naive req/s at 64 clients", _x(r),
+                    _verdict(r, 2.0)])
+        added = _added(fwd, "p50_ms", body=body, clients=1)
+        out.append([f"forward /api/{body} added p50 ≤ 0.5 ms at 1 client", _ms(added),
+                    _verdict(added, 0.5, below=True)])
+    rows = results["streaming"]["rows"]
+    for count in sorted({r["streams"] for r in rows}):
+        added = _added(rows, "chunk_p99_ms", streams=count)
+        out.append([f"streaming, {count} stream(s): added per-chunk delay p99 < 2 ms",
+                    _ms(added), _verdict(added, 2.0, below=True, strict=True)])
+        added = _added(rows, "ttfb_p50_ms", streams=count)
+        out.append([f"streaming, {count} stream(s): TTFB p50 within 2 ms of direct",
+                    _ms(added), _verdict(added, 2.0, below=True)])
+    limit_mib = GOAL_MB * 1e6 / 2**20
+    for direction in ("upload", "download"):
+        growth = find(results["large"]["rows"], direction=direction, target="ours").get(
+            "growth_mib")
+        size = results["large"]["bytes"] / 2**30
+        out.append([f"{size:g} GiB {direction}: proxy memory growth < {GOAL_MB} MB",
+                    f"{fmt(growth, 1)} MiB", _verdict(growth, limit_mib, below=True,
+                                                      strict=True)])
+    return out
+
+
+def _added(rows: list[dict], field: str, **match: Any) -> float | None:
+    ours, direct = find(rows, target="ours", **match), find(rows, target="direct", **match)
+    if field not in ours or field not in direct:
+        return None
+    return ours[field] - direct[field]
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}×" if value is not None else "–"
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:+.2f} ms" if value is not None else "–"
+
+
+def _verdict(value: float | None, bound: float, below: bool = False, strict: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "no figure"
+    if below:
+        met = value < bound if strict else value <= bound
+    else:
+        met = value >= bound
+    return "met" if met else "**not met**"
+
+
+# -- scenario tables ---------------------------------------------------------------------------
+
+
+def table_503(section: dict) -> str:
+    rows = []
+    for r in section["rows"]:
+        bare = find(section["rows"], target="bare-falcon", clients=r["clients"])
+        ours = r["target"] == "ours"
+        x = ratio(r["requests_per_s"], bare.get("requests_per_s")) if ours else None
+        rows.append([r["clients"], r["target"], r["requests_per_s"], r["p50_ms"], r["p99_ms"],
+                     _x(x) if x else "", f"{r['non_2xx']}/{r['requests']}", r["socket_errors"],
+                     r["load1"], r["others"]])
+    header = ["clients", "target", "req/s", "p50 ms", "p99 ms", "ours/bare-falcon",
+              "503s/requests", "socket errors", "load1", "others (cores)"]
+    return table(header, rows)
+
+
+def table_forward(section: dict) -> str:
+    rows = []
+    for r in section["rows"]:
+        base = {k: r[k] for k in ("body", "clients")}
+        direct, nginx = find(section["rows"], target="direct", **base), find(
+            section["rows"], target="nginx", **base)
+        naive = find(section["rows"], target="naive", **base)
+        is_direct = r["target"] == "direct"
+        rows.append([
+            r["body"], r["clients"], r["target"], r["requests_per_s"], r["p50_ms"], r["p99_ms"],
+            "" if is_direct else r["p50_ms"] - direct["p50_ms"],
+            "" if is_direct else r["p99_ms"] - direct["p99_ms"],
+            "" if is_direct else _x(ratio(r["requests_per_s"], direct["requests_per_s"])),
+            _x(ratio(r["requests_per_s"], nginx["requests_per_s"]))
+            if r["target"] in ("ours", "naive") else "",
+            _x(ratio(r["requests_per_s"], naive["requests_per_s"])) if r["target"] == "ours"
+            else "",
+            r["non_2xx"] + r["socket_errors"], r["load1"], r["others"],
+        ])
+    header = ["body", "clients", "target", "req/s", "p50 ms", "p99 ms", "added p50 ms",
+              "added p99 ms", "×direct", "×nginx", "ours/naive", "errors", "load1",
+              "others (cores)"]
+    return table(header, rows)
+
+
+def table_streaming(section: dict) -> str:
+    rows = []
+    for r in section["rows"]:
+        direct = find(section["rows"], target="direct", streams=r["streams"])
+        is_direct = r["target"] == "direct"
+        rows.append([
+            r["streams"], r["target"], r["ttfb_p50_ms"], r["ttfb_p99_ms"],
+            "" if is_direct else r["ttfb_p50_ms"] - direct["ttfb_p50_ms"],
+            r["chunk_p50_ms"], r["chunk_p99_ms"], r["chunk_max_ms"],
+            "" if is_direct else r["chunk_p99_ms"] - direct["chunk_p99_ms"],
+            f"{r['held']}/{r['chunks']}", r["spread"], r.get("upstream_open_max") or "",
+            r["errors"], r["load1"], r["others"],
+        ])
+    header = ["streams", "path", "TTFB p50 ms", "TTFB p99 ms", "added TTFB p50 ms",
+              "chunk delay p50 ms", "p99 ms", "max ms", "added p99 ms", "chunks > 20 ms late",
+              "spread", "upstream streams open (max)", "errors", "load1", "others (cores)"]
+    return table(header, rows)
+
+
+def table_large(section: dict) -> str:
+    rows = []
+    for r in section["rows"]:
+        direct = find(section["rows"], target="direct", direction=r["direction"])
+        nginx = find(section["rows"], target="nginx", direction=r["direction"])
+        proxied = r["target"] != "direct"
+        rows.append([
+            r["direction"], r["target"], r["seconds"], r["mib_per_s"],
+            _x(ratio(r["mib_per_s"], direct["mib_per_s"])) if proxied else "",
+            _x(ratio(r["mib_per_s"], nginx["mib_per_s"])) if r["target"] in ("ours", "naive")
+            else "",
+            r["status"], _mib_list(r["baseline_mib"]), _mib_list(r["peak_mib"]),
+            r["growth_mib"] if proxied else "", r["load1"], r["others"],
+        ])
+    header = ["direction", "path", "seconds", "MiB/s", "×direct", "×nginx", "status",
+              "RSS before (MiB/worker)", "RSS peak", "growth MiB", "load1", "others (cores)"]
+    return table(header, rows)
+
+
+def table_memory(results: dict) -> str:
+    memory = results["memory"]
+    streams = {r["target"]: r for r in results["streaming"]["rows"] if r["streams"] > 1}
+    rows = []
+    for name in ("ours", "naive", "nginx", "bare-falcon"):
+        idle = memory["idle_start"].get(name)
+        with_streams = streams.get(name, {})
+        peak, before = with_streams.get("peak_mib"), with_streams.get("baseline_mib")
+        growth = max(p - b for p, b in zip(peak, before, strict=True)) if peak else ""
+        rows.append([
+            name, len(idle) if idle else "–", _mib_list(idle), _mib_list(peak), growth,
+            with_streams.get("upstream_open_max") or "", _mib_list(memory["idle_end"].get(name)),
+        ])
+    header = ["target", "workers", "idle RSS at start (MiB/worker)",
+              "with 100 streams (peak MiB/worker)", "growth MiB", "upstream streams open (max)",
+              "idle after the run"]
+    return table(header, rows)
+
+
+def _mib_list(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.1f}" for v in values) if values else "–"
+
+
+def profiles(results: dict) -> str:
+    parts = []
+    for p in results.get("profiles", []):
+        libs = ", ".join(f"{name} {share}%" for name, share in p["by_library"])
+        top = "\n".join(f"| {name} | {share}% |" for name, share in p["self"][:8])
+        inclusive = "\n".join(f"| {name} | {share}% |" for name, share in p["inclusive"][:12])
+        parts.append(
+            f"#### {p['label']} ({p['samples']} samples holding the GIL, both workers)\n\n"
+            f"By library (the deepest frame of proxy, prometheus_client, requests, urllib3, "
+            f"falcon, gunicorn; stdlib below it included): {libs}\n\n"
+            f"| self (leaf function) | share |\n|---|---|\n{top}\n\n"
+            f"| inclusive | share |\n|---|---|\n{inclusive}\n"
+        )
+    return "\n".join(parts)
+
+
+# -- the document ------------------------------------------------------------------------------
+
+
+def markdown(results: dict) -> str:
+    meta, plan = results["meta"], results["plan"]
+    machine = "\n".join(f"| {k} | {v} |" for k, v in results["machine"].items())
+    fast, fwd, large = results["503"], results["forward"], results["large"]
+    sizes = fwd["sizes"]
+    sections = [
+        "# Benchmarks (issue 8)\n",
+        f"`{meta['command']}` on {meta['date']}, {meta['minutes']:.1f} minutes"
+        f"{' (quick run)' if meta['quick'] else ''}. Figures, not assertions: the machine is "
+        "shared with other engineers' test runs, so each run carries `load1` (the 1-minute "
+        "load average as it started, this bench included) and `others` (cores busy with "
+        "processes that are not this bench's, averaged over the run). Ratios between rows are "
+        "steadier than absolute figures. Raw figures: `bench/out/results.json`.\n",
+        "## Machine\n", "| | |\n|---|---|\n" + machine + "\n",
+        "## Goals\n", table(["goal", "figure", "verdict"], goals(results)) + "\n",
+        "![results](results.png)\n",
+        "## 1. 503 fast path while provisioning\n",
+        f"`POST /api/chat` to a proxy in `{fast['phase_before']}` (its upstream command sleeps "
+        f"before listening; `{fast['phase_after']}` at the end), answered {fast['status']} with "
+        f"Retry-After {fast['retry_after']} and a {fast['body_bytes']}-byte JSON body; "
+        "bare-falcon sends the same body. wrk, one thread, "
+        f"{plan['wrk_seconds']:g} s per run after a {plan['warmup_seconds']:g} s warm-up.\n",
+        table_503(fast) + "\n",
+        "## 2. Non-streaming forward\n",
+        f"`POST /api/embed` ({sizes['embed']['request']} B request, "
+        f"{sizes['embed']['response']} B answer) and `POST /api/show` "
+        f"({sizes['show']['request']} B, {sizes['show']['response']} B). Added latency: the "
+        "path's percentile minus direct's at the same clients.\n",
+        table_forward(fwd) + "\n",
+        "## 3. Streaming\n",
+        f"`POST /api/generate`, {results['streaming']['chunks']} NDJSON chunks, one every "
+        f"{results['streaming']['interval_ms']:g} ms. 1 stream: {plan['sequential_streams']} "
+        f"streams one after another; {plan['concurrent_streams']}: all at once (one client "
+        "thread each). Chunk delay: arrival minus the upstream's `created_at` for that chunk "
+        "(same clock). Spread: (last − first arrival) / (last − first emission), 1.0 when "
+        "chunks arrive as they are written and near 0 if held back to the end.\n",
+        table_streaming(results["streaming"]) + "\n",
+        "## 4. Large bodies\n",
+        f"{large['bytes'] / 2**30:g} GiB: a blob upload (`POST /api/blobs/sha256:…`, "
+        "Content-Length, the upstream hashes it) and a download (`GET /api/__download`, "
+        "chunked, 64 KiB chunks). RSS sampled every 20 ms from /proc; growth is the largest "
+        "of any one worker over its own RSS before the transfer.\n",
+        table_large(large) + "\n",
+        "## 5. Memory\n",
+        "VmRSS per worker: idle after warm-up, the peak with "
+        f"{plan['concurrent_streams']} streams open (scenario 3), idle after the run. Under "
+        "the shipped settings a gunicorn server has 2 workers × 32 threads: a 65th concurrent "
+        "request waits for a thread.\n",
+        table_memory(results) + "\n",
+    ]
+    if results.get("profiles"):
+        sections += ["## Profiles (extra runs, py-spy --gil)\n", profiles(results)]
+    return "\n".join(sections)
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    path.write_text(markdown(results))

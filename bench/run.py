@@ -1,0 +1,115 @@
+"""`python -m bench.run [--quick] [--profile]`: every scenario against every target, one run.
+
+Starts the fake upstream (through the proxy), nginx, the proxy and the reference apps on
+127.0.0.1, measures, writes RESULTS.md and results.png, and stops every process it started,
+on an error or Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import machine, scenarios, targets
+from .plot import write_plot
+from .procs import REPO, Processes
+from .profile import Profiler
+from .report import write_markdown
+
+BENCH = REPO / "bench"
+OUT = BENCH / "out"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller run (2 s wrk runs, fewer clients, 256 MiB bodies); "
+                        "results go to bench/out/ unless --results says otherwise")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the proxy's workers with py-spy in extra runs")
+    parser.add_argument("--results", type=Path,
+                        help="where RESULTS.md and results.png go (default: bench/)")
+    return parser.parse_args(argv)
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def run_all(plan: scenarios.Plan, workdir: Path, profile: bool) -> dict:
+    results: dict = {}
+    with Processes(OUT / "logs") as procs:
+        log("starting the proxy (and through it the fake upstream), nginx, naive")
+        ours, direct = targets.start_ours(procs, workdir)
+        found = {"ours": ours, "direct": direct}
+        found["nginx"] = targets.start_nginx(procs, workdir, direct)
+        found["naive"] = targets.start_app(procs, workdir, "naive", "bench.naive:create()",
+                                           {"BENCH_UPSTREAM": direct.url})
+        profiler = Profiler(OUT) if profile and Profiler.available() else None
+        ctx = scenarios.Context(plan, procs, workdir, machine.CpuMeter(procs.sessions), found,
+                                profiler)
+        idle_start = scenarios.idle_rss(ctx, ("ours", "naive", "nginx"))
+        steps = (("503", scenarios.fast_503), ("forward", scenarios.forward),
+                 ("streaming", scenarios.streaming), ("large", scenarios.large))
+        for name, step in steps:
+            log(f"scenario {name} (load {machine.load_text()})")
+            results[name] = step(ctx)
+            scenarios.settle()
+        idle_start["bare-falcon"] = results["503"].pop("bare_idle_mib")
+        results["memory"] = {"idle_start": idle_start,
+                             "idle_end": scenarios.idle_rss(ctx, ("ours", "naive", "nginx"))}
+        if profiler:
+            results["profiles"] = profiler.results
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = scenarios.Plan.quick() if args.quick else scenarios.Plan()
+    results_dir = args.results or (OUT if args.quick else BENCH)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
+    shutil.rmtree(OUT / "logs", ignore_errors=True)  # this run's server logs only
+    (OUT / "logs").mkdir(parents=True)
+    workdir = Path(tempfile.mkdtemp(prefix="ollama-exoscale-bench-"))
+    workdir.chmod(0o755)  # nginx's workers (`nobody` when run as root) reach its prefix below
+    started = time.time()
+    info = machine.describe()
+    try:
+        results = run_all(plan, workdir, args.profile)
+    except KeyboardInterrupt:
+        log("interrupted: every process the bench started is stopped")
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    info["load average at end"] = machine.load_text()
+    results["machine"] = info
+    results["plan"] = vars(plan)
+    results["meta"] = {
+        "command": "./dev bench" + (" --quick" if args.quick else "")
+        + (" --profile" if args.profile else ""),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "minutes": (time.time() - started) / 60,
+        "quick": args.quick,
+    }
+    (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_markdown(results, results_dir / "RESULTS.md")
+    write_plot(results, results_dir / "results.png")
+    log(f"done in {results['meta']['minutes']:.1f} min: {results_dir / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

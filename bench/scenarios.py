@@ -1,0 +1,221 @@
+"""The five scenarios of issue 8, each returning plain rows for the report.
+
+Every measured run carries the machine's load next to its figures (`load1`, and `others`: the
+cores other people's work took during that run), as the machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from . import streams, targets, transfer, wrk
+from .machine import CpuMeter
+from .procs import Processes
+from .profile import Profiler
+from .sampling import MaxPoller, RssSampler, rss_mib
+from .targets import CHUNK_INTERVAL, Target
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+PASSAGE = ("Ollama runs large language models on a GPU server that this proxy starts on demand "
+           "and removes when idle; embeddings of passages like this one feed a search index. ")
+EMBED = {"model": "nomic-embed-text", "input": [PASSAGE * 3 for _ in range(4)]}
+SHOW = {"model": "llama3.2"}
+FORWARD_BODIES = {"embed": ("/api/embed", EMBED), "show": ("/api/show", SHOW)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each scenario to run; `quick()` is the smaller run."""
+
+    wrk_seconds: int = 5  # wrk takes whole seconds
+    warmup_seconds: int = 1
+    clients_503: tuple[int, ...] = (1, 64, 512)
+    clients_forward: tuple[int, ...] = (1, 16, 64)
+    sequential_streams: int = 10
+    concurrent_streams: int = 100
+    stream_chunks: int = 50
+    large_bytes: int = 1 << 30
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(wrk_seconds=2, warmup_seconds=1, clients_503=(1, 64),
+                   clients_forward=(1, 64), sequential_streams=5, stream_chunks=25,
+                   large_bytes=256 << 20)
+
+
+@dataclass
+class Context:
+    plan: Plan
+    procs: Processes
+    workdir: Path
+    meter: CpuMeter
+    targets: dict[str, Target]
+    profiler: Profiler | None = None
+
+
+def measured(ctx: Context, run: Callable[[], Any]) -> tuple[Any, dict]:
+    """run() and the machine's load during it."""
+    started = ctx.meter.start()
+    result = run()
+    return result, ctx.meter.stop(started).as_dict()
+
+
+def _body_file(ctx: Context, name: str, body: dict) -> Path:
+    path = ctx.workdir / f"{name}.json"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def _wrk_row(ctx: Context, target: Target, path: str, clients: int, body: Path) -> dict:
+    """A warm-up run (discarded), then the measured one."""
+    url = target.url + path
+    wrk.run(url, clients, ctx.plan.warmup_seconds, body)
+    result, busy = measured(ctx, lambda: wrk.run(url, clients, ctx.plan.wrk_seconds, body))
+    return {"target": target.name, "clients": clients, **result.as_dict(), **busy}
+
+
+# -- 1. the 503 fast path ----------------------------------------------------------------------
+
+
+def fast_503(ctx: Context) -> dict:
+    """ours (a proxy still provisioning) vs bare-falcon, the same 503 body, by clients."""
+    ours = targets.start_ours_503(ctx.procs, ctx.workdir)
+    sample = requests.post(ours.url + "/api/chat", json=CHAT, timeout=10)
+    bare = targets.start_app(ctx.procs, ctx.workdir, "bare-falcon", "bench.bare_falcon:create()",
+                             {"BENCH_503_BODY": sample.text,
+                              "BENCH_RETRY_AFTER": sample.headers.get("Retry-After", "5")})
+    ctx.targets["bare-falcon"] = bare
+    bare_idle = rss_mib(bare.workers())  # before any load, like the others' idle figures
+    body = _body_file(ctx, "chat", CHAT)
+    phase_before = targets.phase(ours)
+    rows = []
+    try:
+        for clients in ctx.plan.clients_503:
+            for target in (ours, bare):
+                rows.append(_wrk_row(ctx, target, "/api/chat", clients, body))
+        if ctx.profiler:
+            ctx.profiler.record("503 at 64 clients", ours, lambda: wrk.run(
+                ours.url + "/api/chat", 64, ctx.plan.wrk_seconds, body))
+        return {
+            "rows": rows,
+            "status": sample.status_code,
+            "retry_after": sample.headers.get("Retry-After"),
+            "body_bytes": len(sample.content),
+            "phase_before": phase_before,
+            "phase_after": targets.phase(ours),
+            "bare_idle_mib": bare_idle,
+        }
+    finally:
+        ctx.procs.stop("bare-falcon")
+        ctx.procs.stop("ours-503")
+
+
+# -- 2. non-streaming forward ------------------------------------------------------------------
+
+
+FORWARD_PATHS = ("direct", "nginx", "ours", "naive")
+
+
+def forward(ctx: Context) -> dict:
+    """Requests/s and latency through each path, for two body sizes, by clients."""
+    rows = []
+    for name, (path, body) in FORWARD_BODIES.items():
+        body_file = _body_file(ctx, name, body)
+        for clients in ctx.plan.clients_forward:
+            for target in (ctx.targets[p] for p in FORWARD_PATHS):
+                rows.append({"body": name, **_wrk_row(ctx, target, path, clients, body_file)})
+    if ctx.profiler:
+        ours, body_file = ctx.targets["ours"], ctx.workdir / "embed.json"
+        ctx.profiler.record("forward /api/embed at 64 clients", ours, lambda: wrk.run(
+            ours.url + "/api/embed", 64, ctx.plan.wrk_seconds, body_file))
+    sizes = {name: _sizes(ctx.targets["direct"], path, body)
+             for name, (path, body) in FORWARD_BODIES.items()}
+    return {"rows": rows, "sizes": sizes}
+
+
+def _sizes(direct: Target, path: str, body: dict) -> dict[str, int]:
+    answer = requests.post(direct.url + path, json=body, timeout=10)
+    return {"request": len(json.dumps(body)), "response": len(answer.content)}
+
+
+# -- 3. streaming, and 5. memory with 100 open streams -----------------------------------------
+
+
+def streaming(ctx: Context) -> dict:
+    """One stream at a time, then many at once, through each path; memory during the latter."""
+    rows = []
+    for name in FORWARD_PATHS:
+        rows += _stream_rows(ctx, ctx.targets[name])
+    return {"rows": rows, "chunks": ctx.plan.stream_chunks,
+            "interval_ms": CHUNK_INTERVAL * 1e3}
+
+
+def _stream_rows(ctx: Context, target: Target) -> list[dict]:
+    plan, direct = ctx.plan, ctx.targets["direct"]
+    host, port = target.host_port
+    records, busy = measured(ctx, lambda: [
+        streams.one_stream(host, port, plan.stream_chunks)
+        for _ in range(plan.sequential_streams)
+    ])
+    single = {"target": target.name, "streams": 1,
+              **streams.summarize(records, CHUNK_INTERVAL), **busy}
+    with RssSampler(target.workers()) as rss, MaxPoller(lambda: _open_streams(direct)) as up:
+        records, busy = measured(ctx, lambda: streams.concurrent_streams(
+            host, port, plan.concurrent_streams, plan.stream_chunks))
+    many = {"target": target.name, "streams": plan.concurrent_streams,
+            **streams.summarize(records, CHUNK_INTERVAL), **busy,
+            "upstream_open_max": up.highest, **rss.summary()}
+    return [single, many]
+
+
+def _open_streams(direct: Target) -> float | None:
+    """Streams the upstream is sending right now (its /__stats)."""
+    try:
+        return requests.get(direct.url + "/__stats", timeout=1).json()["active_streams"]
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+# -- 4. large bodies ---------------------------------------------------------------------------
+
+
+def large(ctx: Context) -> dict:
+    """A blob upload and a download of `large_bytes` through each path, with proxy memory."""
+    size = ctx.plan.large_bytes
+    transfer.blob_digest(size)  # hashed once, before any clock runs
+    rows = []
+    for direction, move in (("upload", transfer.upload), ("download", transfer.download)):
+        for name in FORWARD_PATHS:
+            target = ctx.targets[name]
+            with RssSampler(target.workers()) as rss:
+                result, busy = measured(ctx, lambda m=move, t=target: m(*t.host_port, size))
+            rows.append({
+                "direction": direction, "target": name, "seconds": result.seconds,
+                "mib_per_s": result.mib_per_s, "status": result.status,
+                "growth_mib": rss.growth_mib(), **rss.summary(), **busy,
+            })
+    if ctx.profiler:
+        ours = ctx.targets["ours"]
+        ctx.profiler.record("1 GiB-sized upload", ours, lambda: transfer.upload(
+            *ours.host_port, size))
+    return {"rows": rows, "bytes": size}
+
+
+# -- 5. memory ---------------------------------------------------------------------------------
+
+
+def idle_rss(ctx: Context, names: tuple[str, ...]) -> dict[str, list[float]]:
+    """VmRSS per worker (MiB) of each named target, now."""
+    return {name: rss_mib(ctx.targets[name].workers()) for name in names}
+
+
+def settle() -> None:
+    """A pause between scenarios so one's tail does not run into the next."""
+    time.sleep(1.0)

@@ -1,0 +1,154 @@
+"""Streaming through a path: when each chunk arrives, against when the upstream wrote it.
+
+The fake upstream stamps every NDJSON line with `created_at` (wall clock, microseconds) just
+before writing it, and client and upstream share this machine's clock: arrival minus
+created_at is each chunk's delay on its way, and a path that holds chunks back shows it.
+
+The client reads raw socket blocks and only timestamps them while the stream runs; HTTP
+framing and JSON are parsed afterwards, so 100 client threads stay light on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .sampling import percentile
+
+CREATED_AT = re.compile(rb'"created_at":"([^"]+)"')
+
+
+@dataclass
+class StreamRecord:
+    sent: float = 0.0  # wall time the request went out
+    arrivals: list[float] = field(default_factory=list)  # wall time each line was read
+    emitted: list[float] = field(default_factory=list)  # the upstream's created_at of that line
+    error: str | None = None
+
+
+def one_stream(host: str, port: int, chunks: int, timeout: float = 60) -> StreamRecord:
+    """POST /api/generate for `chunks` tokens and record every line's arrival."""
+    record = StreamRecord()
+    blocks: list[bytes] = []
+    times: list[float] = []
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            record.sent = time.time()
+            sock.sendall(_request(host, port, chunks))
+            while block := sock.recv(65536):  # Connection: close ends the answer
+                times.append(time.time())
+                blocks.append(block)
+        _parse(record, b"".join(blocks), times, [len(b) for b in blocks])
+    except (OSError, ValueError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+def _request(host: str, port: int, chunks: int) -> bytes:
+    body = json.dumps({"model": "llama3.2", "prompt": "bench",
+                       "options": {"num_predict": chunks}}).encode()
+    head = (f"POST /api/generate HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def _parse(record: StreamRecord, raw: bytes, times: list[float], sizes: list[int]) -> None:
+    """Each NDJSON line's arrival: the time of the block holding its newline."""
+    ends = []  # offset in `raw` where each block ends
+    for size in sizes:
+        ends.append((ends[-1] if ends else 0) + size)
+    head_end = raw.find(b"\r\n\r\n")
+    status = raw[: raw.find(b"\r\n")].split(b" ")
+    if head_end < 0 or len(status) < 2 or status[1] != b"200":
+        raise ValueError(f"not a 200 answer: {raw[:80]!r}")
+    chunked = b"transfer-encoding: chunked" in raw[:head_end].lower()
+    line = bytearray()
+    for start, stop in _body_spans(raw, head_end + 4, chunked):
+        piece = raw[start:stop]
+        at = 0
+        while (newline := piece.find(b"\n", at)) >= 0:
+            line += piece[at:newline]
+            record.arrivals.append(times[bisect.bisect_right(ends, start + newline)])
+            record.emitted.append(_created_at(bytes(line)))
+            line.clear()
+            at = newline + 1
+        line += piece[at:]
+
+
+def _body_spans(raw: bytes, offset: int, chunked: bool):
+    """(start, stop) offsets in `raw` of the body's bytes, without chunked framing."""
+    if not chunked:
+        yield offset, len(raw)
+        return
+    while True:
+        eol = raw.index(b"\r\n", offset)
+        size = int(raw[offset:eol].split(b";")[0], 16)
+        if size == 0:
+            return
+        yield eol + 2, eol + 2 + size
+        offset = eol + 2 + size + 2
+
+
+def _created_at(line: bytes) -> float:
+    match = CREATED_AT.search(line)
+    if not match:
+        raise ValueError("a line without created_at")
+    return datetime.fromisoformat(match.group(1).decode().replace("Z", "+00:00")).timestamp()
+
+
+def concurrent_streams(
+    host: str, port: int, count: int, chunks: int, timeout: float = 60
+) -> list[StreamRecord]:
+    """`count` streams at once, one thread each, started together; every thread is joined."""
+    records = [StreamRecord() for _ in range(count)]
+    start = threading.Barrier(count)
+
+    def worker(index: int) -> None:
+        try:
+            start.wait(timeout)
+        except threading.BrokenBarrierError:
+            records[index].error = "start barrier broke"
+            return
+        records[index] = one_stream(host, port, chunks, timeout)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout + 10
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return records
+
+
+def summarize(records: list[StreamRecord], interval: float) -> dict:
+    """TTFB, per-chunk delay, chunks held past one interval, and how spread arrivals are."""
+    good = [r for r in records if r.error is None and r.arrivals]
+    delays = [(a - e) * 1e3 for r in good for a, e in zip(r.arrivals, r.emitted, strict=True)]
+    ttfb = [(r.arrivals[0] - r.sent) * 1e3 for r in good]
+    spreads = [_spread(r) for r in good if len(r.arrivals) > 1]
+    return {
+        "sampled": len(records),
+        "errors": len(records) - len(good),
+        "chunks": len(delays),
+        "ttfb_p50_ms": percentile(ttfb, 50),
+        "ttfb_p99_ms": percentile(ttfb, 99),
+        "chunk_p50_ms": percentile(delays, 50),
+        "chunk_p99_ms": percentile(delays, 99),
+        "chunk_max_ms": max(delays, default=float("nan")),
+        "held": sum(1 for d in delays if d > interval * 1e3),
+        "spread": percentile(spreads, 50),
+    }
+
+
+def _spread(record: StreamRecord) -> float:
+    """Arrival span over emission span: 1.0 as written, near 0 if held back to the end."""
+    emitted = record.emitted[-1] - record.emitted[0]
+    return (record.arrivals[-1] - record.arrivals[0]) / emitted if emitted > 0 else float("nan")
