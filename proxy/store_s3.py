@@ -44,7 +44,6 @@ DOCUMENT = "lifecycle.json"
 LEASE = "lease.json"
 WORKERS = "workers/"
 TIMEOUT = (3.0, 5.0)  # connect, read (seconds)
-LOST = (404, 409, 412)  # a conditional write that someone else won
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SOS_HOST = re.compile(r"^sos-([a-z0-9-]+)\.exo\.io$")
 URL_PARAMETERS = ("endpoint", "region", "s3ForcePathStyle")  # the last as in Pulumi's URLs
@@ -217,7 +216,7 @@ class S3Client:
         elif create:
             headers["If-None-Match"] = "*"
         answer = self.call("PUT", key, body=body, headers=headers)
-        if answer.status in LOST and (if_match or create):
+        if (if_match or create) and _lost(answer):
             return None
         self._expect(answer, (200,), "PUT", key)
         if not answer.etag:
@@ -253,6 +252,14 @@ class S3Client:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _lost(answer: Answer) -> bool:
+    """A conditional write that someone else won: 412, 409 (two conditional writes at once),
+    or 404 for If-Match on an object deleted meanwhile (not a missing bucket)."""
+    if answer.status == 404:
+        return _error_code(answer.body) != "NoSuchBucket"
+    return answer.status in (409, 412)
 
 
 def _xml(body: bytes, location: S3Location) -> ElementTree.Element:
