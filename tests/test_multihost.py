@@ -138,7 +138,8 @@ def test_holder_killed_during_provisioning_is_replaced_within_the_lease_time(
     took = time.monotonic() - killed
     print(f"lease taken over {took:.1f} s after the SIGKILL (ttl {ttl:g} s)")
     assert survivor.owns(holder_pid(successor))
-    assert took <= ttl + 2.5
+    # The ttl, plus up to a second each for a watcher to see the last renewal and to retry.
+    assert took <= ttl + 3
     survivor.wait_phase("ready", timeout=30)
     answer = requests.post(survivor.url + "/api/chat",
                            json={"model": "llama3.2", "stream": False}, timeout=10)
