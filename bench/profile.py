@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from .targets import Target
 
 # The deepest frame from one of these is charged with the sample (stdlib below it included).
 LIBRARIES = ("proxy", "prometheus_client", "requests", "urllib3", "falcon", "gunicorn")
+# The bench extra installs py-spy beside this interpreter, which may not be on PATH.
+PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 
@@ -29,7 +32,7 @@ class Profiler:
 
     @staticmethod
     def available() -> bool:
-        return shutil.which("py-spy") is not None
+        return PY_SPY is not None
 
     def record(self, label: str, target: Target, run: Callable[[], object]) -> None:
         """Profile every worker of `target` while run() runs."""
@@ -38,7 +41,7 @@ class Profiler:
         outputs = [self.out_dir / f"profile-{slug}-{pid}.txt" for pid in pids]
         spies = [
             subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--gil",
+                [PY_SPY, "record", "--pid", str(pid), "--rate", "250", "--gil",
                  "--nonblocking", "--format", "raw", "--output", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )

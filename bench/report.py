@@ -109,11 +109,11 @@ def table_503(section: dict) -> str:
         bare = find(section["rows"], target="bare-falcon", clients=r["clients"])
         ours = r["target"] == "ours"
         x = ratio(r["requests_per_s"], bare.get("requests_per_s")) if ours else None
-        rows.append([r["clients"], r["target"], r["requests_per_s"], r["p50_ms"], r["p99_ms"],
-                     _x(x) if x else "", f"{r['non_2xx']}/{r['requests']}", r["socket_errors"],
-                     r["load1"], r["others"]])
-    header = ["clients", "target", "req/s", "p50 ms", "p99 ms", "ours/bare-falcon",
-              "503s/requests", "socket errors", "load1", "others (cores)"]
+        rows.append([r["clients"], r["target"], r["requests_per_s"], _rounds(r), r["p50_ms"],
+                     r["p99_ms"], _x(x) if x else "", f"{r['non_2xx']}/{r['requests']}",
+                     r["socket_errors"], r["load1"], r["others"]])
+    header = ["clients", "target", "req/s", "req/s by round", "p50 ms", "p99 ms",
+              "ours/bare-falcon", "503s/requests", "socket errors", "load1", "others (cores)"]
     return table(header, rows)
 
 
@@ -126,7 +126,8 @@ def table_forward(section: dict) -> str:
         naive = find(section["rows"], target="naive", **base)
         is_direct = r["target"] == "direct"
         rows.append([
-            r["body"], r["clients"], r["target"], r["requests_per_s"], r["p50_ms"], r["p99_ms"],
+            r["body"], r["clients"], r["target"], r["requests_per_s"], _rounds(r), r["p50_ms"],
+            r["p99_ms"],
             "" if is_direct else r["p50_ms"] - direct["p50_ms"],
             "" if is_direct else r["p99_ms"] - direct["p99_ms"],
             "" if is_direct else _x(ratio(r["requests_per_s"], direct["requests_per_s"])),
@@ -136,7 +137,8 @@ def table_forward(section: dict) -> str:
             else "",
             r["non_2xx"] + r["socket_errors"], r["load1"], r["others"],
         ])
-    header = ["body", "clients", "target", "req/s", "p50 ms", "p99 ms", "added p50 ms",
+    header = ["body", "clients", "target", "req/s", "req/s by round", "p50 ms", "p99 ms",
+              "added p50 ms",
               "added p99 ms", "×direct", "×nginx", "ours/naive", "errors", "load1",
               "others (cores)"]
     return table(header, rows)
@@ -199,6 +201,10 @@ def table_memory(results: dict) -> str:
     return table(header, rows)
 
 
+def _rounds(row: dict) -> str:
+    return " / ".join(str(v) for v in row.get("rounds_rps", []))
+
+
 def _mib_list(values: list[float] | None) -> str:
     return " / ".join(f"{v:.1f}" for v in values) if values else "–"
 
@@ -217,6 +223,13 @@ def profiles(results: dict) -> str:
             f"| inclusive | share |\n|---|---|\n{inclusive}\n"
         )
     return "\n".join(parts)
+
+
+def _method(plan: dict) -> str:
+    return (f"wrk with one thread and keep-alive connections: a {plan['warmup_seconds']:g} s "
+            f"warm-up per target, then {plan['rounds']} round(s) of {plan['wrk_seconds']:g} s "
+            "taking the targets in turn; each figure is the median of its rounds (all rounds "
+            "shown).")
 
 
 # -- the document ------------------------------------------------------------------------------
@@ -242,14 +255,15 @@ def markdown(results: dict) -> str:
         f"`POST /api/chat` to a proxy in `{fast['phase_before']}` (its upstream command sleeps "
         f"before listening; `{fast['phase_after']}` at the end), answered {fast['status']} with "
         f"Retry-After {fast['retry_after']} and a {fast['body_bytes']}-byte JSON body; "
-        "bare-falcon sends the same body. wrk, one thread, "
-        f"{plan['wrk_seconds']:g} s per run after a {plan['warmup_seconds']:g} s warm-up.\n",
+        f"bare-falcon sends the same body. {_method(plan)}\n",
         table_503(fast) + "\n",
         "## 2. Non-streaming forward\n",
         f"`POST /api/embed` ({sizes['embed']['request']} B request, "
         f"{sizes['embed']['response']} B answer) and `POST /api/show` "
-        f"({sizes['show']['request']} B, {sizes['show']['response']} B). Added latency: the "
-        "path's percentile minus direct's at the same clients.\n",
+        f"({sizes['show']['request']} B, {sizes['show']['response']} B). {_method(plan)} "
+        "Added latency: the path's percentile minus direct's at the same clients; at many "
+        "clients direct's own tail (a Python server, one thread per connection, sharing 2 "
+        "cores with wrk) dominates p99, so added p99 there says little.\n",
         table_forward(fwd) + "\n",
         "## 3. Streaming\n",
         f"`POST /api/generate`, {results['streaming']['chunks']} NDJSON chunks, one every "

@@ -7,6 +7,7 @@ cores other people's work took during that run), as the machine is shared.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,14 +29,16 @@ PASSAGE = ("Ollama runs large language models on a GPU server that this proxy st
 EMBED = {"model": "nomic-embed-text", "input": [PASSAGE * 3 for _ in range(4)]}
 SHOW = {"model": "llama3.2"}
 FORWARD_BODIES = {"embed": ("/api/embed", EMBED), "show": ("/api/show", SHOW)}
+PROFILE_SECONDS = 8  # enough samples for a profile's shares to settle
 
 
 @dataclass(frozen=True)
 class Plan:
     """How much of each scenario to run; `quick()` is the smaller run."""
 
-    wrk_seconds: int = 5  # wrk takes whole seconds
+    wrk_seconds: int = 3  # wrk takes whole seconds
     warmup_seconds: int = 1
+    rounds: int = 3  # runs per figure, taken in turn across the compared targets; median kept
     clients_503: tuple[int, ...] = (1, 64, 512)
     clients_forward: tuple[int, ...] = (1, 16, 64)
     sequential_streams: int = 10
@@ -45,7 +48,7 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(wrk_seconds=2, warmup_seconds=1, clients_503=(1, 64),
+        return cls(wrk_seconds=2, warmup_seconds=1, rounds=1, clients_503=(1, 64),
                    clients_forward=(1, 64), sequential_streams=5, stream_chunks=25,
                    large_bytes=256 << 20)
 
@@ -73,12 +76,34 @@ def _body_file(ctx: Context, name: str, body: dict) -> Path:
     return path
 
 
-def _wrk_row(ctx: Context, target: Target, path: str, clients: int, body: Path) -> dict:
-    """A warm-up run (discarded), then the measured one."""
-    url = target.url + path
-    wrk.run(url, clients, ctx.plan.warmup_seconds, body)
-    result, busy = measured(ctx, lambda: wrk.run(url, clients, ctx.plan.wrk_seconds, body))
-    return {"target": target.name, "clients": clients, **result.as_dict(), **busy}
+def _wrk_rows(ctx: Context, compared: list[Target], path: str, clients: int,
+              body: Path) -> list[dict]:
+    """One row per target: a warm-up run each, then `rounds` rounds taking the targets in turn.
+
+    Taking turns spreads the shared machine's changing load over every target alike; each
+    figure is the median of its rounds.
+    """
+    plan = ctx.plan
+    for target in compared:
+        wrk.run(target.url + path, clients, plan.warmup_seconds, body)
+    runs: dict[str, list[tuple[wrk.WrkResult, dict]]] = {t.name: [] for t in compared}
+    for turn in range(plan.rounds):
+        for target in compared[turn % len(compared):] + compared[:turn % len(compared)]:
+            url = target.url + path
+            runs[target.name].append(
+                measured(ctx, lambda u=url: wrk.run(u, clients, plan.wrk_seconds, body)))
+    return [{"target": t.name, "clients": clients, **_median_row(runs[t.name])} for t in compared]
+
+
+def _median_row(runs: list[tuple[wrk.WrkResult, dict]]) -> dict:
+    results = [r.as_dict() for r, _ in runs]
+    row = {key: statistics.median(r[key] for r in results)
+           for key in ("requests_per_s", "p50_ms", "p75_ms", "p90_ms", "p99_ms")}
+    row |= {key: sum(r[key] for r in results) for key in ("requests", "non_2xx", "socket_errors")}
+    row["rounds_rps"] = [round(r["requests_per_s"]) for r in results]
+    for key in ("load1", "others"):
+        row[key] = round(statistics.mean(busy[key] for _, busy in runs), 2)
+    return row
 
 
 # -- 1. the 503 fast path ----------------------------------------------------------------------
@@ -98,11 +123,10 @@ def fast_503(ctx: Context) -> dict:
     rows = []
     try:
         for clients in ctx.plan.clients_503:
-            for target in (ours, bare):
-                rows.append(_wrk_row(ctx, target, "/api/chat", clients, body))
+            rows += _wrk_rows(ctx, [ours, bare], "/api/chat", clients, body)
         if ctx.profiler:
             ctx.profiler.record("503 at 64 clients", ours, lambda: wrk.run(
-                ours.url + "/api/chat", 64, ctx.plan.wrk_seconds, body))
+                ours.url + "/api/chat", 64, PROFILE_SECONDS, body))
         return {
             "rows": rows,
             "status": sample.status_code,
@@ -128,13 +152,14 @@ def forward(ctx: Context) -> dict:
     rows = []
     for name, (path, body) in FORWARD_BODIES.items():
         body_file = _body_file(ctx, name, body)
+        compared = [ctx.targets[p] for p in FORWARD_PATHS]
         for clients in ctx.plan.clients_forward:
-            for target in (ctx.targets[p] for p in FORWARD_PATHS):
-                rows.append({"body": name, **_wrk_row(ctx, target, path, clients, body_file)})
+            rows += [{"body": name, **row}
+                     for row in _wrk_rows(ctx, compared, path, clients, body_file)]
     if ctx.profiler:
         ours, body_file = ctx.targets["ours"], ctx.workdir / "embed.json"
         ctx.profiler.record("forward /api/embed at 64 clients", ours, lambda: wrk.run(
-            ours.url + "/api/embed", 64, ctx.plan.wrk_seconds, body_file))
+            ours.url + "/api/embed", 64, PROFILE_SECONDS, body_file))
     sizes = {name: _sizes(ctx.targets["direct"], path, body)
              for name, (path, body) in FORWARD_BODIES.items()}
     return {"rows": rows, "sizes": sizes}

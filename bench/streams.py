@@ -22,6 +22,7 @@ from datetime import datetime
 from .sampling import percentile
 
 CREATED_AT = re.compile(rb'"created_at":"([^"]+)"')
+LAST_CHUNK = b"\r\n0\r\n\r\n"  # the end of a chunked body (no trailers here)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class StreamRecord:
     error: str | None = None
 
 
-def one_stream(host: str, port: int, chunks: int, timeout: float = 60) -> StreamRecord:
+def one_stream(host: str, port: int, chunks: int, timeout: float = 30) -> StreamRecord:
     """POST /api/generate for `chunks` tokens and record every line's arrival."""
     record = StreamRecord()
     blocks: list[bytes] = []
@@ -42,9 +43,12 @@ def one_stream(host: str, port: int, chunks: int, timeout: float = 60) -> Stream
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             record.sent = time.time()
             sock.sendall(_request(host, port, chunks))
-            while block := sock.recv(65536):  # Connection: close ends the answer
+            end = _End()
+            while block := sock.recv(65536):
                 times.append(time.time())
                 blocks.append(block)
+                if end.reached(block):
+                    break
         _parse(record, b"".join(blocks), times, [len(b) for b in blocks])
     except (OSError, ValueError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
@@ -54,10 +58,45 @@ def one_stream(host: str, port: int, chunks: int, timeout: float = 60) -> Stream
 def _request(host: str, port: int, chunks: int) -> bytes:
     body = json.dumps({"model": "llama3.2", "prompt": "bench",
                        "options": {"num_predict": chunks}}).encode()
+    # Keep-alive as Ollama's clients use it (the socket is closed after the answer), since
+    # `Connection: close` costs gunicorn more than the upstream and would skew TTFB.
     head = (f"POST /api/generate HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            "Content-Type: application/json\r\nConnection: close\r\n"
+            "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
+
+
+class _End:
+    """Tells, block by block, when the answer is complete (chunked, or Content-Length)."""
+
+    def __init__(self):
+        self.head = b""
+        self.chunked: bool | None = None
+        self.left = 0  # body bytes still due, with Content-Length
+        self.tail = b""  # the last bytes seen: the final chunk may come in a block of its own
+
+    def reached(self, block: bytes) -> bool:
+        if self.chunked is None:
+            return self._head(block)
+        if self.chunked:
+            self.tail = (self.tail + block)[-len(LAST_CHUNK):]
+            return self.tail == LAST_CHUNK
+        self.left -= len(block)
+        return self.left <= 0
+
+    def _head(self, block: bytes) -> bool:
+        self.head += block
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = self.head[:end].lower()
+        self.chunked = b"transfer-encoding: chunked" in head
+        if self.chunked:
+            self.tail = self.head[-len(LAST_CHUNK):]
+            return self.tail == LAST_CHUNK
+        length = re.search(rb"content-length:\s*(\d+)", head)
+        self.left = (int(length.group(1)) if length else 0) - (len(self.head) - end - 4)
+        return self.left <= 0
 
 
 def _parse(record: StreamRecord, raw: bytes, times: list[float], sizes: list[int]) -> None:
@@ -105,7 +144,7 @@ def _created_at(line: bytes) -> float:
 
 
 def concurrent_streams(
-    host: str, port: int, count: int, chunks: int, timeout: float = 60
+    host: str, port: int, count: int, chunks: int, timeout: float = 30
 ) -> list[StreamRecord]:
     """`count` streams at once, one thread each, started together; every thread is joined."""
     records = [StreamRecord() for _ in range(count)]
@@ -145,6 +184,7 @@ def summarize(records: list[StreamRecord], interval: float) -> dict:
         "chunk_max_ms": max(delays, default=float("nan")),
         "held": sum(1 for d in delays if d > interval * 1e3),
         "spread": percentile(spreads, 50),
+        "first_error": next((r.error for r in records if r.error), None),
     }
 
 
