@@ -36,7 +36,7 @@ def write_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     fast = results["503"]["rows"]
     clients = sorted({r["clients"] for r in fast})
     _bars(axes[0][0], [str(c) for c in clients],
@@ -46,10 +46,11 @@ def write_plot(results: dict, path: Path) -> None:
     fwd = results["forward"]["rows"]
     paths = ["direct", "nginx", "ours", "naive"]
     clients = sorted({r["clients"] for r in fwd})
-    _bars(axes[0][1], [str(c) for c in clients],
-          {p: _values(fwd, "requests_per_s", "clients", clients, target=p, body="embed")
-           for p in paths}, "requests/s", "2. forward /api/embed, by clients")
-    _bars(axes[0][2], ["embed", "show"],
+    for column, body in ((1, "embed"), (2, "show")):
+        _bars(axes[0][column], [str(c) for c in clients],
+              {p: _values(fwd, "requests_per_s", "clients", clients, target=p, body=body)
+               for p in paths}, "requests/s", f"2. forward /api/{body}, by clients")
+    _bars(axes[0][3], ["embed", "show"],
           {p: _values(fwd, "p50_ms", "body", ["embed", "show"], target=p, clients=clients[0])
            for p in paths}, "p50 latency, ms", f"2. forward p50 at {clients[0]} client")
 
@@ -58,17 +59,21 @@ def write_plot(results: dict, path: Path) -> None:
     _bars(axes[1][0], [f"{c} stream(s)" for c in counts],
           {p: _values(st, "chunk_p99_ms", "streams", counts, target=p) for p in paths},
           "per-chunk delay p99, ms", "3. streaming: chunk delay p99")
+    _bars(axes[1][1], [f"{c} stream(s)" for c in counts],
+          {p: _values(st, "ttfb_p50_ms", "streams", counts, target=p) for p in paths},
+          "time to first chunk p50, ms", "3. streaming: TTFB p50 (log scale)")
+    axes[1][1].set_yscale("log")
 
     large = results["large"]["rows"]
-    _bars(axes[1][1], ["upload", "download"],
+    _bars(axes[1][2], ["upload", "download"],
           {p: _values(large, "mib_per_s", "direction", ["upload", "download"], target=p)
            for p in paths}, "MiB/s", f"4. {results['large']['bytes'] / 2**30:g} GiB bodies")
 
-    _bars(axes[1][2], ["upload", "download"],
+    _bars(axes[1][3], ["upload", "download"],
           {p: _values(large, "growth_mib", "direction", ["upload", "download"], target=p)
            for p in ("nginx", "ours", "naive")},
           "worker RSS growth, MiB", "4./5. proxy memory growth during the transfer")
-    axes[1][2].set_yscale("symlog")
+    axes[1][3].set_yscale("symlog")
 
     meta = results["meta"]
     fig.suptitle(f"ollama-exoscale bench, {meta['date']} — shared 2-core machine, "

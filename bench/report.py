@@ -252,8 +252,10 @@ def markdown(results: dict) -> str:
         "## Goals\n", table(["goal", "figure", "verdict"], goals(results)) + "\n",
         "![results](results.png)\n",
         "## 1. 503 fast path while provisioning\n",
-        f"`POST /api/chat` to a proxy in `{fast['phase_before']}` (its upstream command sleeps "
-        f"before listening; `{fast['phase_after']}` at the end), answered {fast['status']} with "
+        "`POST /api/chat` to a proxy still provisioning (its upstream command sleeps before "
+        "listening; a fresh proxy for each number of clients, as the local provisioner gives "
+        f"up after 60 s; phases before → after: {', '.join(fast['phases'])}), answered "
+        f"{fast['status']} with "
         f"Retry-After {fast['retry_after']} and a {fast['body_bytes']}-byte JSON body; "
         f"bare-falcon sends the same body. {_method(plan)}\n",
         table_503(fast) + "\n",

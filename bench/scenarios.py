@@ -116,24 +116,27 @@ def fast_503(ctx: Context) -> dict:
     bare = targets.start_app(ctx.procs, ctx.workdir, "bare-falcon", "bench.bare_falcon:create()",
                              {"BENCH_503_BODY": sample.text,
                               "BENCH_RETRY_AFTER": sample.headers.get("Retry-After", "5")})
-    ctx.targets["bare-falcon"] = bare
     bare_idle = rss_mib(bare.workers())  # before any load, like the others' idle figures
     body = _body_file(ctx, "chat", CHAT)
-    phase_before = targets.phase(ours)
-    rows = []
+    rows, phases = [], []
     try:
         for clients in ctx.plan.clients_503:
+            if rows:  # a fresh proxy, still within its 60 s of `provisioning`
+                ctx.procs.stop("ours-503")
+                ours = targets.start_ours_503(ctx.procs, ctx.workdir, f"-{clients}")
+            before = targets.phase(ours)
             rows += _wrk_rows(ctx, [ours, bare], "/api/chat", clients, body)
-        if ctx.profiler:
-            ctx.profiler.record("503 at 64 clients", ours, lambda: wrk.run(
-                ours.url + "/api/chat", 64, PROFILE_SECONDS, body))
+            phases.append(f"{before} → {targets.phase(ours)}")
+            if ctx.profiler and clients == 64:
+                url = ours.url + "/api/chat"
+                ctx.profiler.record("503 at 64 clients", ours, lambda u=url: wrk.run(
+                    u, 64, PROFILE_SECONDS, body))
         return {
             "rows": rows,
             "status": sample.status_code,
             "retry_after": sample.headers.get("Retry-After"),
             "body_bytes": len(sample.content),
-            "phase_before": phase_before,
-            "phase_after": targets.phase(ours),
+            "phases": phases,
             "bare_idle_mib": bare_idle,
         }
     finally:

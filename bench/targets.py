@@ -92,10 +92,13 @@ def start_ours(procs: Processes, workdir: Path) -> tuple[Target, Target]:
     return ours, direct
 
 
-def start_ours_503(procs: Processes, workdir: Path) -> Target:
-    """A proxy in `provisioning`: its upstream sleeps before it listens, so every demand is 503."""
+def start_ours_503(procs: Processes, workdir: Path, label: str = "") -> Target:
+    """A proxy in `provisioning`: its upstream sleeps before it listens, so every demand is 503.
+
+    The local provisioner gives up after 60 s (then `error`): start one per measurement.
+    """
     port, never_port = free_port(), free_port()
-    state = workdir / "ours-503"
+    state = workdir / f"ours-503{label}"  # a state of its own: no earlier sleeper is adopted
     command = upstream_command("--startup-delay", "100000")
     procs.adopt_pid_file(state / "local-upstream.json")
     target = _start_server(
