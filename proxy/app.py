@@ -184,6 +184,7 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         },
         "upstream_version": snapshot.upstream_version,
         "store_error": lifecycle.store_error,
+        "reconciler": snapshot.reconciler,
     }
 
 

@@ -99,6 +99,9 @@ def serve_command(args: argparse.Namespace) -> int:
     from .provisioners import make_provisioner
 
     make_provisioner(config)
+    from .store import open_store
+
+    open_store(config.state_url, config.state_dir).close()  # a bad store: one line, here
     from gunicorn.app.wsgiapp import WSGIApplication
 
     conf = Path(__file__).with_name("gunicorn_conf.py")

@@ -235,8 +235,6 @@ def test_two_workers_on_s3_bring_up_one_server_and_agree_on_the_reconciler(
             life.close(timeout=5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs `open_store(...).close()` in cli.serve_command "
-                   "before gunicorn starts (proxy/cli.py); drop this mark with it")
 def test_serve_stops_with_one_line_when_the_bucket_is_missing(moto, tmp_path):
     import os
     import subprocess
