@@ -22,6 +22,9 @@ from .targets import Target
 LIBRARIES = ("proxy", "prometheus_client", "requests", "urllib3", "falcon", "gunicorn")
 # The bench extra installs py-spy beside this interpreter, which may not be on PATH.
 PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+# Frames every sample has (threads, gunicorn's worker loop): left out of the inclusive list.
+PLUMBING = ("threading.py", "concurrent/", "<frozen runpy>", "gunicorn/arbiter.py",
+            "gunicorn/app/", "gunicorn/workers/", "proxy/cli.py")
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 
@@ -71,7 +74,7 @@ def summarise(paths: list[Path], top: int = 12) -> dict:
             total += int(count)
             by_library[_library(frames)] += int(count)
             by_self[_name(frames[-1])] += int(count)
-            for name in {_name(f) for f in frames}:
+            for name in {_name(f) for f in frames if not f[1].startswith(PLUMBING)}:
                 by_inclusive[name] += int(count)
 
     def shares(counter: Counter) -> list[tuple[str, float]]:

@@ -220,7 +220,8 @@ def profiles(results: dict) -> str:
             f"By library (the deepest frame of proxy, prometheus_client, requests, urllib3, "
             f"falcon, gunicorn; stdlib below it included): {libs}\n\n"
             f"| self (leaf function) | share |\n|---|---|\n{top}\n\n"
-            f"| inclusive | share |\n|---|---|\n{inclusive}\n"
+            f"| inclusive (threads' and gunicorn's worker loop left out) | share |\n"
+            f"|---|---|\n{inclusive}\n"
         )
     return "\n".join(parts)
 

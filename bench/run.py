@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = args.results or (OUT if args.quick else BENCH)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop_on_signal)
-    shutil.rmtree(OUT / "logs", ignore_errors=True)  # this run's server logs only
+    shutil.rmtree(OUT / "logs", ignore_errors=True)  # this run's logs and profiles only
     (OUT / "logs").mkdir(parents=True)
+    for old in OUT.glob("profile-*.txt"):
+        old.unlink()
     workdir = Path(tempfile.mkdtemp(prefix="ollama-exoscale-bench-"))
     workdir.chmod(0o755)  # nginx's workers (`nobody` when run as root) reach its prefix below
     started = time.time()
