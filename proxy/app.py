@@ -14,6 +14,7 @@ from typing import Any
 
 import falcon
 
+from . import gputime, schedule
 from .config import Config
 from .forward import Forwarder, UpstreamError
 from .lifecycle import Lifecycle, Snapshot, Ticket
@@ -161,6 +162,7 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "service": SERVICE,
         "provisioning_status": snapshot.phase,
         "detail": snapshot.detail,
+        "steps": [{**step, "at": _iso(step["at"])} for step in snapshot.steps],
         "instance_status": snapshot.endpoint.instance_status if snapshot.endpoint else "absent",
         "remote_url": snapshot.endpoint.url if snapshot.endpoint else None,
         "zone": config.zone,
@@ -185,6 +187,44 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "upstream_version": snapshot.upstream_version,
         "store_error": lifecycle.store_error,
         "reconciler": snapshot.reconciler,
+        "gpu": gpu_usage(config, lifecycle, snapshot, now),
+        "warm_windows": warm_windows(config, now),
+    }
+
+
+def gpu_usage(config: Config, lifecycle: Lifecycle, snapshot: Snapshot, now: float
+              ) -> dict[str, Any]:
+    """GPU time of the current server, today and in all; the cost estimate; the limits."""
+    record = snapshot.gpu_record
+    seconds = {
+        "instance_seconds": round(gputime.instance_seconds(record, now)),
+        "today_seconds": round(gputime.today_seconds(record, now, config.tz)),
+        "total_seconds": round(gputime.total_seconds(record, now)),
+    }
+    price = config.hourly_price
+    cost = {
+        key.replace("_seconds", "_cost"): round(value / 3600 * price, 2) if price else None
+        for key, value in seconds.items()
+    }
+    return {
+        **seconds, **cost,
+        "hourly_price": price or None,
+        "currency": config.currency,
+        "instance_since": _iso(snapshot.instance_since),
+        "max_instance_hours": config.max_instance_hours or None,
+        "daily_gpu_hours": config.daily_gpu_hours or None,
+        "budget_used_up": lifecycle.budget_used_up(snapshot),
+    }
+
+
+def warm_windows(config: Config, now: float) -> dict[str, Any]:
+    local = datetime.fromtimestamp(now, config.tz)
+    upcoming = schedule.next_start(config.warm_windows, local)
+    return {
+        "windows": [str(w) for w in config.warm_windows],
+        "timezone": config.timezone,
+        "warm_now": schedule.is_warm(config.warm_windows, local),
+        "next_start": upcoming.isoformat(timespec="minutes") if upcoming else None,
     }
 
 
@@ -210,6 +250,19 @@ class WarmUp:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self.lifecycle.snapshot().phase != "ready":
             self.lifecycle.want()
+        resp.status = falcon.HTTP_202
+        resp.media = status_document(self.config, self.lifecycle)
+
+
+class ShutDown:
+    """POST /admin/down: remove the GPU server now, once its streams end (admin key)."""
+
+    def __init__(self, config: Config, lifecycle: Lifecycle):
+        self.config = config
+        self.lifecycle = lifecycle
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.lifecycle.down()
         resp.status = falcon.HTTP_202
         resp.media = status_document(self.config, self.lifecycle)
 
@@ -303,17 +356,31 @@ class Demand:
     def _unavailable(self, req: falcon.Request, resp: falcon.Response) -> None:
         snapshot = self.lifecycle.snapshot()
         retry_after = self.lifecycle.retry_after(snapshot)
-        phase, message = explain(snapshot, retry_after)
+        budget = self.lifecycle.budget_used_up(snapshot)
+        if budget:
+            phase, message = "idle", budget_message(self.config, snapshot)
+        else:
+            phase, message = explain(snapshot, retry_after)
         resp.status = falcon.HTTP_503
         resp.set_header("Retry-After", str(retry_after))
         if is_openai(req.path):
-            body = error_body(req.path, message, type="service_unavailable",
-                              code="provisioning" if phase != "error" else "provisioning_failed")
+            code = "budget_exhausted" if budget else \
+                "provisioning" if phase != "error" else "provisioning_failed"
+            body = error_body(req.path, message, type="service_unavailable", code=code)
         else:
-            body = error_body(req.path, message, provisioning=phase != "error", status=phase,
-                              retry_after=retry_after)
+            body = error_body(req.path, message, provisioning=phase != "error" and not budget,
+                              status=phase, retry_after=retry_after)
         resp.text = json.dumps(body)
         resp.content_type = falcon.MEDIA_JSON
+
+
+def budget_message(config: Config, snapshot: Snapshot) -> str:
+    used = gputime.today_seconds(snapshot.gpu_record, time.time(), config.tz) / 3600
+    return (
+        f"The daily GPU budget of {config.daily_gpu_hours:g} h is used up ({used:.1f} h today, "
+        f"PROXY_DAILY_GPU_HOURS); the GPU server starts again for requests after midnight "
+        f"({config.timezone})."
+    )
 
 
 def explain(snapshot: Snapshot, retry_after: int) -> tuple[str, str]:
@@ -332,8 +399,9 @@ def explain(snapshot: Snapshot, retry_after: int) -> tuple[str, str]:
             f"The GPU server is up and Ollama is getting ready{detail}. Retry in {retry_after} s."
         )
     if phase == "destroying":
+        why = snapshot.detail.partition("removing the GPU server: ")[2] or "after idle time"
         return phase, (
-            "The GPU server is being removed after idle time; it will start again for this "
+            f"The GPU server is being removed ({why}); it will start again for this "
             f"request. Retry in {retry_after} s."
         )
     if phase == "ready":  # became ready between the check and now
@@ -380,6 +448,7 @@ def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> fa
     app.add_route("/metrics", MetricsResource(lifecycle, config.idle_timeout))
     app.add_route("/ui", Page())
     app.add_route("/admin/up", WarmUp(config, lifecycle))
+    app.add_route("/admin/down", ShutDown(config, lifecycle))
     for path, local in (
         ("/api/version", local_version),
         ("/api/tags", local_tags),

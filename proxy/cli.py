@@ -73,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=1800, help="with --wait: seconds")
     up.set_defaults(run=up_command)
 
+    down = commands.add_parser(
+        "down", help="remove the GPU server now, once its streams end (admin key)"
+    )
+    _client_flags(down)
+    down.add_argument("--wait", action="store_true", help="show progress until it is removed")
+    down.add_argument("--timeout", type=float, default=1800, help="with --wait: seconds")
+    down.set_defaults(run=down_command)
+
     wait = commands.add_parser("wait", help="block until the GPU server is ready")
     _client_flags(wait)
     wait.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
@@ -120,26 +128,48 @@ def up_command(args: argparse.Namespace) -> int:
     return wait_command(args)
 
 
+def down_command(args: argparse.Namespace) -> int:
+    status = call(args, "POST", "/admin/down", expected=202)
+    if isinstance(status, int):
+        return status
+    if not args.wait:
+        print(f"removal requested ({status.get('provisioning_status')})")
+        return OK
+    time.sleep(1.0)  # the reconciler takes the request on its next tick
+    return follow(args, goal="idle")
+
+
 def wait_command(args: argparse.Namespace) -> int:
-    """Show each change of phase or progress until ready (0), error (1) or timeout (4)."""
+    return follow(args, goal="ready")
+
+
+def follow(args: argparse.Namespace, goal: str) -> int:
+    """Show each phase and every progress step until `goal` (0), error (1) or timeout (4)."""
     started = time.monotonic()
-    shown = None
+    seen: set[tuple[str, str]] = set()  # steps printed, by (at, text)
+    last: tuple[str, str] | None = None  # the (phase, sentence) printed last
     while True:
         status = fetch_status(args)
         if isinstance(status, int):
             return status
-        phase, detail = status.get("provisioning_status"), status.get("detail") or ""
-        if (phase, detail) != shown:
-            shown = (phase, detail)
+        phase, detail = status.get("provisioning_status") or "", status.get("detail") or ""
+        steps = status.get("steps") or []
+        lines = [(s.get("phase") or phase, s.get("text") or "") for s in steps
+                 if (s.get("at"), s.get("text")) not in seen]
+        seen.update((s.get("at"), s.get("text")) for s in steps)
+        if (phase, detail) != (lines[-1] if lines else last):
+            lines.append((phase, detail))
+        for line in lines:
             elapsed = time.monotonic() - started
-            print(f"[{elapsed:5.0f} s] {phase}{': ' + detail if detail else ''}", flush=True)
-        if phase == "ready":
+            print(f"[{elapsed:5.0f} s] {line[0]}{': ' + line[1] if line[1] else ''}", flush=True)
+            last = line
+        if phase == goal:
             return OK
         if phase == "error":
             print(f"ollama-exoscale: {status.get('last_error')}", file=sys.stderr)
             return FAILED
         if time.monotonic() - started > args.timeout:
-            print(f"ollama-exoscale: not ready after {args.timeout:g} s (phase {phase})",
+            print(f"ollama-exoscale: not {goal} after {args.timeout:g} s (phase {phase})",
                   file=sys.stderr)
             return TIMEOUT
         time.sleep(1.0)
@@ -224,6 +254,7 @@ def format_status(status: dict[str, Any]) -> str:
         ("cold starts", f"{cold.get('count', 0)} (last {_seconds(cold.get('last'))}, "
                         f"median {_seconds(cold.get('median'))})"),
         ("last error", status.get("last_error") or "-"),
+        ("GPU time", _gpu_time(status.get("gpu") or {})),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
@@ -233,6 +264,17 @@ def _provider(status: dict[str, Any]) -> str:
     if status.get("provider") != "exoscale":
         return str(status.get("provider"))
     return f"exoscale ({status.get('instance_type')} in {status.get('zone')})"
+
+
+def _gpu_time(gpu: dict[str, Any]) -> str:
+    """'1.2 h this server, 3.4 h today (of 8 h), 10.0 h in all, ~ 4.10 EUR today'."""
+    hours = {k: (gpu.get(f"{k}_seconds") or 0) / 3600 for k in ("instance", "today", "total")}
+    limit = f" (of {gpu['daily_gpu_hours']:g} h)" if gpu.get("daily_gpu_hours") else ""
+    text = (f"{hours['instance']:.1f} h this server, {hours['today']:.1f} h today{limit}, "
+            f"{hours['total']:.1f} h in all")
+    if gpu.get("today_cost") is not None:
+        text += f", ~ {gpu['today_cost']:.2f} {gpu.get('currency', '')} today"
+    return text + (" — budget used up" if gpu.get("budget_used_up") else "")
 
 
 def _seconds(value: Any) -> str:

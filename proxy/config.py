@@ -8,8 +8,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from pathlib import Path
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .schedule import ScheduleError, Window, parse_windows
 
 PROVISIONERS = ("exoscale", "local")
 IDLE_ACTIONS = ("destroy", "stop")
@@ -54,6 +58,13 @@ class Config:
     retry_max: float = 900.0
     log_level: str = "info"
     log_format: str = "text"
+    hourly_price: float = 0.0  # of the GPU server, for the cost estimate; 0: no estimate
+    currency: str = "EUR"
+    max_instance_hours: float = 0.0  # a server older than this is drained and removed; 0: never
+    daily_gpu_hours: float = 0.0  # GPU hours a day, then demand gets 503; 0: no budget
+    drain_timeout: float = 300.0  # most seconds to let streams finish before a forced removal
+    warm_windows: tuple[Window, ...] = ()
+    timezone: str = "UTC"  # of the warm windows and of "a day" for the budget
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -64,6 +75,10 @@ class Config:
     def local_url(self) -> str:
         host, port = split_host_port(self.local_addr, "PROXY_LOCAL_ADDR")
         return f"http://{host}:{port}"
+
+    @property
+    def tz(self) -> tzinfo:
+        return ZoneInfo(self.timezone)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -119,9 +134,23 @@ class Config:
                 "PROXY_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
             log_format=read.choice("PROXY_LOG_FORMAT", "text", ("text", "json")),
+            hourly_price=read.number("PROXY_HOURLY_PRICE", 0.0, minimum=0),
+            currency=read.text("PROXY_CURRENCY", "EUR"),
+            max_instance_hours=read.number("PROXY_MAX_INSTANCE_HOURS", 0.0, minimum=0),
+            daily_gpu_hours=read.number("PROXY_DAILY_GPU_HOURS", 0.0, minimum=0),
+            drain_timeout=read.number("PROXY_DRAIN_TIMEOUT", 300.0, minimum=0),
+            warm_windows=read.windows("PROXY_WARM_WINDOWS"),
+            timezone=read.timezone("PROXY_TIMEZONE"),
             env=env,
         )
         return config
+
+
+def _host_zone() -> str:
+    """The zone /etc/localtime links to (…/zoneinfo/Europe/Vienna), else UTC."""
+    target = os.path.realpath("/etc/localtime")
+    _, sep, name = target.partition("/zoneinfo/")
+    return name if sep and name else "UTC"
 
 
 def split_host_port(value: str, name: str) -> tuple[str, int]:
@@ -227,6 +256,23 @@ class _Reader:
                     f"{name}={model!r} is not a model name; use names like llama3.2 or qwen3:8b"
                 )
         return models
+
+    def windows(self, name: str) -> tuple[Window, ...]:
+        try:
+            return parse_windows(self.raw(name) or "")
+        except ScheduleError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+    def timezone(self, name: str) -> str:
+        """An IANA zone name; by default TZ, else the host's /etc/localtime, else UTC."""
+        value = self.raw(name) or self.env.get("TZ", "").lstrip(":") or _host_zone()
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"{name}={value!r} is not a time zone; use an IANA name, e.g. Europe/Vienna or UTC"
+            ) from None
+        return value
 
     def state_url(self, name: str) -> str:
         value = self.raw(name) or ""

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import gputime
 from .config import Config
 from .provisioner import Endpoint, Provisioner
 from .reconciler import Reconciler
@@ -41,6 +42,7 @@ class Snapshot:
     phase: str = "idle"
     phase_since: float = 0.0
     detail: str = ""
+    steps: tuple[dict[str, Any], ...] = ()  # this operation's progress: {at, phase, text}
     endpoint: Endpoint | None = None
     last_error: str | None = None
     retry_at: float = 0.0
@@ -49,10 +51,19 @@ class Snapshot:
     provisioning_started_at: float = 0.0
     ready_since: float = 0.0
     upstream_version: str | None = None
+    instance_since: float = 0.0  # when the current GPU server was asked for; 0: none
+    gpu_days: tuple[tuple[str, float], ...] = ()  # GPU seconds of servers gone, by day
+    gpu_seconds: float = 0.0  # GPU seconds of servers gone, in all
     inflight: int = 0
     last_activity: float = 0.0
     wanted_at: float = 0.0
     reconciler: str = ""  # the lease holder (host:pid:id) as last seen; "" when none is known
+
+    @property
+    def gpu_record(self) -> dict[str, Any]:
+        """The document's GPU-time fields, as proxy.gputime reads them."""
+        return {"instance_since": self.instance_since, "gpu_days": dict(self.gpu_days),
+                "gpu_seconds": self.gpu_seconds}
 
     @classmethod
     def build(
@@ -64,6 +75,7 @@ class Snapshot:
             phase=doc.get("phase", "idle"),
             phase_since=doc.get("phase_since", 0.0),
             detail=doc.get("detail", ""),
+            steps=tuple(doc.get("steps", ())),
             endpoint=Endpoint(**endpoint) if endpoint else None,
             last_error=doc.get("last_error"),
             retry_at=doc.get("retry_at", 0.0),
@@ -72,6 +84,9 @@ class Snapshot:
             provisioning_started_at=doc.get("provisioning_started_at", 0.0),
             ready_since=doc.get("ready_since", 0.0),
             upstream_version=doc.get("upstream_version"),
+            instance_since=doc.get("instance_since", 0.0),
+            gpu_days=tuple((doc.get("gpu_days") or {}).items()),
+            gpu_seconds=doc.get("gpu_seconds", 0.0),
             inflight=sum(r.inflight for r in live),
             last_activity=max((r.last_activity for r in reports), default=0.0),
             wanted_at=max((r.wanted_at for r in reports), default=0.0),
@@ -110,6 +125,7 @@ class Lifecycle:
         self._inflight = 0
         self._last_activity = 0.0
         self._wanted_at = 0.0
+        self._down_at = 0.0
         self._held = 0
         self._reported: WorkerReport | None = None
         self._wake = threading.Event()
@@ -155,6 +171,12 @@ class Lifecycle:
             self._last_activity = now
         self._wake.set()
 
+    def down(self) -> None:
+        """An operator asks to remove the GPU server now (after its streams end)."""
+        with self._lock:
+            self._down_at = time.time()
+        self._wake.set()
+
     def hold(self, seconds: float) -> Snapshot:
         """Wait up to `seconds` for ready (or error); False-y slot means the hold cap is full."""
         deadline = time.monotonic() + seconds
@@ -177,10 +199,18 @@ class Lifecycle:
         with self._lock:
             self._held -= 1
 
+    def budget_used_up(self, snapshot: Snapshot | None = None) -> bool:
+        """No new GPU server today: PROXY_DAILY_GPU_HOURS is used up."""
+        snapshot = snapshot or self._snapshot
+        return gputime.over_budget(snapshot.gpu_record, time.time(), self.config.tz,
+                                   self.config.daily_gpu_hours)
+
     def retry_after(self, snapshot: Snapshot | None = None) -> int:
         """Whole seconds until it is worth asking again, from the phase and past cold starts."""
         snapshot = snapshot or self._snapshot
         now = time.time()
+        if snapshot.phase == "idle" and self.budget_used_up(snapshot):
+            return _clamp(gputime.next_midnight(now, self.config.tz) - now)
         if snapshot.phase == "error":
             return _clamp(snapshot.retry_at - now)
         typical = self.typical_cold_start(snapshot)
@@ -234,14 +264,16 @@ class Lifecycle:
     def _flush(self, now: float) -> None:
         with self._lock:
             report = WorkerReport(
-                self.worker, self._inflight, self._last_activity, self._wanted_at, now
+                self.worker, self._inflight, self._last_activity, self._wanted_at, now,
+                self._down_at,
             )
         last = self._reported
         unchanged = last is not None and (
             last.inflight,
             last.last_activity,
             last.wanted_at,
-        ) == (report.inflight, report.last_activity, report.wanted_at)
+            last.down_at,
+        ) == (report.inflight, report.last_activity, report.wanted_at, report.down_at)
         if unchanged and now - last.heartbeat < HEARTBEAT:
             return
         self.store.report(report)

@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
+from . import gputime, schedule
 from .config import Config
 from .provisioner import Endpoint, Provisioner, ProvisionError
 from .store import Store, StoreError, WorkerReport
@@ -28,6 +30,7 @@ HEALTH_FAILURES = 3  # failed probes in a row before the upstream is re-examined
 PROBE_EVERY = 1.0  # seconds between readiness probes while starting
 DESTROY_GRACE_TICKS = 4  # ticks to wait after announcing `destroying`, for in-flight reports
 COLD_STARTS_KEPT = 20
+STEPS_KEPT = 40  # progress sentences of the current operation kept in the document
 REPORTS_KEPT = 86400.0  # seconds a dead worker's report is kept (its last activity counts)
 
 
@@ -108,38 +111,73 @@ class Reconciler:
         inflight = sum(r.inflight for r in live)
         last_activity = max((r.last_activity for r in reports), default=0.0)
         wanted_at = max((r.wanted_at for r in reports), default=0.0)
+        down_at = max((r.down_at for r in reports), default=0.0)
+        down = down_at > doc.get("down_handled", 0.0)
+        local = datetime.fromtimestamp(now, self.config.tz)
+        warm = schedule.is_warm(self.config.warm_windows, local) and \
+            now >= doc.get("warm_off_until", 0.0)
+        over_budget = gputime.over_budget(doc, now, self.config.tz, self.config.daily_gpu_hours)
 
-        if phase == "idle" and wanted_at > doc.get("demand_cutoff", 0.0):
+        if phase == "idle" and over_budget:
+            if wanted_at > doc.get("demand_cutoff", 0.0):  # no start at midnight for old demand
+                self._commit(demand_cutoff=wanted_at)
+        elif phase == "idle" and (warm or wanted_at > doc.get("demand_cutoff", 0.0)):
             self._begin_provisioning(now)
+        elif phase == "idle" and down:
+            self._commit(down_handled=down_at, **self._warm_off(local))
         elif phase == "error" and now >= doc.get("retry_at", 0.0):
-            if wanted_at > doc.get("phase_since", 0.0):  # demand since the failure
+            if (warm or wanted_at > doc.get("phase_since", 0.0)) and not over_budget:
                 self._begin_provisioning(now)
             elif doc.get("teardown_pending"):
-                self._start(lambda: self._tear_down(None), "tear down (retry)")
+                self._start(self._remove, "tear down (retry)")
         elif phase == "provisioning":
             self._start(self._bring_up, "bring up (resumed)")
         elif phase == "starting":
             self._start(self._await_ready, "await ready (resumed)")
         elif phase == "destroying":
-            self._start(lambda: self._tear_down(None), "tear down (resumed)")
+            deadline = doc.get("phase_since", now) + self.config.drain_timeout
+            self._start(lambda: self._drain(deadline) and self._remove(), "tear down (resumed)")
         elif phase == "ready":
-            idle_since = max(last_activity, doc.get("ready_since", 0.0))
-            if inflight == 0 and now - idle_since >= self.config.idle_timeout:
-                self._start(lambda: self._tear_down(idle_since), "tear down (idle)")
+            reason = self._retire_reason(doc, down, over_budget, now)
+            ended = schedule.last_end(self.config.warm_windows, local)
+            idle_since = max(last_activity, doc.get("ready_since", 0.0),
+                             ended.timestamp() if ended else 0.0)
+            if reason:
+                self._start(lambda: self._retire(reason, down_at, local), "retire")
+            elif not warm and inflight == 0 and now - idle_since >= self.config.idle_timeout:
+                self._start(lambda: self._tear_down_idle(idle_since), "tear down (idle)")
             elif now - self._last_health >= HEALTH_EVERY:
                 self._last_health = now
                 self._start(self._check_health, "health")
         if now - doc.get("reports_pruned", 0.0) > 3600:
             self._prune(reports, now)
 
+    def _retire_reason(self, doc: dict[str, Any], down: bool, over_budget: bool,
+                       now: float) -> str:
+        """Why the ready server must go even under demand; "" when it may stay."""
+        hours = self.config.max_instance_hours
+        if down:
+            return "an operator asked for it (ollama-exoscale down)"
+        if over_budget:
+            return f"the daily GPU budget of {self.config.daily_gpu_hours:g} h is used up"
+        if hours and gputime.instance_seconds(doc, now) >= hours * 3600:
+            return f"it has run for PROXY_MAX_INSTANCE_HOURS={hours:g} h"
+        return ""
+
+    def _warm_off(self, local: datetime) -> dict[str, Any]:
+        """After an operator's `down` inside a warm window, that window no longer warms."""
+        end = schedule.current_end(self.config.warm_windows, local)
+        return {"warm_off_until": end.timestamp()} if end else {}
+
     def _begin_provisioning(self, now: float) -> None:
         self._commit(
             phase="provisioning",
             phase_since=now,
             provisioning_started_at=now,
+            instance_since=now,  # billing may start with the request
             demand_cutoff=now,
             teardown_pending=False,
-            detail="starting the GPU server",
+            **self._detail("provisioning", "starting the GPU server", now),
             last_error=None,
             endpoint=None,
         )
@@ -186,12 +224,13 @@ class Reconciler:
                     phase_since=time.time(),
                     endpoint=asdict(endpoint),
                     provisioning_started_at=0.0,
+                    instance_since=doc.get("instance_since") or time.time(),
                     detail="found an existing GPU server; checking its model",
                 )
                 self._await_ready()
         elif endpoint is None and phase == "ready":
             log.warning("the GPU server in the state store no longer exists")
-            self._commit(phase="idle", phase_since=time.time(), endpoint=None, detail="")
+            self._gone()
 
     def _bring_up(self) -> None:
         try:
@@ -262,32 +301,73 @@ class Reconciler:
         found = self.provisioner.observe()
         log.warning("the ready upstream stopped answering; it %s", "exists" if found else "is gone")
         if found is None:
-            self._commit(phase="idle", phase_since=time.time(), endpoint=None, detail="")
+            self._gone()
         else:
             self._commit(phase="starting", phase_since=time.time(), endpoint=asdict(found))
             self._await_ready()
 
-    def _tear_down(self, idle_since: float | None) -> None:
-        if idle_since is not None:
+    def _tear_down_idle(self, idle_since: float) -> None:
+        now = time.time()
+        self._commit(phase="destroying", phase_since=now, demand_cutoff=now,
+                     **self._detail("destroying", "idle: removing the GPU server", now))
+        # Workers may have admitted requests on a snapshot that still said `ready`:
+        # give their reports time to arrive, then look again before removing anything.
+        self._stop.wait(DESTROY_GRACE_TICKS * self.config.tick + 0.5)
+        if self._activity_since(idle_since):
+            log.info("demand arrived while about to remove the GPU server; keeping it")
+            self._commit(phase="ready", phase_since=time.time(), detail="ready")
+            return
+        log.info("removing the GPU server: idle for %.0f s", time.time() - idle_since)
+        self._remove()
+
+    def _retire(self, reason: str, down_at: float, local: datetime) -> None:
+        """Remove the server under demand (an operator, a cap): new requests wait, streams end."""
+        now = time.time()
+        sentence = f"removing the GPU server: {reason}"
+        log.warning("%s", sentence)
+        changes = self._detail("destroying", sentence, now)
+        if down_at > (self.doc or {}).get("down_handled", 0.0):
+            changes.update(down_handled=down_at, **self._warm_off(local))
+        self._commit(phase="destroying", phase_since=now, **changes)
+        if self._drain(now + self.config.drain_timeout):
+            self._remove(demand_cutoff=time.time())  # requests refused meanwhile do not count
+
+    def _drain(self, deadline: float) -> bool:
+        """Wait for the requests in flight to end, up to `deadline`; False if stopping."""
+        # Reports of requests admitted on a snapshot that still said `ready` arrive within ticks.
+        self._stop.wait(DESTROY_GRACE_TICKS * self.config.tick + 0.5)
+        while not self._stop.is_set():
             now = time.time()
-            self._commit(phase="destroying", phase_since=now, demand_cutoff=now,
-                         detail="idle: removing the GPU server")
-            # Workers may have admitted requests on a snapshot that still said `ready`:
-            # give their reports time to arrive, then look again before removing anything.
-            self._stop.wait(DESTROY_GRACE_TICKS * self.config.tick + 0.5)
-            if self._activity_since(idle_since):
-                log.info("demand arrived while about to remove the GPU server; keeping it")
-                self._commit(phase="ready", phase_since=time.time(), detail="ready")
-                return
-            log.info("removing the GPU server: idle for %.0f s", time.time() - idle_since)
+            inflight = sum(r.inflight for r in self.store.reports() if now - r.heartbeat < 10.0)
+            if inflight == 0:
+                return True
+            if now >= deadline:
+                log.warning("%d requests still in flight after PROXY_DRAIN_TIMEOUT=%g s; "
+                            "removing the GPU server anyway", inflight, self.config.drain_timeout)
+                return True
+            self._progress(f"waiting for {inflight} requests in flight to end")
+            self._stop.wait(1.0)
+        return False
+
+    def _remove(self, **changes: Any) -> None:
         try:
             self.provisioner.tear_down(self._progress)
         except ProvisionError as exc:
             self._fail(f"removing the GPU server failed: {exc}", teardown=True)
             return
-        self._commit(
-            phase="idle", phase_since=time.time(), endpoint=None, detail="", teardown_pending=False
-        )
+        self._gone(teardown_pending=False, **changes)
+
+    def _gone(self, **changes: Any) -> None:
+        """The server no longer exists: phase idle, its GPU time booked."""
+        now = time.time()
+        booked = gputime.close_interval(self.doc or {}, now, self.config.tz)
+        self._commit(phase="idle", phase_since=now, endpoint=None, detail="", **booked, **changes)
+
+    @staticmethod
+    def _detail(phase: str, sentence: str, now: float) -> dict[str, Any]:
+        """The detail, and the first step of a new operation."""
+        return {"detail": sentence,
+                "steps": [{"at": round(now, 3), "phase": phase, "text": sentence}]}
 
     def _activity_since(self, idle_since: float) -> bool:
         now = time.time()
@@ -308,17 +388,24 @@ class Reconciler:
             phase="error", phase_since=now, last_error=reason, failures=failures,
             retry_at=now + backoff, detail=reason, teardown_pending=teardown,
         )
-        if not teardown:
-            changes["endpoint"] = None
+        if not teardown:  # no server was made, or it is gone with the failed update
+            changes.update(endpoint=None, **gputime.close_interval(doc, now, self.config.tz))
         self._commit(**changes)
 
     def _progress(self, sentence: str) -> None:
-        """Provisioner progress → the document's detail, saved at most once a second."""
+        """Provisioner progress → the document's detail and steps, saved at most once a second.
+
+        A sentence not saved at once rides along with the next save, so no step is lost.
+        """
         log.info("progress: %s", sentence)
         now = time.time()
         with self._doc_lock:
             if self.doc is not None:
                 self.doc["detail"] = sentence
+                steps = self.doc.get("steps") or []
+                if not steps or steps[-1]["text"] != sentence:  # probes repeat their reason
+                    step = {"at": round(now, 3), "phase": self.doc.get("phase"), "text": sentence}
+                    self.doc["steps"] = (steps + [step])[-STEPS_KEPT:]
         if now - self._detail_saved >= 1.0:
             self._detail_saved = now
             self._commit(detail=sentence)

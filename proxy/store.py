@@ -34,6 +34,7 @@ class WorkerReport:
     last_activity: float = 0.0  # end of this worker's last demand request (unix time)
     wanted_at: float = 0.0  # last time this worker saw demand while not ready
     heartbeat: float = 0.0
+    down_at: float = 0.0  # last time an operator asked this worker to remove the GPU server
 
 
 class StoreError(Exception):
@@ -88,11 +89,23 @@ class SqliteStore:
             CREATE TABLE IF NOT EXISTS lifecycle (id INTEGER PRIMARY KEY CHECK (id = 1),
                 doc TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS workers (worker TEXT PRIMARY KEY, inflight INTEGER,
-                last_activity REAL, wanted_at REAL, heartbeat REAL);
+                last_activity REAL, wanted_at REAL, heartbeat REAL, down_at REAL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY CHECK (id = 1),
                 holder TEXT NOT NULL, expires_at REAL NOT NULL);
             """
         )
+        self._add_column("workers", "down_at REAL DEFAULT 0")
+
+    def _add_column(self, table: str, column: str) -> None:
+        """Bring a store made by an older version up to date (any worker may be first)."""
+        names = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+        if column.split()[0] in names:
+            return
+        try:
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise StoreError(f"state store {self.path}: {exc}") from exc
 
     def _set_wal(self) -> None:
         """WAL mode (kept in the file); workers opening at once may find it busy: retry."""
@@ -146,18 +159,19 @@ class SqliteStore:
 
     def report(self, report: WorkerReport) -> None:
         self._run(
-            "INSERT INTO workers (worker, inflight, last_activity, wanted_at, heartbeat) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(worker) DO UPDATE SET "
+            "INSERT INTO workers (worker, inflight, last_activity, wanted_at, heartbeat, down_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(worker) DO UPDATE SET "
             "inflight = excluded.inflight, last_activity = excluded.last_activity, "
-            "wanted_at = excluded.wanted_at, heartbeat = excluded.heartbeat",
+            "wanted_at = excluded.wanted_at, heartbeat = excluded.heartbeat, "
+            "down_at = excluded.down_at",
             tuple(asdict(report).values()),
         )
 
     def reports(self) -> list[WorkerReport]:
         rows = self._run(
-            "SELECT worker, inflight, last_activity, wanted_at, heartbeat FROM workers"
+            "SELECT worker, inflight, last_activity, wanted_at, heartbeat, down_at FROM workers"
         )
-        return [WorkerReport(*row) for row in rows]
+        return [WorkerReport(*row[:5], down_at=row[5] or 0.0) for row in rows]
 
     def forget(self, worker: str) -> None:
         self._run("DELETE FROM workers WHERE worker = ?", (worker,))

@@ -473,6 +473,7 @@ def _report(fields: dict[str, Any], where: S3Location) -> WorkerReport:
             float(fields.get("last_activity", 0.0)),
             float(fields.get("wanted_at", 0.0)),
             float(fields.get("heartbeat", 0.0)),
+            float(fields.get("down_at", 0.0)),
         )
     except (KeyError, TypeError, ValueError):
         raise StoreError(f"state store {where}: a worker report is malformed") from None

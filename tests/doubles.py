@@ -22,6 +22,7 @@ class GatedProvisioner:
         self.fail_with: str | None = None
         self.bring_ups = 0
         self.tear_downs = 0
+        self.sentences = ["creating the test server"]  # progress that bring-up reports
         self.lock = threading.Lock()
 
     def observe(self) -> Endpoint | None:
@@ -30,7 +31,8 @@ class GatedProvisioner:
     def bring_up(self, progress) -> Endpoint:
         with self.lock:
             self.bring_ups += 1
-        progress("creating the test server")
+        for sentence in self.sentences:
+            progress(sentence)
         self.gate.wait(30)
         if self.fail_with:
             raise ProvisionError(self.fail_with)

@@ -82,16 +82,11 @@ def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
     with w.proxy() as proxy:
         first = requests.post(proxy.url + "/api/chat", json={"model": "llama3.2"}, timeout=5)
         assert first.status_code == 503 and first.json()["provisioning"] is True
-        details = set()
-        wait_until(
-            lambda: details.add(proxy.status()["detail"])
-            or proxy.status()["provisioning_status"] == "ready",
-            90, interval=0.1, what="ready",
-        )
-        # Pulumi's engine events reach /status as progress sentences.
-        assert any(d.startswith("creating ") for d in details), details
-        assert any(d.startswith("pulumi up finished") for d in details), details
-        status = proxy.status()
+        status = proxy.wait_phase("ready", timeout=90)
+        # Pulumi's engine events reach /status as progress steps, none lost.
+        steps = [step["text"] for step in status["steps"] if step["phase"] == "provisioning"]
+        assert "creating exoscale:ComputeInstance gpu" in " ".join(steps), steps
+        assert any(s.startswith("pulumi up finished") for s in steps), steps
         assert status["remote_url"].startswith("https://127.0.0.1:")
         token = stored_token(w.state)
         assert len(token) >= 40

@@ -75,6 +75,19 @@ def test_not_ready_until_the_upstream_lists_the_model(make):
         slow.close()
 
 
+def test_every_progress_step_reaches_the_store_even_in_a_burst(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    provisioner.sentences = [f"creating resource {n}" for n in range(5)]  # within a second
+    a, b = make(provisioner), make(provisioner)
+    a.want()
+    wait_until(lambda: phase_of(b) == "ready", 10, what="ready")
+    steps = b.snapshot().steps
+    texts = [step["text"] for step in steps]
+    assert texts[:6] == ["starting the GPU server"] + provisioner.sentences
+    assert {step["phase"] for step in steps[:6]} == {"provisioning"}
+    assert [step["at"] for step in steps] == sorted(step["at"] for step in steps)
+
+
 def test_failed_provisioning_shows_the_reason_and_backs_off(make, upstream):
     provisioner = GatedProvisioner(Endpoint(upstream.url))
     provisioner.fail_with = "quota exceeded for gpua5000"
