@@ -356,7 +356,9 @@ class Demand:
     def _unavailable(self, req: falcon.Request, resp: falcon.Response) -> None:
         snapshot = self.lifecycle.snapshot()
         retry_after = self.lifecycle.retry_after(snapshot)
-        budget = self.lifecycle.budget_used_up(snapshot)
+        # A bring-up already under way runs on; the budget stops only new ones.
+        budget = snapshot.phase in ("idle", "destroying") and \
+            self.lifecycle.budget_used_up(snapshot)
         if budget:
             phase, message = "idle", budget_message(self.config, snapshot)
         else:

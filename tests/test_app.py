@@ -218,3 +218,49 @@ def test_repeated_wrong_keys_from_one_address_get_429_for_a_while(proxy):
     other = client.simulate_get("/api/tags", headers={"Authorization": "Bearer right-key-1"},
                                 remote_addr="10.1.2.3")
     assert other.status_code == 200
+
+
+def seed(tmp_path, doc):
+    """A lifecycle document as an earlier run left it."""
+    store = SqliteStore(tmp_path / "state.db")
+    assert store.acquire("seed", 5)
+    store.save(doc, "seed")
+    store.release("seed")
+    store.close()
+
+
+def test_a_used_up_daily_budget_gets_a_503_that_says_so_and_starts_nothing(proxy, tmp_path):
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    seed(tmp_path, {"phase": "idle", "gpu_days": {today: 7300.0}, "gpu_seconds": 7300.0})
+    client, life, provisioner = proxy(daily_gpu_hours=2.0, hourly_price=1.5)
+    answer = client.simulate_post("/api/chat", json={"model": "llama3.2"})
+    assert answer.status_code == 503
+    assert answer.json["provisioning"] is False and answer.json["status"] == "idle"
+    assert "daily GPU budget of 2 h is used up" in answer.json["error"]
+    assert 1 <= int(answer.headers["Retry-After"]) <= 60
+    openai_answer = client.simulate_post("/v1/chat/completions", json={})
+    assert openai_answer.json["error"]["code"] == "budget_exhausted"
+    time.sleep(0.3)
+    assert provisioner.bring_ups == 0
+    gpu = client.simulate_get("/status").json["gpu"]
+    assert gpu["budget_used_up"] is True and gpu["today_seconds"] == 7300
+    assert gpu["total_cost"] == round(7300 / 3600 * 1.5, 2) and gpu["currency"] == "EUR"
+
+
+def test_status_shows_gpu_time_and_warm_windows(proxy):
+    from proxy.schedule import parse_windows
+
+    client, life, provisioner = proxy(warm_windows=parse_windows("sat-sun 10:00-12:00"))
+    status = client.simulate_get("/status").json
+    assert status["gpu"]["instance_seconds"] == 0 and status["gpu"]["today_cost"] is None
+    assert status["warm_windows"]["windows"] == ["sat,sun 10:00-12:00"]
+    assert status["warm_windows"]["timezone"] == "UTC"
+    assert status["warm_windows"]["next_start"].endswith("T10:00+00:00")
+
+
+def test_admin_down_needs_an_admin_key_and_answers_202(proxy):
+    client, life, provisioner = proxy(api_keys=("user-key-1",), admin_keys=("admin-key-1",))
+    user = client.simulate_post("/admin/down", headers={"Authorization": "Bearer user-key-1"})
+    assert user.status_code == 403
+    admin = client.simulate_post("/admin/down", headers={"Authorization": "Bearer admin-key-1"})
+    assert admin.status_code == 202 and admin.json["provisioning_status"] == "idle"

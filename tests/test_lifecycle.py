@@ -194,3 +194,90 @@ def test_hold_returns_when_ready(make, upstream):
     assert time.monotonic() - started >= 0.3
     provisioner.gate.set()
     assert life.hold(10).phase == "ready"
+
+
+# -- removal under demand: an operator's `down`, the caps; warm windows -------------------------
+
+EVERY_DAY = "00:00-24:00"
+
+
+def ready_pair(make, upstream, **settings):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a, b = make(provisioner, **settings), make(provisioner, **settings)
+    a.want()
+    wait_until(lambda: phase_of(a) == phase_of(b) == "ready", 10, what="ready on both")
+    return provisioner, a, b
+
+
+def test_down_waits_for_the_stream_then_removes_the_server_and_books_its_time(make, upstream):
+    provisioner, a, b = ready_pair(make, upstream)
+    ticket = a.admit()  # a stream in flight on worker a
+    b.down()  # the operator asks worker b
+    wait_until(lambda: phase_of(b) == "destroying", 5, what="destroying")
+    assert b.admit() is None  # new requests wait
+    time.sleep(1.0)
+    assert provisioner.tear_downs == 0 and phase_of(a) == "destroying"
+    a.finish(ticket)
+    wait_until(lambda: phase_of(a) == "idle", 10, what="idle")
+    assert provisioner.tear_downs == 1
+    snapshot = a.snapshot()
+    assert snapshot.instance_since == 0.0 and snapshot.gpu_seconds > 0
+    assert sum(seconds for _, seconds in snapshot.gpu_days) == snapshot.gpu_seconds
+    time.sleep(0.5)  # the 503s of the drain do not bring it back
+    assert provisioner.bring_ups == 1 and phase_of(a) == "idle"
+
+
+def test_a_server_past_max_instance_hours_is_drained_then_removed(make, upstream):
+    provisioner, a, b = ready_pair(make, upstream, max_instance_hours=1.5 / 3600)
+    ticket = a.admit()
+    wait_until(lambda: phase_of(b) == "destroying", 10, what="destroying at the cap")
+    assert "PROXY_MAX_INSTANCE_HOURS" in b.snapshot().detail
+    time.sleep(0.5)
+    assert provisioner.tear_downs == 0
+    a.finish(ticket)
+    wait_until(lambda: phase_of(a) == "idle", 10, what="idle")
+    assert provisioner.tear_downs == 1
+    a.want()  # demand after the removal starts a fresh server
+    wait_until(lambda: provisioner.bring_ups == 2, 10, what="a second bring-up")
+
+
+def test_the_drain_timeout_bounds_how_long_a_stream_keeps_a_retired_server(make, upstream):
+    provisioner, a, _ = ready_pair(make, upstream, drain_timeout=1.0)
+    a.admit()  # never finished
+    a.down()
+    wait_until(lambda: provisioner.tear_downs == 1, 10, what="removal after the drain timeout")
+
+
+def test_a_used_up_daily_budget_removes_the_server_and_refuses_new_ones(make, upstream):
+    provisioner, a, b = ready_pair(make, upstream, daily_gpu_hours=1.0 / 3600)
+    wait_until(lambda: phase_of(a) == "idle", 10, what="removed at the budget")
+    assert provisioner.tear_downs == 1 and a.budget_used_up()
+    b.want()
+    time.sleep(0.5)
+    assert provisioner.bring_ups == 1 and phase_of(b) == "idle"
+    assert 1 <= b.retry_after() <= 60
+
+
+def test_a_warm_window_starts_the_server_without_demand_and_keeps_it(make, upstream):
+    from proxy.schedule import parse_windows
+
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    life = make(provisioner, warm_windows=parse_windows(EVERY_DAY), idle_timeout=0.2)
+    wait_until(lambda: phase_of(life) == "ready", 10, what="ready without demand")
+    time.sleep(1.0)  # far past the idle timeout
+    assert phase_of(life) == "ready" and provisioner.tear_downs == 0
+    life.down()  # the operator's word wins for the rest of the window
+    wait_until(lambda: phase_of(life) == "idle", 10, what="idle after down")
+    time.sleep(0.5)
+    assert provisioner.bring_ups == 1
+
+
+def test_outside_its_windows_the_server_is_not_started(make, upstream):
+    from proxy.schedule import parse_windows
+
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    # A window an hour long, twelve hours from now (in UTC, the test config's zone).
+    hour = (time.gmtime().tm_hour + 12) % 24
+    life = make(provisioner, warm_windows=parse_windows(f"{hour:02d}:00-{hour + 1:02d}:00"))
+    time.sleep(0.5)
+    assert provisioner.bring_ups == 0 and phase_of(life) == "idle"
