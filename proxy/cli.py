@@ -267,14 +267,18 @@ def _provider(status: dict[str, Any]) -> str:
 
 
 def _gpu_time(gpu: dict[str, Any]) -> str:
-    """'1.2 h this server, 3.4 h today (of 8 h), 10.0 h in all, ~ 4.10 EUR today'."""
-    hours = {k: (gpu.get(f"{k}_seconds") or 0) / 3600 for k in ("instance", "today", "total")}
+    """'12 min this server, 3.4 h today (of 8 h), 10.0 h in all, ~ 4.10 EUR today'."""
+    spent = {k: _duration(gpu.get(f"{k}_seconds") or 0) for k in ("instance", "today", "total")}
     limit = f" (of {gpu['daily_gpu_hours']:g} h)" if gpu.get("daily_gpu_hours") else ""
-    text = (f"{hours['instance']:.1f} h this server, {hours['today']:.1f} h today{limit}, "
-            f"{hours['total']:.1f} h in all")
+    text = (f"{spent['instance']} this server, {spent['today']} today{limit}, "
+            f"{spent['total']} in all")
     if gpu.get("today_cost") is not None:
         text += f", ~ {gpu['today_cost']:.2f} {gpu.get('currency', '')} today"
     return text + (" — budget used up" if gpu.get("budget_used_up") else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _seconds(value: Any) -> str:

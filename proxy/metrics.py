@@ -23,8 +23,13 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
+from . import gputime
 from .lifecycle import PHASES, Lifecycle
 
 REQUESTS = Counter(
@@ -107,6 +112,17 @@ class LifecycleCollector:
             value=snapshot.failures,
         )
         yield _cold_starts(snapshot.cold_starts)
+        now = time.time()
+        yield CounterMetricFamily(
+            "ollama_exoscale_gpu_seconds",
+            "Seconds GPU servers have existed, in all (gone ones and the current one).",
+            value=gputime.total_seconds(snapshot.gpu_record, now),
+        )
+        yield GaugeMetricFamily(
+            "ollama_exoscale_gpu_seconds_today",
+            "GPU seconds used today (PROXY_TIMEZONE), the figure the daily budget is held to.",
+            value=gputime.today_seconds(snapshot.gpu_record, now, self.lifecycle.config.tz),
+        )
 
 
 def _cold_starts(durations: tuple[float, ...]) -> HistogramMetricFamily:

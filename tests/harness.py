@@ -79,13 +79,13 @@ class Proxy:
         except requests.RequestException:
             return False
 
-    def status(self) -> dict:
-        return requests.get(self.url + "/status", timeout=5).json()
+    def status(self, headers: dict | None = None) -> dict:
+        return requests.get(self.url + "/status", headers=headers, timeout=5).json()
 
-    def wait_phase(self, phase: str, timeout: float = 20) -> dict:
+    def wait_phase(self, phase: str, timeout: float = 20, headers: dict | None = None) -> dict:
         """Wait until /status shows `phase`, then until every worker has seen it too."""
         status = wait_until(
-            lambda: (s := self.status())["provisioning_status"] == phase and s,
+            lambda: (s := self.status(headers))["provisioning_status"] == phase and s,
             timeout,
             interval=0.1,
             what=f"phase {phase} (logs:\n{self.logs()})",

@@ -52,6 +52,12 @@ def test_lists_are_comma_separated():
         ("PROXY_STATE_URL", "redis://x", "sqlite:///"),
         ("PROXY_IDLE_ACTION", "hibernate", "destroy, stop"),
         ("OLLAMA_MODEL", "llama 3", "model name"),
+        ("PROXY_WARM_WINDOWS", "mon-fri 18:00-08:00", "HH:MM-HH:MM"),
+        ("PROXY_WARM_WINDOWS", "weekdays 08:00-18:00", "mon-fri"),
+        ("PROXY_TIMEZONE", "Mars/Base", "IANA name"),
+        ("PROXY_HOURLY_PRICE", "cheap", "number"),
+        ("PROXY_DAILY_GPU_HOURS", "-1", ">= 0"),
+        ("PROXY_MAX_INSTANCE_HOURS", "forever", "number"),
     ],
 )
 def test_a_bad_value_names_variable_value_and_what_is_accepted(variable, value, accepted):
@@ -62,6 +68,22 @@ def test_a_bad_value_names_variable_value_and_what_is_accepted(variable, value, 
     assert repr(value.strip()) in message or repr(value.strip().lower()) in message
     assert accepted in message
     assert "\n" not in message
+
+
+def test_cost_limits_and_warm_windows_are_read_in_the_configured_zone():
+    config = Config.from_env({
+        "PROXY_HOURLY_PRICE": "1.98", "PROXY_DAILY_GPU_HOURS": "8", "PROXY_CURRENCY": "CHF",
+        "PROXY_MAX_INSTANCE_HOURS": "12", "PROXY_WARM_WINDOWS": "mon-fri 08:00-18:00",
+        "TZ": "Europe/Vienna",
+    })
+    assert (config.hourly_price, config.daily_gpu_hours, config.max_instance_hours) == (
+        1.98, 8, 12)
+    assert config.currency == "CHF" and config.timezone == "Europe/Vienna"
+    assert [str(w) for w in config.warm_windows] == ["mon,tue,wed,thu,fri 08:00-18:00"]
+    assert Config.from_env({"TZ": "Europe/Vienna", "PROXY_TIMEZONE": "UTC"}).timezone == "UTC"
+    unset = Config.from_env({})
+    assert (unset.hourly_price, unset.daily_gpu_hours, unset.max_instance_hours) == (0, 0, 0)
+    assert unset.warm_windows == () and unset.drain_timeout == 300
 
 
 def test_keys_file_gives_names_and_admin_rights(tmp_path):

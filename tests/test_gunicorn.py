@@ -21,6 +21,9 @@ from tests.harness import Proxy, fake_ollama_command, free_port
 pytestmark = pytest.mark.slow
 
 
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}  # streamed
+
+
 def upstream_env(tmp_path, *flags: str, **env) -> dict:
     return {
         "PROXY_LOCAL_COMMAND": fake_ollama_command(
@@ -111,12 +114,11 @@ def test_idle_removal_waits_for_the_stream_then_happens_after_the_timeout(tmp_pa
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
         proxy.wait_phase("ready")
         phases = []
-        with requests.post(
-            proxy.url + "/api/chat", json={"model": "llama3.2"}, stream=True, timeout=30
-        ) as answer:
+        with requests.post(proxy.url + "/api/chat", json=CHAT, stream=True, timeout=30) as answer:
             for _ in answer.iter_lines():
                 phases.append(proxy.status()["provisioning_status"])
         ended = time.monotonic()
+        assert len(phases) == 21  # 20 chunks and the last line
         assert set(phases) == {"ready"}  # 4 s of stream, idle timeout 1 s: never removed
         idle = proxy.wait_phase("idle", timeout=15)
         assert time.monotonic() - ended >= 1
@@ -236,6 +238,8 @@ def test_metrics_sum_every_worker(tmp_path):
         assert metric(text, requested, route="/api/show", outcome="forwarded") == 5
         assert metric(text, "ollama_exoscale_phase", phase="ready") == 1
         assert metric(text, "ollama_exoscale_cold_start_seconds_count") == 1
+        assert metric(text, "ollama_exoscale_gpu_seconds_total") > 0
+        assert metric(text, "ollama_exoscale_gpu_seconds_today") > 0
 
 
 def test_up_wait_shows_progress_until_ready_with_an_admin_key(tmp_path):
@@ -262,3 +266,37 @@ def test_up_wait_shows_progress_until_ready_with_an_admin_key(tmp_path):
              "user-key-123", "--timeout", "5"], capture_output=True, text=True, timeout=30,
         )
         assert waited.returncode == 0
+
+
+def test_down_lets_the_stream_end_then_removes_the_upstream(tmp_path):
+    env = upstream_env(tmp_path, "--chunk-interval", "0.2", "--chunks", "15",
+                       PROXY_ADMIN_KEYS="admin-key-123", PROXY_HOURLY_PRICE="2")
+    admin = {"Authorization": "Bearer admin-key-123"}
+    with Proxy(tmp_path, **env) as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, headers=admin, timeout=5)
+        proxy.wait_phase("ready", headers=admin)
+        lines = []
+        with requests.post(proxy.url + "/api/chat", json=CHAT, headers=admin, stream=True,
+                           timeout=30) as answer:
+            iterator = answer.iter_lines()
+            lines.append(json.loads(next(iterator)))  # the stream runs
+            down = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "down", "--wait", "--url", proxy.url,
+                 "--timeout", "60"],
+                env={**os.environ, "OLLAMA_API_KEY": "admin-key-123"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            lines += [json.loads(line) for line in iterator]
+        out, err = down.communicate(timeout=60)
+        assert down.returncode == 0, err
+        assert lines[-1]["done"] is True and len(lines) == 16  # not cut
+        assert "requests in flight to end" in out and out.splitlines()[-1].startswith("[")
+        status = requests.get(proxy.url + "/status", headers=admin, timeout=5).json()
+        assert status["provisioning_status"] == "idle" and status["instance_status"] == "absent"
+        assert status["gpu"]["total_seconds"] >= 3 and status["gpu"]["total_cost"] is not None
+        assert not (tmp_path / "local-upstream.json").exists()
+        table = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "status", "--url", proxy.url, "--key",
+             "admin-key-123"], capture_output=True, text=True, timeout=30,
+        ).stdout
+        assert "GPU time" in table and "in all" in table and "EUR today" in table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import requests
 from playwright.sync_api import sync_playwright
 
 from tests.harness import Proxy, fake_ollama_command, free_port
@@ -34,6 +35,7 @@ def test_the_page_goes_from_idle_through_provisioning_to_ready_without_a_reload(
         "PROXY_LOCAL_COMMAND": fake_ollama_command("--startup-delay", "3"),
         "PROXY_LOCAL_ADDR": f"127.0.0.1:{free_port()}",
         "PROXY_ADMIN_KEYS": "admin-key-123",
+        "PROXY_HOURLY_PRICE": "1.98",
     }
     with Proxy(tmp_path, **env) as proxy:
         page = browser.new_page()
@@ -53,5 +55,16 @@ def test_the_page_goes_from_idle_through_provisioning_to_ready_without_a_reload(
         assert page.text_content("#remote").startswith("http://127.0.0.1:")
         assert "of 1800 s" in page.text_content("#idle")
         assert "1 (last" in page.text_content("#cold")
+        assert "this server" in page.text_content("#gpu")
+        assert "EUR today" in page.text_content("#gpu")
+        assert "provisioning: starting the GPU server" in page.text_content("#steps")
         page.screenshot(path=str(tmp_path / "ui-ready.png"))
+        page.on("dialog", lambda dialog: dialog.accept())  # "Remove the GPU server now?"
+        page.click("#down")
+        page.wait_for_function(
+            "document.getElementById('phase').textContent === 'idle'", timeout=30_000
+        )
+        status = requests.get(proxy.url + "/status", timeout=5,
+                              headers={"Authorization": "Bearer admin-key-123"}).json()
+        assert status["gpu"]["total_seconds"] > 0 and status["instance_status"] == "absent"
         page.close()
