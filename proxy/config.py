@@ -258,10 +258,11 @@ class _Reader:
         return models
 
     def windows(self, name: str) -> tuple[Window, ...]:
+        value = self.raw(name) or ""
         try:
-            return parse_windows(self.raw(name) or "")
+            return parse_windows(value)
         except ScheduleError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
+            raise ConfigError(f"{name}={value!r}: {exc}") from None
 
     def timezone(self, name: str) -> str:
         """An IANA zone name; by default TZ, else the host's /etc/localtime, else UTC."""
