@@ -11,6 +11,7 @@ named errors below; their messages say what to install or set and never carry a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import importlib
 import logging
@@ -134,6 +135,7 @@ class StackOutputs:
     token: str = field(repr=False)
     tls_certificate: str = field(repr=False)
     tls_server_name: str
+    instance_state: str = "running"  # or "stopped"
 
     @classmethod
     def from_outputs(cls, outputs: Mapping[str, Any]) -> StackOutputs:
@@ -142,7 +144,8 @@ class StackOutputs:
             raise UpdateFailed(
                 f"the Pulumi program did not export {', '.join(missing)}; check infra/program.py"
             )
-        return cls(**{name: str(outputs[name]) for name in OUTPUT_NAMES})
+        state = str(outputs.get("instance_state") or "running")  # stacks made before it
+        return cls(**{name: str(outputs[name]) for name in OUTPUT_NAMES}, instance_state=state)
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,7 @@ class StackRunner:
         self.stack_name = stack_name
         self.pulumi_root = pulumi_root
         self.program = program or self._declare
+        self._instance_state = "running"  # what the next update declares
         self.work_dir = self.state_dir / "pulumi-workspace"
         self.backend_url = backend_url(self.env, self.state_dir)
         self.scrub = Scrubber(self.env)
@@ -276,19 +280,22 @@ class StackRunner:
     def _declare(self) -> None:
         from .program import declare  # imported late: the program pulls in the provider SDKs
 
-        declare(self.settings)
+        declare(dataclasses.replace(self.settings, instance_state=self._instance_state))
 
     # -- the verbs ---------------------------------------------------------------------------
 
-    def up(self, progress: Progress) -> StackOutputs:
-        """Create or update the GPU server; returns what the program exports."""
+    def up(self, progress: Progress, *, instance_state: str = "running") -> StackOutputs:
+        """Create or update the GPU server, running or stopped; returns what the program exports."""
         self._require_credentials()
         stack = self._stack()
         narrator = _Narrator("up", progress, self.scrub, self._expected_count())
+        self._instance_state = instance_state
         try:
             result = stack.up(on_event=narrator, color="never")
         except CommandError as exc:
             raise self._failure(exc, "up", narrator) from None
+        finally:
+            self._instance_state = "running"
         self._remember_count(narrator.resources)
         outputs = StackOutputs.from_outputs({k: v.value for k, v in result.outputs.items()})
         self.scrub.learn(outputs.token)

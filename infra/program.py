@@ -91,6 +91,7 @@ def declare(settings: Settings) -> None:
         ssh_keys=[settings.ssh_key] if settings.ssh_key else None,
         ipv6=settings.ipv6,
         labels=instance_labels(settings, pulumi.get_stack()),
+        state=settings.instance_state,  # `stopped`: disk and models kept, no GPU billed
         # cloud-init runs once per instance: new user data (models, port) needs a new instance.
         opts=pulumi.ResourceOptions(replace_on_changes=["user_data"]),
     )
@@ -99,6 +100,7 @@ def declare(settings: Settings) -> None:
     pulumi.export("remote_url", pulumi.Output.concat("https://", public_ip, f":{settings.port}"))
     pulumi.export("public_ip", public_ip)
     pulumi.export("instance_id", instance.id)
+    pulumi.export("instance_state", instance.state)
     pulumi.export("token", pulumi.Output.secret(token.result))
     pulumi.export("tls_certificate", pulumi.Output.unsecret(tls_cert.cert_pem))
     pulumi.export("tls_server_name", TLS_SERVER_NAME)

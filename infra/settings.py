@@ -58,7 +58,9 @@ CONFIG_KEYS = {
     "labels": "labels",
     "port": "port",
     "name": "name",
+    "instance_state": "instanceState",
 }
+INSTANCE_STATES = ("running", "stopped")
 
 
 class SettingsError(ValueError):
@@ -91,6 +93,9 @@ class Settings:
     labels: dict[str, str] = field(default_factory=dict, hash=False)
     port: int = 11434
     name: str = PROJECT  # prefix of the names of the cloud objects
+    # `stopped` keeps the instance and its disk (models included) without a running GPU; the
+    # proxy sets it per update (PROXY_IDLE_ACTION=stop), never from the environment.
+    instance_state: str = "running"
 
     def __post_init__(self) -> None:
         normalise = object.__setattr__  # frozen: normalise once, here
@@ -105,6 +110,9 @@ class Settings:
         normalise(self, "labels", _check_labels(self.labels))
         normalise(self, "port", _check_port(self.port))
         normalise(self, "name", _check_name(self.name))
+        if self.instance_state not in INSTANCE_STATES:
+            raise SettingsError("instance_state", self.instance_state,
+                                f"expected one of {', '.join(INSTANCE_STATES)}")
 
     @property
     def ssh_enabled(self) -> bool:
@@ -122,6 +130,8 @@ class Settings:
         """Settings from the proxy's environment; blank variables count as unset."""
 
         def get(setting: str) -> str | None:
+            if setting not in ENV_NAMES:
+                return None  # the proxy's own decision, e.g. the instance state
             value = env.get(ENV_NAMES[setting])
             return value.strip() if value is not None and value.strip() else None
 
@@ -154,6 +164,7 @@ def _parse(get: Callable[[str], str | None]) -> dict[str, Any]:
         "zone": _text, "instance_type": _text, "template": _text, "ssh_key": _text,
         "name": _text, "disk_size": _whole_number, "port": _whole_number,
         "models": _list, "allowed_cidrs": _list, "ssh_cidrs": _list, "labels": _labels,
+        "instance_state": _text,
     }
     values = {}
     for setting, read in readers.items():

@@ -163,7 +163,8 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "provisioning_status": snapshot.phase,
         "detail": snapshot.detail,
         "steps": [{**step, "at": _iso(step["at"])} for step in snapshot.steps],
-        "instance_status": snapshot.endpoint.instance_status if snapshot.endpoint else "absent",
+        "instance_status": snapshot.endpoint.instance_status if snapshot.endpoint
+        else snapshot.instance_status,
         "remote_url": snapshot.endpoint.url if snapshot.endpoint else None,
         "zone": config.zone,
         "instance_type": config.instance_type,

@@ -1,7 +1,8 @@
 """The `exoscale` provisioner: the GPU server is the stack the Pulumi program declares.
 
-`bring_up` runs `pulumi up`, `tear_down` runs `pulumi destroy`, `observe` reads the stack's
-outputs, so a restarted proxy finds the server that exists. The endpoint (URL, token, pinned
+`bring_up` runs `pulumi up`, `stop` runs `pulumi up` with the instance's state `stopped`,
+`tear_down` runs `pulumi destroy`, `observe` reads the stack's outputs, so a restarted proxy
+finds the server that exists, running or stopped. The endpoint (URL, token, pinned
 certificate) comes only from the stack's outputs.
 
 A crash mid-update leaves two things behind: the stack's lock, and a "pending create" for an
@@ -64,14 +65,19 @@ class ExoscaleProvisioner:
         return _endpoint(outputs) if outputs else None
 
     def bring_up(self, progress: Progress) -> Endpoint:
-        return _endpoint(self._run(lambda: self._up(progress), progress))
+        """Create the server, or start the stopped one (a declarative `state` change)."""
+        return _endpoint(self._run(lambda: self._up(progress, "running"), progress))
+
+    def stop(self, progress: Progress) -> None:
+        """Keep the server and its disk, stopped: `pulumi up` with the instance's state stopped."""
+        self._run(lambda: self._up(progress, "stopped"), progress)
 
     def tear_down(self, progress: Progress) -> None:
         self._run(lambda: self._destroy(progress), progress)
 
-    def _up(self, progress: Progress) -> StackOutputs:
+    def _up(self, progress: Progress, state: str) -> StackOutputs:
         self._repair_if_interrupted(progress)
-        return self.runner.up(progress)
+        return self.runner.up(progress, instance_state=state)
 
     def _destroy(self, progress: Progress) -> None:
         self._repair_if_interrupted(progress)  # else destroy would not know a pending instance
@@ -130,5 +136,5 @@ def _endpoint(outputs: StackOutputs) -> Endpoint:
         token=outputs.token,
         ca_cert=outputs.tls_certificate,
         server_hostname=outputs.tls_server_name,
-        instance_status="running",
+        instance_status=outputs.instance_state,
     )

@@ -44,6 +44,7 @@ class Snapshot:
     detail: str = ""
     steps: tuple[dict[str, Any], ...] = ()  # this operation's progress: {at, phase, text}
     endpoint: Endpoint | None = None
+    instance_status: str = "absent"  # of a server without an endpoint: absent or stopped
     last_error: str | None = None
     retry_at: float = 0.0
     failures: int = 0
@@ -77,6 +78,7 @@ class Snapshot:
             detail=doc.get("detail", ""),
             steps=tuple(doc.get("steps", ())),
             endpoint=Endpoint(**endpoint) if endpoint else None,
+            instance_status=doc.get("instance_status") or "absent",
             last_error=doc.get("last_error"),
             retry_at=doc.get("retry_at", 0.0),
             failures=doc.get("failures", 0),

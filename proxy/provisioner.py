@@ -45,3 +45,9 @@ class Provisioner(Protocol):
 
     def tear_down(self, progress: Progress) -> None:
         """Remove the server. Idempotent: nothing to remove is success."""
+
+    def stop(self, progress: Progress) -> None:
+        """Stop the server but keep it (disk, models) for a faster bring-up; idempotent.
+
+        A provisioner with nothing worth keeping may simply tear down.
+        """

@@ -92,6 +92,10 @@ class LocalProvisioner:
             self._stop(pid)
         self.pid_file.unlink(missing_ok=True)
 
+    def stop(self, progress: Progress) -> None:
+        """A local process keeps nothing a restart would lose (its models are on disk): end it."""
+        self.tear_down(progress)
+
     def _spawn(self) -> subprocess.Popen:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {**self.env, "OLLAMA_HOST": self.addr}

@@ -143,7 +143,9 @@ class Reconciler:
             idle_since = max(last_activity, doc.get("ready_since", 0.0),
                              ended.timestamp() if ended else 0.0)
             if reason:
-                self._start(lambda: self._retire(reason, down_at, local), "retire")
+                # Past the age cap a fresh server is the point; otherwise as when idle.
+                stop = self.config.idle_action == "stop" and "MAX_INSTANCE" not in reason
+                self._start(lambda: self._retire(reason, down_at, local, stop), "retire")
             elif not warm and inflight == 0 and now - idle_since >= self.config.idle_timeout:
                 self._start(lambda: self._tear_down_idle(idle_since), "tear down (idle)")
             elif now - self._last_health >= HEALTH_EVERY:
@@ -216,7 +218,11 @@ class Reconciler:
         except ProvisionError as exc:
             log.error("could not observe what exists: %s", exc)
             return
-        if endpoint is not None and phase in ("idle", "error", "ready"):
+        if endpoint is not None and endpoint.instance_status == "stopped":
+            if phase != "idle" or doc.get("instance_status") != "stopped":
+                log.info("the GPU server exists, stopped")
+                self._gone(instance_status="stopped")
+        elif endpoint is not None and phase in ("idle", "error", "ready"):
             if phase != "ready" or doc.get("endpoint") != asdict(endpoint):
                 log.info("adopting the GPU server that exists at %s", endpoint.url)
                 self._commit(
@@ -246,6 +252,7 @@ class Reconciler:
             phase="starting",
             phase_since=time.time(),
             endpoint=asdict(endpoint),
+            instance_status=endpoint.instance_status,
             detail="the GPU server exists; waiting for Ollama and the model",
         )
         self._await_ready()
@@ -300,16 +307,19 @@ class Reconciler:
         self._health_failures = 0
         found = self.provisioner.observe()
         log.warning("the ready upstream stopped answering; it %s", "exists" if found else "is gone")
-        if found is None:
-            self._gone()
+        if found is None or found.instance_status == "stopped":
+            self._gone(instance_status=found.instance_status if found else "absent")
         else:
             self._commit(phase="starting", phase_since=time.time(), endpoint=asdict(found))
             self._await_ready()
 
     def _tear_down_idle(self, idle_since: float) -> None:
         now = time.time()
+        stop = self.config.idle_action == "stop"
+        sentence = "idle: stopping the GPU server" if stop else "idle: removing the GPU server"
         self._commit(phase="destroying", phase_since=now, demand_cutoff=now,
-                     **self._detail("destroying", "idle: removing the GPU server", now))
+                     removal="stop" if stop else "destroy",
+                     **self._detail("destroying", sentence, now))
         # Workers may have admitted requests on a snapshot that still said `ready`:
         # give their reports time to arrive, then look again before removing anything.
         self._stop.wait(DESTROY_GRACE_TICKS * self.config.tick + 0.5)
@@ -320,15 +330,16 @@ class Reconciler:
         log.info("removing the GPU server: idle for %.0f s", time.time() - idle_since)
         self._remove()
 
-    def _retire(self, reason: str, down_at: float, local: datetime) -> None:
+    def _retire(self, reason: str, down_at: float, local: datetime, stop: bool) -> None:
         """Remove the server under demand (an operator, a cap): new requests wait, streams end."""
         now = time.time()
-        sentence = f"removing the GPU server: {reason}"
+        sentence = f"{'stopping' if stop else 'removing'} the GPU server: {reason}"
         log.warning("%s", sentence)
         changes = self._detail("destroying", sentence, now)
         if down_at > (self.doc or {}).get("down_handled", 0.0):
             changes.update(down_handled=down_at, **self._warm_off(local))
-        self._commit(phase="destroying", phase_since=now, **changes)
+        self._commit(phase="destroying", phase_since=now, removal="stop" if stop else "destroy",
+                     **changes)
         if self._drain(now + self.config.drain_timeout):
             self._remove(demand_cutoff=time.time())  # requests refused meanwhile do not count
 
@@ -350,15 +361,23 @@ class Reconciler:
         return False
 
     def _remove(self, **changes: Any) -> None:
+        """Destroy the server, or stop it (the document's `removal`, set when it began)."""
+        stop = (self.doc or {}).get("removal") == "stop"
         try:
-            self.provisioner.tear_down(self._progress)
+            if stop:
+                self.provisioner.stop(self._progress)
+            else:
+                self.provisioner.tear_down(self._progress)
         except ProvisionError as exc:
-            self._fail(f"removing the GPU server failed: {exc}", teardown=True)
+            verb = "stopping" if stop else "removing"
+            self._fail(f"{verb} the GPU server failed: {exc}", teardown=True)
             return
-        self._gone(teardown_pending=False, **changes)
+        self._gone(teardown_pending=False, instance_status="stopped" if stop else "absent",
+                   **changes)
 
     def _gone(self, **changes: Any) -> None:
-        """The server no longer exists: phase idle, its GPU time booked."""
+        """The server no longer runs (gone, or stopped): phase idle, its GPU time booked."""
+        changes.setdefault("instance_status", "absent")
         now = time.time()
         booked = gputime.close_interval(self.doc or {}, now, self.config.tz)
         self._commit(phase="idle", phase_since=now, endpoint=None, detail="", **booked, **changes)

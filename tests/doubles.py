@@ -22,6 +22,7 @@ class GatedProvisioner:
         self.fail_with: str | None = None
         self.bring_ups = 0
         self.tear_downs = 0
+        self.stops = 0
         self.sentences = ["creating the test server"]  # progress that bring-up reports
         self.lock = threading.Lock()
 
@@ -42,4 +43,9 @@ class GatedProvisioner:
     def tear_down(self, progress) -> None:
         with self.lock:
             self.tear_downs += 1
+        self.exists = False
+
+    def stop(self, progress) -> None:
+        with self.lock:
+            self.stops += 1
         self.exists = False

@@ -121,6 +121,44 @@ def test_a_failed_up_shows_the_reason_then_recovers(world, tmp_path):
         assert len(w.instances()) == 1
 
 
+def test_idle_action_stop_stops_the_instance_and_demand_starts_the_same_one(world):
+    w = world(PROXY_IDLE_TIMEOUT="2", PROXY_IDLE_ACTION="stop")
+    with w.proxy() as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready", timeout=90)
+        (instance_id, record), = w.instances().items()
+        pid = record["pid"]
+        stopped = proxy.wait_phase("idle", timeout=60)
+        assert stopped["instance_status"] == "stopped" and stopped["remote_url"] is None
+        (same_id, record), = w.instances().items()
+        assert same_id == instance_id and record["state"] == "stopped" and not record["pid"]
+        assert any("updating exoscale:ComputeInstance gpu" in step["text"]
+                   for step in stopped["steps"]), stopped["steps"]  # an update, not a delete
+        wait_until(lambda: not _alive(pid), 10, what="the stopped instance's Ollama to end")
+    (w.state / "state.db").unlink()
+    with w.proxy() as restarted:  # found in the stack as stopped: not waited for, not remade
+        wait_until(lambda: restarted.status()["instance_status"] == "stopped", 30,
+                   what="the stopped instance found")
+        assert restarted.status()["provisioning_status"] == "idle"
+        requests.post(restarted.url + "/api/chat", json={}, timeout=5)
+        again = restarted.wait_phase("ready", timeout=90)
+        (same_id, record), = w.instances().items()
+        assert same_id == instance_id and record["state"] == "running" and record["pid"]
+        assert again["instance_status"] == "running"
+        chunks = list(ollama.Client(host=restarted.url).chat(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        ))
+        assert chunks[-1].done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return _stat(pid)[0] not in ("Z", "X")
+
+
 def test_a_restarted_proxy_adopts_the_instance_in_the_stack(world):
     w = world()
     with w.proxy() as proxy:

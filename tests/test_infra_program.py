@@ -38,7 +38,7 @@ KEY_PEM = "-----BEGIN PRIVATE KEY-----\nS0VZ\n-----END PRIVATE KEY-----\n"
 MAIN = Path(__file__).resolve().parent.parent / "infra" / "__main__.py"
 OUTPUT_NAMES = {
     "remote_url", "public_ip", "instance_id", "token", "tls_certificate", "tls_server_name",
-    "instance_type", "zone",
+    "instance_type", "zone", "instance_state",
 }
 
 
@@ -162,6 +162,18 @@ def test_instance_inputs(run_program):
     assert instance["name"] == "ollama-exoscale"
     assert "sshKeys" not in instance and "sshKey" not in instance
     assert instance.get("ipv6") is False
+    assert instance["state"] == "running"
+
+
+def test_a_stopped_server_is_the_same_instance_declared_stopped(run_program):
+    """PROXY_IDLE_ACTION=stop: a declarative state change, not a side call; disk kept."""
+    running = run_program(settings(), stack="one").mocks.one(INSTANCE).inputs
+    run = run_program(settings(instance_state="stopped"), stack="one")
+    stopped = run.mocks.one(INSTANCE).inputs
+    assert stopped["state"] == "stopped"
+    changed = {k for k in running.keys() | stopped.keys() if running.get(k) != stopped.get(k)}
+    assert changed == {"state"}  # the user data, zone, template: nothing that replaces it
+    assert run.mocks.replace_on_changes["gpu"] == ["userData"]
 
 
 def test_new_user_data_replaces_the_instance(run_program):
@@ -275,6 +287,7 @@ def test_outputs(run_program):
     assert values["tls_server_name"] == TLS_SERVER_NAME
     assert values["instance_type"] == "gpua5000.small"
     assert values["zone"] == "ch-gva-2"
+    assert values["instance_state"] == "running"
 
 
 def test_only_the_token_output_is_secret(run_program):

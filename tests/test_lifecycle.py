@@ -281,3 +281,18 @@ def test_outside_its_windows_the_server_is_not_started(make, upstream):
     life = make(provisioner, warm_windows=parse_windows(f"{hour:02d}:00-{hour + 1:02d}:00"))
     time.sleep(0.5)
     assert provisioner.bring_ups == 0 and phase_of(life) == "idle"
+
+
+def test_idle_action_stop_keeps_the_server_stopped_and_demand_starts_it(make, upstream):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    life = make(provisioner, idle_action="stop", idle_timeout=0.3)
+    life.want()
+    wait_until(lambda: phase_of(life) == "ready", 10, what="ready")
+    wait_until(lambda: phase_of(life) == "idle", 10, what="stopped when idle")
+    assert (provisioner.stops, provisioner.tear_downs) == (1, 0)
+    snapshot = life.snapshot()
+    assert snapshot.instance_status == "stopped" and snapshot.gpu_seconds > 0
+    assert snapshot.steps[0]["text"] == "idle: stopping the GPU server"
+    life.want()
+    wait_until(lambda: phase_of(life) == "ready", 10, what="ready again")
+    assert provisioner.bring_ups == 2 and life.snapshot().endpoint.instance_status == "running"

@@ -97,10 +97,15 @@ class Cloud:
             return object_id, dict(inputs)
         return str(uuid.uuid4()), dict(inputs)
 
-    def update(self, type_: str, object_id: str, inputs: dict, outputs: dict) -> dict:
+    def update(self, type_: str, object_id: str, inputs: dict, outputs: dict,
+               stack: list[dict]) -> dict:
         if type_ in EXOSCALE_OBJECTS:
             with self.objects() as data:
-                data[EXOSCALE_OBJECTS[type_]].setdefault(object_id, {}).update(reveal(inputs))
+                record = data[EXOSCALE_OBJECTS[type_]].setdefault(object_id, {})
+                was = record.get("state") or "running"
+                record.update(reveal(inputs))
+            if type_ == INSTANCE:
+                self._set_state(object_id, was, stack)
         return {**outputs, **inputs}
 
     def read(self, type_: str, object_id: str, outputs: dict) -> dict | None:
@@ -170,6 +175,21 @@ class Cloud:
         with self.objects() as data:
             data["instances"][object_id] = record
         return object_id, {**inputs, **_instance_outputs(record)}
+
+    def _set_state(self, object_id: str, was: str, stack: list[dict]) -> None:
+        """A stopped instance's Ollama stops; started again, it boots on its own disk."""
+        with self.objects() as data:
+            record = data["instances"][object_id]
+            state = record.get("state") or "running"
+            pid = record.get("pid")
+            if state == was:
+                return
+            if state == "stopped":
+                record["pid"] = None
+            else:
+                record["pid"] = self._boot(self.files / object_id, record["port"], stack)
+        if state == "stopped" and pid:
+            _stop(pid)
 
     def _port(self, plain: dict, stack: list[dict]) -> int:
         if self.env.get("STANDIN_INSTANCE_PORT"):

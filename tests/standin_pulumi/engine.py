@@ -333,7 +333,9 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
         elif not new["custom"]:
             new = {**new, "outputs": (old or {}).get("outputs") or {}}
         elif op == "update":
-            outputs = self.cloud.update(new["type"], old["id"], new["inputs"], old["outputs"])
+            outputs = self.cloud.update(
+                new["type"], old["id"], new["inputs"], old["outputs"], self.resources
+            )
             new = {**new, "id": old["id"], "outputs": outputs}
         else:
             if op == "replace" and new["type"] == INSTANCE:
