@@ -150,6 +150,9 @@ class Lifecycle:
         if snapshot.phase == "ready" and snapshot.endpoint is not None:
             with self._lock:
                 self._inflight += 1
+                first = self._inflight == 1
+            if first:  # report it soon: the reconciler may be about to call the server idle
+                self._wake.set()
             return Ticket(snapshot.endpoint, demand)
         if demand:
             self.want()

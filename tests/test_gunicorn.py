@@ -108,8 +108,8 @@ def test_a_long_stream_outlives_gunicorns_worker_timeout(tmp_path):
 
 
 def test_idle_removal_waits_for_the_stream_then_happens_after_the_timeout(tmp_path):
-    env = upstream_env(tmp_path, "--chunk-interval", "0.2", "--chunks", "20",
-                       PROXY_IDLE_TIMEOUT="1")
+    env = upstream_env(tmp_path, "--chunk-interval", "0.2", "--chunks", "30",
+                       PROXY_IDLE_TIMEOUT="2")
     with Proxy(tmp_path, **env) as proxy:
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
         proxy.wait_phase("ready")
@@ -118,10 +118,10 @@ def test_idle_removal_waits_for_the_stream_then_happens_after_the_timeout(tmp_pa
             for _ in answer.iter_lines():
                 phases.append(proxy.status()["provisioning_status"])
         ended = time.monotonic()
-        assert len(phases) == 21  # 20 chunks and the last line
-        assert set(phases) == {"ready"}  # 4 s of stream, idle timeout 1 s: never removed
+        assert len(phases) == 31  # 30 chunks and the last line
+        assert set(phases) == {"ready"}  # 6 s of stream, idle timeout 2 s: never removed
         idle = proxy.wait_phase("idle", timeout=15)
-        assert time.monotonic() - ended >= 1
+        assert time.monotonic() - ended >= 2
         assert idle["instance_status"] == "absent"
         assert starts(tmp_path) == 1
         assert not (tmp_path / "local-upstream.json").exists()  # stopped and forgotten
