@@ -300,3 +300,39 @@ def test_down_lets_the_stream_end_then_removes_the_upstream(tmp_path):
              "admin-key-123"], capture_output=True, text=True, timeout=30,
         ).stdout
         assert "GPU time" in table and "in all" in table and "EUR today" in table
+
+
+def test_api_keys_work_with_the_real_clients_and_stop_everyone_else(tmp_path, monkeypatch):
+    key = "user-key-1234567"
+    env = upstream_env(tmp_path, PROXY_API_KEYS=key)
+    with Proxy(tmp_path, **env) as proxy:
+        # ollama-python: headers=, or OLLAMA_API_KEY in the environment.
+        listed = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {key}"}).list()
+        assert [m.model for m in listed.models] == ["llama3.2:latest"]
+        monkeypatch.setenv("OLLAMA_API_KEY", key)
+        assert ollama.Client(host=proxy.url).ps().models == []
+        monkeypatch.delenv("OLLAMA_API_KEY")
+        with pytest.raises(ollama.ResponseError) as refused:
+            ollama.Client(host=proxy.url).list()
+        assert refused.value.status_code == 401 and "API key" in refused.value.error
+        # The OpenAI SDK: api_key=.
+        good = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
+        assert [m.id for m in good.models.list()] == ["llama3.2:latest"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=proxy.url + "/v1", api_key="wrong-key-12345",
+                          max_retries=0).models.list()
+        # Open WebUI's connection key: a Bearer header on /api/tags, then /api/ps (10 s timeout).
+        for path in ("/api/tags", "/api/ps"):
+            answer = requests.get(proxy.url + path, headers={"Authorization": f"Bearer {key}"},
+                                  timeout=10)
+            assert answer.status_code == 200 and "models" in answer.json()
+        # A demand route with the key wakes the GPU; the key never reaches the upstream's log.
+        with pytest.raises(ollama.ResponseError) as waking:
+            ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {key}"}).chat(
+                model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+        assert waking.value.status_code == 503
+        proxy.wait_phase("ready", headers={"Authorization": f"Bearer {key}"})
+        chat = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {key}"}).chat(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+        assert chat.done
+        assert key not in proxy.logs()
