@@ -343,8 +343,8 @@ class Demand:
         """RFC 7240 `Prefer: wait=N`: hold up to min(N, PROXY_MAX_HOLD) s while provisioning."""
         match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
         seconds = min(int(match.group(1)), self.config.max_hold) if match else 0
-        if seconds <= 0 or not self.lifecycle.try_hold_slot():
-            return None
+        if seconds <= 0 or self.lifecycle.budget_used_up() or not self.lifecycle.try_hold_slot():
+            return None  # no server will come today: no point holding
         HELD.inc()
         try:
             self.lifecycle.hold(seconds)

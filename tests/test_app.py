@@ -232,12 +232,14 @@ def seed(tmp_path, doc):
 def test_a_used_up_daily_budget_gets_a_503_that_says_so_and_starts_nothing(proxy, tmp_path):
     today = time.strftime("%Y-%m-%d", time.gmtime())
     seed(tmp_path, {"phase": "idle", "gpu_days": {today: 7300.0}, "gpu_seconds": 7300.0})
-    client, life, provisioner = proxy(daily_gpu_hours=2.0, hourly_price=1.5)
+    client, life, provisioner = proxy(daily_gpu_hours=2.0, hourly_price=1.5, max_hold=30)
     answer = client.simulate_post("/api/chat", json={"model": "llama3.2"})
     assert answer.status_code == 503
     assert answer.json["provisioning"] is False and answer.json["status"] == "idle"
     assert "daily GPU budget of 2 h is used up" in answer.json["error"]
     assert 1 <= int(answer.headers["Retry-After"]) <= 60
+    held = client.simulate_post("/api/chat", json={}, headers={"Prefer": "wait=30"})
+    assert held.status_code == 503 and "Preference-Applied" not in held.headers  # not held
     openai_answer = client.simulate_post("/v1/chat/completions", json={})
     assert openai_answer.json["error"]["code"] == "budget_exhausted"
     time.sleep(0.3)
