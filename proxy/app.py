@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import re
+import statistics
 import threading
 import time
 from datetime import datetime, timezone
@@ -185,12 +186,25 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
             "last": cold[-1] if cold else None,
             "median": lifecycle.typical_cold_start(snapshot) if cold else None,
         },
+        "cold_start_timeline": {
+            "last": snapshot.timelines[-1] if snapshot.timelines else None,
+            "median": median_timeline(snapshot.timelines),
+        },
         "upstream_version": snapshot.upstream_version,
         "store_error": lifecycle.store_error,
         "reconciler": snapshot.reconciler,
         "gpu": gpu_usage(config, lifecycle, snapshot, now),
         "warm_windows": warm_windows(config, now),
     }
+
+
+def median_timeline(timelines: tuple[dict[str, float], ...]) -> dict[str, float] | None:
+    """Each stage's median over the recent cold starts that saw it."""
+    stages = [stage for timeline in timelines for stage in timeline]
+    return {
+        stage: round(statistics.median(t[stage] for t in timelines if stage in t), 3)
+        for stage in dict.fromkeys(stages)
+    } or None
 
 
 def gpu_usage(config: Config, lifecycle: Lifecycle, snapshot: Snapshot, now: float

@@ -49,6 +49,7 @@ class Snapshot:
     retry_at: float = 0.0
     failures: int = 0
     cold_starts: tuple[float, ...] = ()
+    timelines: tuple[dict[str, float], ...] = ()  # each cold start's seconds by stage
     provisioning_started_at: float = 0.0
     ready_since: float = 0.0
     upstream_version: str | None = None
@@ -83,6 +84,7 @@ class Snapshot:
             retry_at=doc.get("retry_at", 0.0),
             failures=doc.get("failures", 0),
             cold_starts=tuple(doc.get("cold_starts", ())),
+            timelines=tuple(doc.get("timelines", ())),
             provisioning_started_at=doc.get("provisioning_started_at", 0.0),
             ready_since=doc.get("ready_since", 0.0),
             upstream_version=doc.get("upstream_version"),

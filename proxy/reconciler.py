@@ -21,7 +21,7 @@ from . import gputime, schedule
 from .config import Config
 from .provisioner import Endpoint, Provisioner, ProvisionError
 from .store import Store, StoreError, WorkerReport
-from .upstream import Sessions, probe
+from .upstream import Sessions, load_model, probe
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
@@ -30,6 +30,10 @@ HEALTH_FAILURES = 3  # failed probes in a row before the upstream is re-examined
 PROBE_EVERY = 1.0  # seconds between readiness probes while starting
 DESTROY_GRACE_TICKS = 4  # ticks to wait after announcing `destroying`, for in-flight reports
 COLD_STARTS_KEPT = 20
+# A cold start's stages, each ending at its mark: the stack update, the boot until Ollama
+# answers, the model pull until /api/tags lists every model, the model load into GPU memory.
+STAGES = (("stack_update", "server"), ("boot", "answers"), ("model_pull", "listed"),
+          ("model_load", "loaded"))
 STEPS_KEPT = 40  # progress sentences of the current operation kept in the document
 REPORTS_KEPT = 86400.0  # seconds a dead worker's report is kept (its last activity counts)
 
@@ -177,6 +181,7 @@ class Reconciler:
             phase_since=now,
             provisioning_started_at=now,
             instance_since=now,  # billing may start with the request
+            marks={"requested": now},
             demand_cutoff=now,
             teardown_pending=False,
             **self._detail("provisioning", "starting the GPU server", now),
@@ -254,6 +259,7 @@ class Reconciler:
             endpoint=asdict(endpoint),
             instance_status=endpoint.instance_status,
             detail="the GPU server exists; waiting for Ollama and the model",
+            marks={**(self.doc or {}).get("marks", {}), "server": time.time()},
         )
         self._await_ready()
 
@@ -263,7 +269,12 @@ class Reconciler:
         deadline = doc.get("phase_since", time.time()) + self.config.start_timeout
         while not self._stop.is_set():
             result = probe(self.sessions, endpoint, self.config.models)
+            if result.ready or "does not answer" not in result.reason:
+                self._mark("answers")
             if result.ready:
+                self._mark("listed")
+                self._load_models(endpoint)
+                self._mark("loaded")
                 self._become_ready(result.version)
                 return
             self._progress(result.reason)
@@ -275,14 +286,34 @@ class Reconciler:
                 return
             self._stop.wait(PROBE_EVERY)
 
+    def _load_models(self, endpoint: Endpoint) -> None:
+        """Load each model once, so the first request does not pay for it (best effort)."""
+        for model in self.config.models:
+            self._progress(f"loading {model} into GPU memory")
+            failed = load_model(self.sessions, endpoint, model, self.config.idle_timeout,
+                                self.config.read_timeout)
+            if failed:
+                log.warning("%s; the first request will load it", failed)
+
+    def _mark(self, name: str) -> None:
+        """The moment a cold-start stage ended (the first time only), kept with the document."""
+        with self._doc_lock:
+            marks = (self.doc or {}).get("marks") or {}
+            if self.doc is not None and name not in marks:
+                self.doc["marks"] = {**marks, name: time.time()}
+
     def _become_ready(self, version: str | None) -> None:
         now = time.time()
         doc = self.doc or {}
         cold_starts = list(doc.get("cold_starts", []))
+        timelines = list(doc.get("timelines", []))
         started = doc.get("provisioning_started_at") or 0.0
         if started:
             cold_starts = (cold_starts + [round(now - started, 3)])[-COLD_STARTS_KEPT:]
-            log.info("ready after a cold start of %.1f s", now - started)
+            timeline = cold_start_timeline(doc.get("marks") or {}, started)
+            timelines = (timelines + [timeline])[-COLD_STARTS_KEPT:]
+            log.info("ready after a cold start of %.1f s (%s)", now - started,
+                     ", ".join(f"{k} {v:.1f} s" for k, v in timeline.items()))
         self._commit(
             phase="ready",
             phase_since=now,
@@ -291,6 +322,7 @@ class Reconciler:
             failures=0,
             last_error=None,
             cold_starts=cold_starts,
+            timelines=timelines,
             upstream_version=version,
         )
         self._last_health = now
@@ -451,3 +483,13 @@ class Reconciler:
             except StoreError:
                 pass
             self._holding = False
+
+
+def cold_start_timeline(marks: dict[str, float], started: float) -> dict[str, float]:
+    """Seconds each stage of a cold start took; a stage whose end went unseen is left out."""
+    timeline, since = {}, started
+    for stage, mark in STAGES:
+        if mark in marks:
+            timeline[stage] = round(max(0.0, marks[mark] - since), 3)
+            since = marks[mark]
+    return timeline

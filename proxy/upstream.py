@@ -119,3 +119,21 @@ def probe(sessions: Sessions, endpoint: Endpoint, models: tuple[str, ...]) -> Pr
     except (requests.RequestException, ValueError, AttributeError):
         pass
     return Probe(True, "ready", version)
+
+
+def load_model(
+    sessions: Sessions, endpoint: Endpoint, model: str, keep_alive: float, timeout: float
+) -> str | None:
+    """Load `model` into GPU memory (Ollama's empty generate); None when done, else why not."""
+    try:
+        answer = sessions.get(endpoint).post(
+            endpoint.url + "/api/generate",
+            json={"model": model, "keep_alive": int(keep_alive), "stream": False},
+            headers=auth_headers(endpoint),
+            timeout=(3, timeout),
+        )
+    except requests.RequestException as exc:
+        return f"loading {model} failed ({type(exc).__name__})"
+    if answer.status_code != 200:
+        return f"loading {model} failed: HTTP {answer.status_code}"
+    return None

@@ -87,6 +87,10 @@ def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
         steps = [step["text"] for step in status["steps"] if step["phase"] == "provisioning"]
         assert "creating exoscale:ComputeInstance gpu" in " ".join(steps), steps
         assert any(s.startswith("pulumi up finished") for s in steps), steps
+        # Each stage of the cold start measured: the boot delay of the simulated instance too.
+        timeline = status["cold_start_timeline"]["last"]
+        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load"]
+        assert timeline["boot"] >= 0.9 and status["cold_start_timeline"]["median"] == timeline
         assert status["remote_url"].startswith("https://127.0.0.1:")
         token = stored_token(w.state)
         assert len(token) >= 40

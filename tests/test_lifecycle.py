@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -296,3 +297,38 @@ def test_idle_action_stop_keeps_the_server_stopped_and_demand_starts_it(make, up
     life.want()
     wait_until(lambda: phase_of(life) == "ready", 10, what="ready again")
     assert provisioner.bring_ups == 2 and life.snapshot().endpoint.instance_status == "running"
+
+
+def test_a_cold_start_loads_the_model_and_records_each_stage(make):
+    import requests
+
+    slow = fake_ollama.start_in_thread(models="llama3.2", tags_delay=0.6)
+    try:
+        provisioner = GatedProvisioner(Endpoint(slow.url))
+        life = make(provisioner, idle_timeout=600)
+        life.want()
+        wait_until(lambda: phase_of(life) == "ready", 10, what="ready")
+        # The model was loaded before `ready`, kept as long as the idle timeout.
+        loaded = requests.get(slow.url + "/api/ps", timeout=5).json()["models"]
+        assert [m["name"] for m in loaded] == ["llama3.2:latest"]
+        expires = datetime.fromisoformat(loaded[0]["expires_at"].replace("Z", "+00:00"))
+        assert 500 < (expires - datetime.now(timezone.utc)).total_seconds() <= 600
+        snapshot = life.snapshot()
+        assert any(s["text"] == "loading llama3.2 into GPU memory" for s in snapshot.steps)
+        (timeline,) = snapshot.timelines
+        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load"]
+        assert timeline["model_pull"] >= 0.5  # the upstream listed the model 0.6 s late
+        assert sum(timeline.values()) == pytest.approx(snapshot.cold_starts[-1], abs=0.3)
+    finally:
+        slow.close()
+
+
+def test_a_failed_model_load_still_ends_ready(make, upstream, monkeypatch, caplog):
+    import proxy.reconciler
+
+    monkeypatch.setattr(proxy.reconciler, "load_model",
+                        lambda *args: "loading llama3.2 failed: HTTP 500")
+    life = make(GatedProvisioner(Endpoint(upstream.url)))
+    life.want()
+    wait_until(lambda: phase_of(life) == "ready", 10, what="ready")
+    assert "loading llama3.2 failed: HTTP 500; the first request will load it" in caplog.text
