@@ -4,20 +4,27 @@
 # Rendered by infra/cloudinit.py (the values below were shell-quoted there) and run by
 # ollama-exoscale-setup.service at every boot until it succeeds. Every step checks what is
 # already done and does only the rest, so a run after a reboot or a failure picks up where the
-# last one stopped. The front (nginx, on the public port) starts only once every model is
-# pulled: "the port answers and /api/tags lists the model" means ready.
+# last one stopped. The front (nginx, on the public port, TLS and the bearer token) starts as
+# soon as it is installed, but serves only the bring-up's progress (/ollama-exoscale/status)
+# until every model is pulled; then it lets Ollama through: "/api/tags lists the model" means
+# ready.
 set -euo pipefail
 
 MODELS=({{ models }})
 PORT={{ port }}
 OLLAMA_IMAGE={{ ollama_image }}
-STATE_DIR=/var/lib/ollama-exoscale
+STATE_DIR={{ state_dir }}
+export STATUS_FILE=$STATE_DIR/status.json  # where ollama-exoscale-progress writes
 NVIDIA_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
 NVIDIA_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 SITE=/etc/ollama-exoscale/nginx-site.conf
+READY=$STATE_DIR/ready  # the front lets requests through to Ollama only once this exists
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "ollama-exoscale-setup: $*" >&2; }
+
+# say PHASE DETAIL: the progress the front serves to the proxy (never fatal).
+say() { /usr/local/sbin/ollama-exoscale-progress say "$@" || log "cannot write the progress"; }
 
 # apt waits for another apt (unattended-upgrades at first boot) instead of failing on its lock.
 apt_get() { apt-get -q -o DPkg::Lock::Timeout=1200 "$@"; }
@@ -43,6 +50,7 @@ installed() {  # installed PACKAGE...: all of them are installed
 
 install_packages() {
   if installed ca-certificates curl gnupg docker.io nginx ubuntu-drivers-common; then return 0; fi
+  say packages "installing Docker, nginx and the driver tools"
   retry 3 apt_get update
   retry 3 apt_get install -y --no-install-recommends \
     ca-certificates curl gnupg docker.io nginx ubuntu-drivers-common
@@ -55,6 +63,7 @@ nvidia_loaded() { [ -e /proc/driver/nvidia/version ]; }
 
 install_nvidia_driver() {
   if nvidia_loaded; then return 0; fi
+  say driver "installing the NVIDIA driver"
   # The headless, server-branch driver Ubuntu recommends for this GPU (no X, no desktop).
   retry 3 ubuntu-drivers install --gpgpu
   modprobe nvidia || true
@@ -66,6 +75,7 @@ install_nvidia_driver() {
   fi
   touch "$STATE_DIR/rebooted-for-driver"
   log "rebooting to load the NVIDIA driver"
+  say driver "rebooting to load the NVIDIA driver"
   systemctl reboot
   exit 0
 }
@@ -84,6 +94,7 @@ add_nvidia_repository() {
 
 install_container_toolkit() {
   if ! command -v nvidia-ctk >/dev/null; then
+    say toolkit "installing the NVIDIA container toolkit"
     add_nvidia_repository
     retry 3 apt_get update
     retry 3 apt_get install -y --no-install-recommends nvidia-container-toolkit
@@ -107,6 +118,7 @@ wait_for_ollama() {
 
 start_ollama() {
   # Published on loopback only: Ollama has no authentication; nginx is its only way in.
+  say container "starting Ollama"
   if ! docker container inspect ollama >/dev/null 2>&1; then
     retry 3 docker pull "$OLLAMA_IMAGE"
     docker run -d --name ollama --gpus=all --restart unless-stopped \
@@ -121,27 +133,37 @@ pull_models() {
   for model in "${MODELS[@]}"; do
     if docker exec ollama ollama show "$model" >/dev/null 2>&1; then continue; fi
     log "pulling model $model"
-    retry 3 docker exec ollama ollama pull "$model" >/dev/null
+    # Through Ollama's API on loopback: its percent goes into the progress document.
+    retry 3 /usr/local/sbin/ollama-exoscale-progress pull "$model"
   done
 }
 
-start_front() {
+open_front() {
   rm -f /etc/nginx/sites-enabled/default
   ln -sfn "$SITE" /etc/nginx/sites-enabled/ollama-exoscale
   nginx -t -q
   systemctl enable nginx
   systemctl reload-or-restart nginx
+}
+
+mark_ready() {
+  touch "$READY"
+  say ready "ready"
   log "ready: Ollama answers on port $PORT (TLS, bearer token) with ${MODELS[*]}"
 }
 
 main() {
   mkdir -p "$STATE_DIR"
+  chmod 0755 "$STATE_DIR"  # the front's workers read the progress document in it
+  if [ -e "$READY" ]; then rm -f "$STATE_DIR/status.json"; fi  # a restart: time this boot only
+  say packages "starting the bring-up"
   install_packages
+  open_front  # only the progress until $READY exists
   install_nvidia_driver
   install_container_toolkit
   start_ollama
   pull_models
-  start_front
+  mark_ready
 }
 
 main "$@"

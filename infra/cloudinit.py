@@ -23,6 +23,7 @@ from .settings import Settings
 # name, since the instance's address is not known when the certificate is made.
 TLS_SERVER_NAME = "ollama-exoscale.invalid"
 OLLAMA_IMAGE = "ollama/ollama"
+STATE_DIR = "/var/lib/ollama-exoscale"  # the setup script's: progress document, ready marker
 HEADER = "#cloud-config\n# ollama-exoscale: rendered by infra/cloudinit.py from cloud-init/\n"
 # What the Exoscale API accepts as user data.
 MAX_USER_DATA_BYTES = 32 * 1024
@@ -54,6 +55,7 @@ def render_user_data(settings: Settings, token: str, tls_cert_pem: str, tls_key_
         "setup.sh": fill(_read("setup.sh"), _shell_values(settings)),
         "nginx-site.conf": fill(_read("nginx-site.conf"), _nginx_values(settings, token)),
         "ollama-exoscale-setup.service": _read("ollama-exoscale-setup.service"),
+        "progress.py": _read("progress.py"),
         "tls.crt": _checked_pem("TLS certificate", tls_cert_pem),
         "tls.key": _checked_pem("TLS private key", tls_key_pem),
     }
@@ -88,6 +90,7 @@ def _shell_values(settings: Settings) -> dict[str, str]:
         "models": " ".join(shlex.quote(model) for model in settings.models),
         "port": str(int(settings.port)),
         "ollama_image": shlex.quote(OLLAMA_IMAGE),
+        "state_dir": shlex.quote(STATE_DIR),
     }
 
 
@@ -99,6 +102,7 @@ def _nginx_values(settings: Settings, token: str) -> dict[str, str]:
         "listen_ipv6": f"listen [::]:{port} ssl;" if settings.ipv6 else "# IPv4 clients only",
         "server_name": TLS_SERVER_NAME,
         "token": token,
+        "state_dir": STATE_DIR,
     }
 
 

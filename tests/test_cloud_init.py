@@ -14,24 +14,30 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import os
+import re
 import shlex
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import types
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from infra.cloudinit import TLS_SERVER_NAME, fill, render_user_data
+from infra.cloudinit import TLS_SERVER_NAME, fill, render_user_data, template_dir
 from infra.settings import Settings
 
 TOKEN = "b7Qm2Lx9" * 6
 SCRIPT = "/usr/local/sbin/ollama-exoscale-setup"
+TEMPLATES = template_dir()
 SITE = "/etc/ollama-exoscale/nginx-site.conf"
 UNIT = "/etc/systemd/system/ollama-exoscale-setup.service"
 CLOUD_INIT_SCHEMA = Path("/usr/lib/python3/dist-packages/cloudinit/config/schemas")
@@ -218,10 +224,13 @@ def test_models_reach_the_script_as_they_are(tls, tmp_path):
     assert line == "MODELS=(" + " ".join(shlex.quote(m) for m in models) + ")"
 
 
-def test_script_pulls_models_before_it_opens_the_front(user_data):
+def test_script_lets_ollama_through_only_once_every_model_is_pulled(user_data):
     script = written(user_data)[SCRIPT]["content"]
     main = script[script.index("\nmain() {"):]
-    assert main.index("pull_models") < main.index("start_front")
+    # The front opens early (for the progress), the ready marker comes after the pull.
+    assert main.index("install_packages") < main.index("open_front") < main.index("pull_models")
+    assert main.index("pull_models") < main.index("mark_ready")
+    assert 'touch "$READY"' in script[script.index("mark_ready() {"):]
     assert "-p 127.0.0.1:11434:11434" in script  # Ollama itself on loopback only
     assert "--gpus=all" in script and "--restart unless-stopped" in script
     assert "-v ollama:/root/.ollama" in script
@@ -231,12 +240,14 @@ def test_script_pulls_models_before_it_opens_the_front(user_data):
 # -- the front: nginx --------------------------------------------------------------------------
 
 
-def nginx_files(user_data: str, tls, folder: Path, upstream_port: int = 11434) -> Path:
+def nginx_files(user_data: str, tls, folder: Path, upstream_port: int = 11434,
+                state: Path | None = None) -> Path:
     """The rendered site in a throwaway nginx prefix; returns the main config."""
     site = written(user_data)[SITE]["content"]
     site = site.replace("/etc/ollama-exoscale/tls.crt", str(tls.cert))
     site = site.replace("/etc/ollama-exoscale/tls.key", str(tls.key))
     site = site.replace("http://127.0.0.1:11434", f"http://127.0.0.1:{upstream_port}")
+    site = site.replace("/var/lib/ollama-exoscale", str(state or folder / "state"))
     (folder / "site.conf").write_text(site)
     temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -335,7 +346,10 @@ def front(tls, tmp_path):
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port = free_port()
     tmp_path.chmod(0o755)  # nginx's workers may run as another user
-    main = nginx_files(render(tls, port=port), tls, tmp_path, upstream.server_address[1])
+    # nginx's workers (another user) must reach the state dir: not under pytest's 0700 dirs.
+    state = Path(tempfile.mkdtemp(prefix="ollama-exoscale-state-"))
+    state.chmod(0o755)
+    main = nginx_files(render(tls, port=port), tls, tmp_path, upstream.server_address[1], state)
     process = subprocess.Popen(
         [nginx, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -351,14 +365,16 @@ def front(tls, tmp_path):
                     pytest.fail(f"nginx did not start: {process.stderr.read().decode()}"
                                 f"{(tmp_path / 'error.log').read_text()}")
                 time.sleep(0.05)
+        (state / "ready").touch()  # the bring-up is done (tests may undo it)
         yield types.SimpleNamespace(port=port, cert=tls.cert, seen=StandInOllama.seen,
-                                    release=StandInOllama.release)
+                                    release=StandInOllama.release, state=state)
     finally:
         StandInOllama.release.set()
         process.terminate()
         process.wait(10)
         upstream.shutdown()
         upstream.server_close()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def connect(front) -> http.client.HTTPConnection:
@@ -436,3 +452,69 @@ def test_front_serves_only_tls(front):
         plain.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = plain.recv(4096)
     assert b"llama3.2" not in answer and not answer.startswith(b"HTTP/1.1 200")
+
+
+def test_front_keeps_ollama_closed_until_the_bring_up_is_done(front):
+    (front.state / "ready").unlink()
+    response, body = request(front, "GET", "/api/tags", {"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 503 and "being set up" in json.loads(body)["error"]
+    assert front.seen == []  # nothing reached Ollama before its models are in
+
+
+def test_front_serves_the_progress_with_the_token_only(front):
+    (front.state / "status.json").write_text(
+        '{"phase": "pulling", "detail": "pulling llama3.2: 43%", "percent": 43}')
+    (front.state / "status.json").chmod(0o644)
+    response, body = request(front, "GET", "/ollama-exoscale/status",
+                             {"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200 and json.loads(body)["percent"] == 43
+    assert response.getheader("Cache-Control") == "no-store"
+    refused, _ = request(front, "GET", "/ollama-exoscale/status", {"Authorization": "Bearer x"})
+    assert refused.status == 401 and front.seen == []
+
+
+# -- the progress document -----------------------------------------------------------------------
+
+
+def progress(tmp_path, *args, ollama_url="http://127.0.0.1:9"):
+    env = {**os.environ, "STATUS_FILE": str(tmp_path / "status.json"), "OLLAMA_URL": ollama_url}
+    return subprocess.run([sys.executable, str(TEMPLATES / "progress.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_progress_sums_the_time_of_each_phase(tmp_path):
+    assert progress(tmp_path, "say", "packages", "installing Docker").returncode == 0
+    time.sleep(0.2)
+    assert progress(tmp_path, "say", "driver", "installing the NVIDIA driver").returncode == 0
+    doc = json.loads((tmp_path / "status.json").read_text())
+    assert doc["phase"] == "driver" and doc["detail"] == "installing the NVIDIA driver"
+    assert doc["durations"]["packages"] >= 0.2
+    assert (tmp_path / "status.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_progress_pulls_through_ollamas_api_and_writes_the_percent(tmp_path):
+    from tests import fake_ollama
+
+    server = fake_ollama.start_in_thread(models="other", chunks=5, chunk_interval=0.2)
+    env = {**os.environ, "STATUS_FILE": str(tmp_path / "status.json"), "OLLAMA_URL": server.url}
+    try:
+        pulling = subprocess.Popen([sys.executable, str(TEMPLATES / "progress.py"), "pull",
+                                    "llama3.2"], env=env, stderr=subprocess.PIPE, text=True)
+        seen = set()
+        while pulling.poll() is None:
+            try:
+                seen.add(json.loads((tmp_path / "status.json").read_text())["detail"])
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        assert pulling.returncode == 0, pulling.stderr.read()
+        between = {d for d in seen if re.fullmatch(r"pulling llama3\.2: ([1-9][0-9]?)%", d)}
+        assert len(between) >= 3, seen  # the percent as it grows, not only at the end
+        doc = json.loads((tmp_path / "status.json").read_text())
+        assert (doc["detail"], doc["percent"]) == ("pulled llama3.2", 100)
+        tags = json.loads(urllib.request.urlopen(server.url + "/api/tags").read())
+        assert "llama3.2:latest" in [m["name"] for m in tags["models"]]
+        failed = progress(tmp_path, "pull", "llama3.2", ollama_url="http://127.0.0.1:9")
+        assert failed.returncode != 0
+    finally:
+        server.close()
