@@ -198,9 +198,10 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
     }
 
 
-def median_timeline(timelines: tuple[dict[str, float], ...]) -> dict[str, float] | None:
-    """Each stage's median over the recent cold starts that saw it."""
-    stages = [stage for timeline in timelines for stage in timeline]
+def median_timeline(timelines: tuple[dict[str, Any], ...]) -> dict[str, float] | None:
+    """Each stage's median over the recent cold starts that saw it (the proxy's stages)."""
+    stages = [stage for timeline in timelines for stage, seconds in timeline.items()
+              if isinstance(seconds, (int, float))]
     return {
         stage: round(statistics.median(t[stage] for t in timelines if stage in t), 3)
         for stage in dict.fromkeys(stages)

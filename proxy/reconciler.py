@@ -10,6 +10,7 @@ lost it stops writing, and the new holder resumes from the phase in the store.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from . import gputime, schedule
 from .config import Config
 from .provisioner import Endpoint, Provisioner, ProvisionError
 from .store import Store, StoreError, WorkerReport
-from .upstream import Sessions, load_model, probe
+from .upstream import Sessions, load_model, probe, server_progress
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
@@ -182,6 +183,7 @@ class Reconciler:
             provisioning_started_at=now,
             instance_since=now,  # billing may start with the request
             marks={"requested": now},
+            server_stages={},
             demand_cutoff=now,
             teardown_pending=False,
             **self._detail("provisioning", "starting the GPU server", now),
@@ -273,11 +275,14 @@ class Reconciler:
                 self._mark("answers")
             if result.ready:
                 self._mark("listed")
+                self._record_server_stages(endpoint)
                 self._load_models(endpoint)
                 self._mark("loaded")
                 self._become_ready(result.version)
                 return
-            self._progress(result.reason)
+            answering = "does not answer" not in result.reason
+            on_server = server_progress(self.sessions, endpoint) if answering else None
+            self._progress(f"on the server: {on_server['detail']}" if on_server else result.reason)
             if time.time() > deadline:
                 self._fail(
                     f"the GPU server did not become ready in {self.config.start_timeout:g} s: "
@@ -295,6 +300,18 @@ class Reconciler:
             if failed:
                 log.warning("%s; the first request will load it", failed)
 
+    def _record_server_stages(self, endpoint: Endpoint) -> None:
+        """The server's own seconds per bring-up phase (packages, driver, …), for the timeline."""
+        on_server = server_progress(self.sessions, endpoint) or {}
+        durations = on_server.get("durations")
+        if isinstance(durations, dict):
+            with self._doc_lock:
+                if self.doc is not None:
+                    self.doc["server_stages"] = {
+                        str(k): float(v) for k, v in durations.items()
+                        if isinstance(v, (int, float))
+                    }
+
     def _mark(self, name: str) -> None:
         """The moment a cold-start stage ended (the first time only), kept with the document."""
         with self._doc_lock:
@@ -310,10 +327,12 @@ class Reconciler:
         started = doc.get("provisioning_started_at") or 0.0
         if started:
             cold_starts = (cold_starts + [round(now - started, 3)])[-COLD_STARTS_KEPT:]
-            timeline = cold_start_timeline(doc.get("marks") or {}, started)
-            timelines = (timelines + [timeline])[-COLD_STARTS_KEPT:]
+            timeline: dict[str, Any] = cold_start_timeline(doc.get("marks") or {}, started)
             log.info("ready after a cold start of %.1f s (%s)", now - started,
                      ", ".join(f"{k} {v:.1f} s" for k, v in timeline.items()))
+            if doc.get("server_stages"):
+                timeline["on_server"] = doc["server_stages"]  # the server's own phases
+            timelines = (timelines + [timeline])[-COLD_STARTS_KEPT:]
         self._commit(
             phase="ready",
             phase_since=now,
@@ -453,10 +472,13 @@ class Reconciler:
         with self._doc_lock:
             if self.doc is not None:
                 self.doc["detail"] = sentence
-                steps = self.doc.get("steps") or []
+                steps = list(self.doc.get("steps") or [])
                 if not steps or steps[-1]["text"] != sentence:  # probes repeat their reason
-                    step = {"at": round(now, 3), "phase": self.doc.get("phase"), "text": sentence}
-                    self.doc["steps"] = (steps + [step])[-STEPS_KEPT:]
+                    if steps and _grown(steps[-1]["text"], sentence):
+                        steps.pop()  # "pulling llama3.2: 43%" replaces "…: 42%"
+                    steps.append({"at": round(now, 3), "phase": self.doc.get("phase"),
+                                  "text": sentence})
+                    self.doc["steps"] = steps[-STEPS_KEPT:]
         if now - self._detail_saved >= 1.0:
             self._detail_saved = now
             self._commit(detail=sentence)
@@ -493,3 +515,11 @@ def cold_start_timeline(marks: dict[str, float], started: float) -> dict[str, fl
             timeline[stage] = round(max(0.0, marks[mark] - since), 3)
             since = marks[mark]
     return timeline
+
+
+_PERCENT = re.compile(r"\s*\d+%$")
+
+
+def _grown(last: str, sentence: str) -> bool:
+    """The same sentence with another percent at its end."""
+    return bool(_PERCENT.search(sentence)) and _PERCENT.sub("", last) == _PERCENT.sub("", sentence)

@@ -137,3 +137,18 @@ def load_model(
     if answer.status_code != 200:
         return f"loading {model} failed: HTTP {answer.status_code}"
     return None
+
+
+PROGRESS_PATH = "/ollama-exoscale/status"  # served by the GPU server's front (cloud-init)
+
+
+def server_progress(sessions: Sessions, endpoint: Endpoint) -> dict | None:
+    """The GPU server's own bring-up progress, if its front serves it (None otherwise)."""
+    try:
+        answer = sessions.get(endpoint).get(
+            endpoint.url + PROGRESS_PATH, headers=auth_headers(endpoint), timeout=(3, 5)
+        )
+        doc = answer.json() if answer.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("detail"), str) else None

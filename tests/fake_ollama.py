@@ -162,6 +162,7 @@ class Options:
     request_log: str | os.PathLike | None = None
     tls_cert: str | os.PathLike | None = None
     tls_key: str | os.PathLike | None = None
+    setup_status: bool = False  # also serve the GPU server front's /ollama-exoscale/status
     verbose: bool = False
 
     def model_names(self) -> list[str]:
@@ -542,6 +543,7 @@ ROUTES = {
     ("POST", "/v1/embeddings"): "openai_embeddings",
     ("GET", "/__download"): "download",
     ("GET", "/__stats"): "stats",
+    ("GET", "/ollama-exoscale/status"): "setup_status",
 }
 
 
@@ -967,6 +969,24 @@ class Handler(BaseHTTPRequestHandler):
         yield {"status": "writing manifest"}
         yield {"status": "success"}
 
+    def setup_status(self) -> None:
+        """cloud-init/progress.py's document: the model pull's percent until tags list it."""
+        state = self.server.state
+        if not state.options.setup_status:
+            self.respond(404, b"404 page not found", "text/plain")
+            return
+        delay = state.options.tags_delay
+        left = state.tags_ready_at - time.monotonic()
+        model = (state.options.model_names() or ["llama3.2"])[0].removesuffix(":latest")
+        if left > 0:
+            percent = int(100 * (1 - left / delay))
+            doc = {"phase": "pulling", "detail": f"pulling {model}: {percent}%",
+                   "percent": percent, "durations": {"packages": 0.0}}
+        else:
+            doc = {"phase": "ready", "detail": "ready", "percent": None,
+                   "durations": {"packages": 0.0, "pulling": round(delay, 1)}}
+        self.respond_json(200, doc)
+
     def copy(self) -> None:
         request = self.read_json()
         if request is None:
@@ -1342,6 +1362,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--request-log", help="append one JSON line per request here")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    parser.add_argument("--setup-status", action="store_true",
+                        help="serve the bring-up progress the GPU server's front serves")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     host, port = parse_listen(args.listen or os.environ.get("OLLAMA_HOST"))
@@ -1349,7 +1371,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         host=host, port=port, models=args.models, chunk_interval=args.chunk_interval,
         chunks=args.chunks, token=args.token, startup_delay=args.startup_delay,
         tags_delay=args.tags_delay, starts_file=args.starts_file, request_log=args.request_log,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, verbose=args.verbose,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, setup_status=args.setup_status,
+        verbose=args.verbose,
     )
 
 

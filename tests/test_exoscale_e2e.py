@@ -78,7 +78,7 @@ def world(tmp_path):
 
 
 def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
-    w = world(PROXY_IDLE_TIMEOUT="3")
+    w = world(PROXY_IDLE_TIMEOUT="3", STANDIN_TAGS_DELAY="2")
     with w.proxy() as proxy:
         first = requests.post(proxy.url + "/api/chat", json={"model": "llama3.2"}, timeout=5)
         assert first.status_code == 503 and first.json()["provisioning"] is True
@@ -88,9 +88,16 @@ def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
         assert "creating exoscale:ComputeInstance gpu" in " ".join(steps), steps
         assert any(s.startswith("pulumi up finished") for s in steps), steps
         # Each stage of the cold start measured: the boot delay of the simulated instance too.
+        # The server's own progress, read from its front: the pull's percent, one step.
+        pulls = [s for s in status["steps"] if s["text"].startswith("on the server: pulling")]
+        assert len(pulls) == 1 and pulls[0]["text"].endswith("%")
+        assert pulls[0]["phase"] == "starting"
         timeline = status["cold_start_timeline"]["last"]
-        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load"]
-        assert timeline["boot"] >= 0.9 and status["cold_start_timeline"]["median"] == timeline
+        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load", "on_server"]
+        assert timeline["boot"] >= 0.9 and timeline["model_pull"] >= 1.5
+        assert timeline["on_server"] == {"packages": 0.0, "pulling": 2.0}
+        assert status["cold_start_timeline"]["median"] == {
+            k: v for k, v in timeline.items() if k != "on_server"}
         assert status["remote_url"].startswith("https://127.0.0.1:")
         token = stored_token(w.state)
         assert len(token) >= 40

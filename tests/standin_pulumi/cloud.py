@@ -212,6 +212,7 @@ class Cloud:
             "--startup-delay", self.env.get("STANDIN_BOOT_DELAY") or "0",
             "--tags-delay", self.env.get("STANDIN_TAGS_DELAY") or "0",
             "--starts-file", str(folder.parent / "starts"),
+            "--setup-status",  # like the real front: the bring-up's progress, token-guarded
         ]
         token = _last_output(stack, PASSWORD, "result")
         if token:
