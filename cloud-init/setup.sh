@@ -13,6 +13,8 @@ set -euo pipefail
 MODELS=({{ models }})
 PORT={{ port }}
 OLLAMA_IMAGE={{ ollama_image }}
+MODEL_VOLUME={{ model_volume }}  # 1: the models live on an attached block storage volume
+MODELS_DIR=/var/lib/ollama-models  # where that volume is mounted
 STATE_DIR={{ state_dir }}
 export STATUS_FILE=$STATE_DIR/status.json  # where ollama-exoscale-progress writes
 NVIDIA_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
@@ -105,6 +107,43 @@ install_container_toolkit() {
   fi
 }
 
+models_device() {  # the attached volume: the one disk that is not the root disk
+  local root disk
+  root=$(lsblk -no PKNAME "$(findmnt -no SOURCE /)")
+  for disk in $(lsblk -dno NAME,TYPE | awk '$2 == "disk" { print $1 }'); do
+    if [ "$disk" != "$root" ]; then
+      echo "/dev/$disk"
+      return 0
+    fi
+  done
+  return 1
+}
+
+mount_models() {
+  if [ "$MODEL_VOLUME" != 1 ] || mountpoint -q "$MODELS_DIR"; then return 0; fi
+  say volume "mounting the model volume"
+  local device="" n
+  for n in $(seq 1 30); do  # the volume may show up a little after boot
+    if device=$(models_device); then break; fi
+    [ "$n" -eq 1 ] && log "waiting for the model volume to appear"
+    sleep 2
+  done
+  if [ -z "$device" ]; then
+    log "the model volume is not attached"
+    return 1
+  fi
+  # A new volume has no filesystem yet; one that has (the models of an earlier server) is kept.
+  if ! blkid "$device" >/dev/null 2>&1; then
+    log "formatting the new model volume $device"
+    mkfs.ext4 -q -L ollama-models "$device"
+  fi
+  mkdir -p "$MODELS_DIR"
+  if ! grep -qs "LABEL=ollama-models" /etc/fstab; then
+    echo "LABEL=ollama-models $MODELS_DIR ext4 defaults,nofail 0 2" >>/etc/fstab
+  fi
+  mount "$MODELS_DIR"
+}
+
 wait_for_ollama() {
   local n
   for n in $(seq 1 60); do
@@ -119,10 +158,12 @@ wait_for_ollama() {
 start_ollama() {
   # Published on loopback only: Ollama has no authentication; nginx is its only way in.
   say container "starting Ollama"
+  local models=ollama  # a Docker volume on the root disk, or the mounted model volume
+  if [ "$MODEL_VOLUME" = 1 ]; then models=$MODELS_DIR; fi
   if ! docker container inspect ollama >/dev/null 2>&1; then
     retry 3 docker pull "$OLLAMA_IMAGE"
     docker run -d --name ollama --gpus=all --restart unless-stopped \
-      -v ollama:/root/.ollama -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
+      -v "$models:/root/.ollama" -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
   fi
   docker start ollama >/dev/null
   wait_for_ollama
@@ -161,6 +202,7 @@ main() {
   open_front  # only the progress until $READY exists
   install_nvidia_driver
   install_container_toolkit
+  mount_models
   start_ollama
   pull_models
   mark_ready

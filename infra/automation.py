@@ -284,8 +284,11 @@ class StackRunner:
 
     # -- the verbs ---------------------------------------------------------------------------
 
-    def up(self, progress: Progress, *, instance_state: str = "running") -> StackOutputs:
-        """Create or update the GPU server, running or stopped; returns what the program exports."""
+    def up(self, progress: Progress, *, instance_state: str = "running") -> StackOutputs | None:
+        """Create or update the GPU server, running or stopped; returns what the program exports.
+
+        `absent` removes the instance but keeps the rest (the model volume): returns None.
+        """
         self._require_credentials()
         stack = self._stack()
         narrator = _Narrator("up", progress, self.scrub, self._expected_count())
@@ -297,6 +300,8 @@ class StackRunner:
         finally:
             self._instance_state = "running"
         self._remember_count(narrator.resources)
+        if instance_state == "absent":
+            return None
         outputs = StackOutputs.from_outputs({k: v.value for k, v in result.outputs.items()})
         self.scrub.learn(outputs.token)
         return outputs

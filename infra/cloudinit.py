@@ -91,6 +91,7 @@ def _shell_values(settings: Settings) -> dict[str, str]:
         "port": str(int(settings.port)),
         "ollama_image": shlex.quote(OLLAMA_IMAGE),
         "state_dir": shlex.quote(STATE_DIR),
+        "model_volume": "1" if settings.model_volume_gb else "0",
     }
 
 

@@ -73,6 +73,20 @@ def declare(settings: Settings) -> None:
             description="SSH for the operator",
         )
 
+    # The models' disk, when asked for: it outlives the instance (kept when idle removes it).
+    volume = exoscale.BlockStorageVolume(
+        "models",
+        zone=settings.zone,
+        name=f"{name}-models",
+        size=settings.model_volume_gb,
+        labels=instance_labels(settings, pulumi.get_stack()),
+    ) if settings.model_volume_gb else None
+
+    if settings.instance_state == "absent":  # the instance is gone; the rest stays for the next
+        if volume is not None:
+            pulumi.export("model_volume_id", volume.id)
+        return
+
     user_data = pulumi.Output.secret(
         pulumi.Output.all(token.result, tls_cert.cert_pem, tls_key.private_key_pem).apply(
             lambda values: render_user_data(settings, *values)
@@ -92,8 +106,13 @@ def declare(settings: Settings) -> None:
         ipv6=settings.ipv6,
         labels=instance_labels(settings, pulumi.get_stack()),
         state=settings.instance_state,  # `stopped`: disk and models kept, no GPU billed
-        # cloud-init runs once per instance: new user data (models, port) needs a new instance.
-        opts=pulumi.ResourceOptions(replace_on_changes=["user_data"]),
+        block_storage_volume_ids=[volume.id] if volume is not None else None,
+        opts=pulumi.ResourceOptions(
+            # cloud-init runs once per instance: new user data (models, port) needs a new one.
+            replace_on_changes=["user_data"],
+            # The old one goes first: a GPU quota of one, and a volume attaches to one instance.
+            delete_before_replace=True,
+        ),
     )
 
     public_ip = pulumi.Output.unsecret(instance.public_ip_address)
@@ -106,6 +125,8 @@ def declare(settings: Settings) -> None:
     pulumi.export("tls_server_name", TLS_SERVER_NAME)
     pulumi.export("instance_type", settings.instance_type)
     pulumi.export("zone", settings.zone)
+    if volume is not None:
+        pulumi.export("model_volume_id", volume.id)
 
 
 def object_name(settings: Settings, stack: str) -> str:

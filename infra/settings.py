@@ -45,6 +45,7 @@ ENV_NAMES = {
     "labels": "EXOSCALE_LABELS",
     "port": "EXOSCALE_PORT",
     "name": "EXOSCALE_NAME",
+    "model_volume_gb": "PROXY_MODEL_VOLUME_GB",
 }
 CONFIG_KEYS = {
     "zone": "zone",
@@ -59,8 +60,11 @@ CONFIG_KEYS = {
     "port": "port",
     "name": "name",
     "instance_state": "instanceState",
+    "model_volume_gb": "modelVolumeGb",
 }
-INSTANCE_STATES = ("running", "stopped")
+# `absent`: the instance is not declared (the kept model volume and the firewall stay).
+INSTANCE_STATES = ("running", "stopped", "absent")
+MIN_VOLUME_GB = 10  # Exoscale's smallest block storage volume
 
 
 class SettingsError(ValueError):
@@ -96,6 +100,8 @@ class Settings:
     # `stopped` keeps the instance and its disk (models included) without a running GPU; the
     # proxy sets it per update (PROXY_IDLE_ACTION=stop), never from the environment.
     instance_state: str = "running"
+    # A block storage volume for the models, kept when the instance goes (0: none).
+    model_volume_gb: int = 0
 
     def __post_init__(self) -> None:
         normalise = object.__setattr__  # frozen: normalise once, here
@@ -110,6 +116,7 @@ class Settings:
         normalise(self, "labels", _check_labels(self.labels))
         normalise(self, "port", _check_port(self.port))
         normalise(self, "name", _check_name(self.name))
+        normalise(self, "model_volume_gb", _check_volume(self.model_volume_gb))
         if self.instance_state not in INSTANCE_STATES:
             raise SettingsError("instance_state", self.instance_state,
                                 f"expected one of {', '.join(INSTANCE_STATES)}")
@@ -163,6 +170,7 @@ def _parse(get: Callable[[str], str | None]) -> dict[str, Any]:
     readers: dict[str, Callable[[str, str], Any]] = {
         "zone": _text, "instance_type": _text, "template": _text, "ssh_key": _text,
         "name": _text, "disk_size": _whole_number, "port": _whole_number,
+        "model_volume_gb": _whole_number,
         "models": _list, "allowed_cidrs": _list, "ssh_cidrs": _list, "labels": _labels,
         "instance_state": _text,
     }
@@ -246,6 +254,15 @@ def _check_template(template: str) -> str:
             "expected a template name on one line, like 'Linux Ubuntu 24.04 LTS 64-bit'",
         )
     return template.strip()
+
+
+def _check_volume(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or (size and size < MIN_VOLUME_GB):
+        raise SettingsError(
+            "model_volume_gb", size,
+            f"expected 0 (no volume) or a whole number of GB >= {MIN_VOLUME_GB} for the models",
+        )
+    return size
 
 
 def _check_disk_size(disk_size: int) -> int:

@@ -1,7 +1,8 @@
 """The `exoscale` provisioner: the GPU server is the stack the Pulumi program declares.
 
 `bring_up` runs `pulumi up`, `stop` runs `pulumi up` with the instance's state `stopped`,
-`tear_down` runs `pulumi destroy`, `observe` reads the stack's outputs, so a restarted proxy
+`tear_down` runs `pulumi destroy` (or, with a kept model volume, `pulumi up` without the
+instance), `observe` reads the stack's outputs, so a restarted proxy
 finds the server that exists, running or stopped. The endpoint (URL, token, pinned
 certificate) comes only from the stack's outputs.
 
@@ -25,6 +26,7 @@ from infra.automation import (
     StackLocked,
     StackOutputs,
     StackRunner,
+    UpdateFailed,
 )
 
 from .config import Config, ConfigError
@@ -77,11 +79,18 @@ class ExoscaleProvisioner:
 
     def _up(self, progress: Progress, state: str) -> StackOutputs:
         self._repair_if_interrupted(progress)
-        return self.runner.up(progress, instance_state=state)
+        outputs = self.runner.up(progress, instance_state=state)
+        if outputs is None:
+            raise UpdateFailed("the Pulumi program declared no instance; check infra/program.py")
+        return outputs
 
     def _destroy(self, progress: Progress) -> None:
         self._repair_if_interrupted(progress)  # else destroy would not know a pending instance
-        self.runner.destroy(progress)
+        if self.runner.settings is not None and self.runner.settings.model_volume_gb:
+            # Only the instance goes: the models' volume (and token, firewall) wait for the next.
+            self.runner.up(progress, instance_state="absent")
+        else:
+            self.runner.destroy(progress)
 
     def _run(self, operation: Callable[[], T], progress: Progress) -> T:
         """Run `operation`; if a stale lock stops it, clear the lock, repair, and run it again."""

@@ -206,6 +206,42 @@ def test_script_passes_bash_n(user_data, tmp_path):
     assert checked.returncode == 0, checked.stderr
 
 
+def test_with_a_model_volume_the_script_mounts_it_before_ollama_starts(tls, tmp_path):
+    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    assert "MODEL_VOLUME=1" in script
+    main = script[script.index("\nmain() {"):]
+    assert main.index("mount_models") < main.index("start_ollama")
+    mount = script[script.index("mount_models() {"):]
+    assert mount.index("blkid") < mount.index("mkfs.ext4")  # formats only a blank volume
+    shellcheck = need("shellcheck", "shellcheck")
+    path = tmp_path / "setup.sh"
+    path.write_text(script)
+    checked = run(shellcheck, "-s", "bash", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def function_of(script: str, name: str) -> str:
+    start = script.index(f"\n{name}() {{")
+    return script[start:script.index("\n}\n", start) + 3]
+
+
+@pytest.mark.parametrize("disks, found", [("vda disk\nvdb disk\n", "/dev/vdb"),
+                                          ("sr0 rom\nvda disk\n", None)])
+def test_the_model_volume_is_the_disk_that_is_not_the_root_disk(tls, tmp_path, disks, found):
+    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "findmnt").write_text("#!/bin/sh\necho /dev/vda1\n")
+    (stubs / "lsblk").write_text(  # -no PKNAME DEV: the parent; -dno NAME,TYPE: the disks
+        f'#!/bin/sh\nif [ "$1" = -no ]; then echo vda; else printf "{disks}"; fi\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    shown = run(need("bash", "bash"), "-c", function_of(script, "models_device") + "models_device",
+                env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert (shown.stdout.strip() or None) == found
+    assert shown.returncode == (0 if found else 1)
+
+
 def test_script_passes_shellcheck(user_data, tmp_path):
     shellcheck = need("shellcheck", "shellcheck")
     checked = run(shellcheck, "--shell=bash", str(script_of(user_data, tmp_path)))
@@ -215,7 +251,7 @@ def test_script_passes_shellcheck(user_data, tmp_path):
 def test_models_reach_the_script_as_they_are(tls, tmp_path):
     """Quoted for the shell: even names the settings would refuse arrive as one word each."""
     models = ("llama3.2", "it's $(reboot)", "a b;c", "qwen3:8b")
-    settings = types.SimpleNamespace(models=models, port=11434, ipv6=False)
+    settings = types.SimpleNamespace(models=models, port=11434, ipv6=False, model_volume_gb=0)
     user_data = render_user_data(settings, TOKEN, tls.cert.read_text(), tls.key.read_text())
     script = written(user_data)[SCRIPT]["content"]
     line = next(line for line in script.splitlines() if line.startswith("MODELS=("))
@@ -233,7 +269,8 @@ def test_script_lets_ollama_through_only_once_every_model_is_pulled(user_data):
     assert 'touch "$READY"' in script[script.index("mark_ready() {"):]
     assert "-p 127.0.0.1:11434:11434" in script  # Ollama itself on loopback only
     assert "--gpus=all" in script and "--restart unless-stopped" in script
-    assert "-v ollama:/root/.ollama" in script
+    assert "local models=ollama" in script and '-v "$models:/root/.ollama"' in script
+    assert "MODEL_VOLUME=0" in script  # no volume unless asked for
     assert "nvidia-ctk runtime configure --runtime=docker" in script
 
 

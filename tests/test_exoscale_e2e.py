@@ -46,6 +46,12 @@ class World:
         path = self.state / "pulumi-backend" / "standin-cloud.json"
         return json.loads(path.read_text()).get("instances", {}) if path.exists() else {}
 
+    def volumes(self) -> dict:
+        import json
+
+        path = self.state / "pulumi-backend" / "standin-cloud.json"
+        return json.loads(path.read_text()).get("volumes", {}) if path.exists() else {}
+
     def stop_instances(self) -> None:
         from tests.standin_pulumi.harness import stop_process_group
 
@@ -160,6 +166,31 @@ def test_idle_action_stop_stops_the_instance_and_demand_starts_the_same_one(worl
             model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
         ))
         assert chunks[-1].done
+
+
+def test_a_kept_model_volume_outlives_the_instance_and_spares_the_next_pull(world):
+    w = world(PROXY_IDLE_TIMEOUT="2", PROXY_MODEL_VOLUME_GB="50", STANDIN_TAGS_DELAY="2")
+    with w.proxy() as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        first = proxy.wait_phase("ready", timeout=90)
+        (first_id, record), = w.instances().items()
+        (volume_id, volume), = w.volumes().items()
+        assert record["blockStorageVolumeIds"] == [volume_id] and volume["size"] == 50
+        assert not record["models_on_volume"]  # a new volume: the models were pulled
+        assert any(s["text"].startswith("on the server: pulling") for s in first["steps"])
+
+        idle = proxy.wait_phase("idle", timeout=60)
+        assert w.instances() == {} and list(w.volumes()) == [volume_id]  # the volume stays
+        assert idle["instance_status"] == "absent"
+        assert any("deleting exoscale:ComputeInstance gpu" in s["text"] for s in idle["steps"])
+
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        second = proxy.wait_phase("ready", timeout=90)
+        (second_id, record), = w.instances().items()
+        assert second_id != first_id and record["blockStorageVolumeIds"] == [volume_id]
+        assert record["models_on_volume"]  # the new instance found the models on the volume
+        assert not any(s["text"].startswith("on the server: pulling") for s in second["steps"])
+        assert second["cold_starts"]["count"] == 2
 
 
 def _alive(pid: int) -> bool:

@@ -25,6 +25,7 @@ from infra.settings import MIN_DISK_GB, Settings, SettingsError
 INSTANCE = "exoscale:index/computeInstance:ComputeInstance"
 SECURITY_GROUP = "exoscale:index/securityGroup:SecurityGroup"
 RULE = "exoscale:index/securityGroupRule:SecurityGroupRule"
+VOLUME = "exoscale:index/blockStorageVolume:BlockStorageVolume"
 PASSWORD = "random:index/randomPassword:RandomPassword"
 PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 CERT = "tls:index/selfSignedCert:SelfSignedCert"
@@ -80,9 +81,11 @@ class RecordingMonitor(MockMonitor):
     def __init__(self, mocks: CloudMocks) -> None:
         super().__init__(mocks)
         mocks.replace_on_changes = {}
+        mocks.delete_before_replace = {}
 
     def RegisterResource(self, request):  # noqa: N802 (the gRPC method's name)
         self.mocks.replace_on_changes[request.name] = list(request.replaceOnChanges)
+        self.mocks.delete_before_replace[request.name] = request.deleteBeforeReplace
         return super().RegisterResource(request)
 
 
@@ -163,6 +166,31 @@ def test_instance_inputs(run_program):
     assert "sshKeys" not in instance and "sshKey" not in instance
     assert instance.get("ipv6") is False
     assert instance["state"] == "running"
+
+
+def test_the_old_instance_goes_before_its_replacement_comes(run_program):
+    """A GPU quota of one, and a volume attaches to one instance: delete, then create."""
+    run = run_program(settings())
+    assert run.mocks.delete_before_replace["gpu"] is True
+
+
+def test_no_model_volume_unless_asked_for(run_program):
+    run = run_program(settings())
+    assert run.mocks.of_type(VOLUME) == []
+    assert not run.mocks.one(INSTANCE).inputs.get("blockStorageVolumeIds")
+
+
+def test_a_model_volume_is_attached_and_outlives_an_absent_instance(run_program):
+    run = run_program(settings(zone="de-fra-1", model_volume_gb=50))
+    volume = run.mocks.one(VOLUME)
+    assert volume.inputs["zone"] == "de-fra-1" and volume.inputs["size"] == 50
+    assert volume.inputs["name"] == "ollama-exoscale-models"
+    assert volume.inputs["labels"]["managed-by"] == "ollama-exoscale"
+    assert run.mocks.one(INSTANCE).inputs["blockStorageVolumeIds"] == ["models-id"]
+    assert run.exports["model_volume_id"][0] == "models-id"
+    gone = run_program(settings(model_volume_gb=50, instance_state="absent"))
+    assert gone.mocks.of_type(INSTANCE) == [] and len(gone.mocks.of_type(VOLUME)) == 1
+    assert set(gone.exports) == {"model_volume_id"}  # no endpoint: nothing to forward to
 
 
 def test_a_stopped_server_is_the_same_instance_declared_stopped(run_program):
@@ -395,6 +423,8 @@ def test_missing_cidrs_is_an_error_not_an_open_port():
         ({"port": 22}, "port"),
         ({"name": "Ollama Exoscale"}, "name"),
         ({"labels": {"bad key": "x"}}, "labels"),
+        ({"model_volume_gb": 5}, "model_volume_gb"),
+        ({"instance_state": "paused"}, "instance_state"),
     ],
 )
 def test_bad_settings_name_the_field(overrides, setting):

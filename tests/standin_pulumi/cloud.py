@@ -36,10 +36,12 @@ REPO = Path(__file__).resolve().parents[2]
 INSTANCE = "exoscale:index/computeInstance:ComputeInstance"
 SECURITY_GROUP = "exoscale:index/securityGroup:SecurityGroup"
 SECURITY_GROUP_RULE = "exoscale:index/securityGroupRule:SecurityGroupRule"
+VOLUME = "exoscale:index/blockStorageVolume:BlockStorageVolume"
 PASSWORD = "random:index/randomPassword:RandomPassword"
 PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 CERT = "tls:index/selfSignedCert:SelfSignedCert"
-EXOSCALE_OBJECTS = {INSTANCE: "instances", SECURITY_GROUP: "groups", SECURITY_GROUP_RULE: "rules"}
+EXOSCALE_OBJECTS = {INSTANCE: "instances", SECURITY_GROUP: "groups", SECURITY_GROUP_RULE: "rules",
+                    VOLUME: "volumes"}
 # Inputs whose change the Exoscale provider applies in place; any other change replaces.
 IN_PLACE = {INSTANCE: {"type", "diskSize", "labels", "name", "state", "securityGroupIds"}}
 
@@ -171,7 +173,14 @@ class Cloud:
             "createdAt": now_text(),
             "state": plain.get("state") or "running",
         }
-        record["pid"] = self._boot(folder, record["port"], stack)
+        with self.objects() as data:  # a kept volume already holds the models: no pull
+            attached = plain.get("blockStorageVolumeIds") or []
+            volumes = [data["volumes"][v] for v in attached if v in data["volumes"]]
+            pulled = any(v.get("models") for v in volumes)
+            for volume in volumes:
+                volume["models"] = self.env.get("STANDIN_MODELS") or "llama3.2"
+        record["models_on_volume"] = pulled
+        record["pid"] = self._boot(folder, record["port"], stack, pull=not pulled)
         with self.objects() as data:
             data["instances"][object_id] = record
         return object_id, {**inputs, **_instance_outputs(record)}
@@ -187,7 +196,8 @@ class Cloud:
             if state == "stopped":
                 record["pid"] = None
             else:
-                record["pid"] = self._boot(self.files / object_id, record["port"], stack)
+                record["pid"] = self._boot(  # its own disk keeps what it pulled
+                    self.files / object_id, record["port"], stack, pull=False)
         if state == "stopped" and pid:
             _stop(pid)
 
@@ -203,14 +213,17 @@ class Cloud:
                     return port
         raise StepError("the stand-in cannot tell the instance's port: open it in a rule")
 
-    def _boot(self, folder: Path, port: int, stack: list[dict]) -> int:
-        """Start the instance's Ollama: HTTPS with the stack's certificate, the token required."""
+    def _boot(self, folder: Path, port: int, stack: list[dict], pull: bool = True) -> int:
+        """Start the instance's Ollama: HTTPS with the stack's certificate, the token required.
+
+        `pull`: the models are not on its disk yet, so they take STANDIN_TAGS_DELAY to appear.
+        """
         argv = [
             sys.executable, "-m", "tests.fake_ollama",
             "--listen", f"127.0.0.1:{port}",
             "--models", self.env.get("STANDIN_MODELS") or "llama3.2",
             "--startup-delay", self.env.get("STANDIN_BOOT_DELAY") or "0",
-            "--tags-delay", self.env.get("STANDIN_TAGS_DELAY") or "0",
+            "--tags-delay", (self.env.get("STANDIN_TAGS_DELAY") or "0") if pull else "0",
             "--starts-file", str(folder.parent / "starts"),
             "--setup-status",  # like the real front: the bring-up's progress, token-guarded
         ]
