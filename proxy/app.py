@@ -181,6 +181,9 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "failures": snapshot.failures,
         "retry_at": _iso(snapshot.retry_at) if snapshot.phase == "error" else None,
         "retry_after": None if snapshot.phase == "ready" else lifecycle.retry_after(snapshot),
+        # Unclamped, for a person (Retry-After stops at 60 s for the OpenAI SDKs).
+        "expected_wait": None if snapshot.phase == "ready"
+        else max(1, round(lifecycle.expected_wait(snapshot))),
         "cold_starts": {
             "count": len(cold),
             "last": cold[-1] if cold else None,

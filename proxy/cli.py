@@ -148,6 +148,7 @@ def follow(args: argparse.Namespace, goal: str) -> int:
     started = time.monotonic()
     seen: set[tuple[str, str]] = set()  # steps printed, by (at, text)
     last: tuple[str, str] | None = None  # the (phase, sentence) printed last
+    estimated = False
     while True:
         status = fetch_status(args)
         if isinstance(status, int):
@@ -163,6 +164,9 @@ def follow(args: argparse.Namespace, goal: str) -> int:
             elapsed = time.monotonic() - started
             print(f"[{elapsed:5.0f} s] {line[0]}{': ' + line[1] if line[1] else ''}", flush=True)
             last = line
+        if goal == "ready" and not estimated and phase in ("provisioning", "starting"):
+            estimated = True
+            print(f"          {_estimate(status)}", flush=True)
         if phase == goal:
             return OK
         if phase == "error":
@@ -264,6 +268,14 @@ def _provider(status: dict[str, Any]) -> str:
     if status.get("provider") != "exoscale":
         return str(status.get("provider"))
     return f"exoscale ({status.get('instance_type')} in {status.get('zone')})"
+
+
+def _estimate(status: dict[str, Any]) -> str:
+    """How long the rest should take, from the measured cold starts (or the provider's guess)."""
+    cold = status.get("cold_starts") or {}
+    basis = (f"the median of the last {cold['count']} cold starts is {cold['median']:.0f} s"
+             if cold.get("count") else "no cold start measured yet")
+    return f"about {status.get('expected_wait') or 1} s to go ({basis})"
 
 
 def _gpu_time(gpu: dict[str, Any]) -> str:

@@ -213,17 +213,21 @@ class Lifecycle:
                                    self.config.daily_gpu_hours)
 
     def retry_after(self, snapshot: Snapshot | None = None) -> int:
-        """Whole seconds until it is worth asking again, from the phase and past cold starts."""
+        """Whole seconds until it is worth asking again (1 to 60, what the OpenAI SDKs honour)."""
+        return _clamp(self.expected_wait(snapshot))
+
+    def expected_wait(self, snapshot: Snapshot | None = None) -> float:
+        """Seconds until ready (or a retry is allowed), from the phase and past cold starts."""
         snapshot = snapshot or self._snapshot
         now = time.time()
         if snapshot.phase == "idle" and self.budget_used_up(snapshot):
-            return _clamp(gputime.next_midnight(now, self.config.tz) - now)
+            return gputime.next_midnight(now, self.config.tz) - now
         if snapshot.phase == "error":
-            return _clamp(snapshot.retry_at - now)
+            return snapshot.retry_at - now
         typical = self.typical_cold_start(snapshot)
         if snapshot.phase in ("provisioning", "starting"):
-            return _clamp(typical - (now - snapshot.provisioning_started_at))
-        return _clamp(typical)
+            return typical - (now - snapshot.provisioning_started_at)
+        return typical
 
     def typical_cold_start(self, snapshot: Snapshot | None = None) -> float:
         snapshot = snapshot or self._snapshot

@@ -266,3 +266,14 @@ def test_admin_down_needs_an_admin_key_and_answers_202(proxy):
     assert user.status_code == 403
     admin = client.simulate_post("/admin/down", headers={"Authorization": "Bearer admin-key-1"})
     assert admin.status_code == 202 and admin.json["provisioning_status"] == "idle"
+
+
+def test_the_expected_wait_comes_from_the_measured_cold_starts(proxy, tmp_path):
+    seed(tmp_path, {"phase": "idle", "cold_starts": [300.0, 420.0, 500.0]})
+    client, life, provisioner = proxy()
+    status = client.simulate_get("/status").json
+    assert status["cold_starts"]["median"] == 420.0
+    assert status["expected_wait"] == 420  # for a person: the median cold start
+    assert status["retry_after"] == 60  # for clients: capped where the OpenAI SDKs stop
+    answer = client.simulate_post("/api/chat", json={})
+    assert answer.headers["Retry-After"] == "60"

@@ -259,6 +259,7 @@ def test_up_wait_shows_progress_until_ready_with_an_admin_key(tmp_path):
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert len(lines) >= 2 and lines[-1].endswith("ready: ready")
+        assert any("s to go (no cold start measured yet)" in line for line in lines)
         assert any("provisioning" in line or "starting" in line for line in lines[:-1])
         assert "admin-key-123" not in proxy.logs() and "user-key-123" not in proxy.logs()
         waited = subprocess.run(
