@@ -119,24 +119,24 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def up_command(args: argparse.Namespace) -> int:
-    status = call(args, "POST", "/admin/up", expected=202)
-    if isinstance(status, int):
-        return status
-    if not args.wait:
-        print(f"provisioning requested ({status.get('provisioning_status')})")
-        return OK
-    return wait_command(args)
+    return _ask(args, "/admin/up", "provisioning requested", goal="ready")
 
 
 def down_command(args: argparse.Namespace) -> int:
-    status = call(args, "POST", "/admin/down", expected=202)
+    return _ask(args, "/admin/down", "removal requested", goal="idle")
+
+
+def _ask(args: argparse.Namespace, path: str, said: str, goal: str) -> int:
+    """POST an admin route; with --wait, follow the lifecycle until `goal`."""
+    status = call(args, "POST", path, expected=202)
     if isinstance(status, int):
         return status
     if not args.wait:
-        print(f"removal requested ({status.get('provisioning_status')})")
+        print(f"{said} ({status.get('provisioning_status')})")
         return OK
-    time.sleep(1.0)  # the reconciler takes the request on its next tick
-    return follow(args, goal="idle")
+    if goal == "idle":
+        time.sleep(1.0)  # the reconciler takes the removal on its next tick
+    return follow(args, goal=goal)
 
 
 def wait_command(args: argparse.Namespace) -> int:
