@@ -155,11 +155,12 @@ def table_streaming(section: dict) -> str:
             r["chunk_p50_ms"], r["chunk_p99_ms"], r["chunk_max_ms"],
             "" if is_direct else r["chunk_p99_ms"] - direct["chunk_p99_ms"],
             f"{r['held']}/{r['chunks']}", r["spread"], r.get("upstream_open_max") or "",
-            r["errors"], r["load1"], r["others"],
+            _by_worker(r), r["errors"], r["load1"], r["others"],
         ])
     header = ["streams", "path", "TTFB p50 ms", "TTFB p99 ms", "added TTFB p50 ms",
               "chunk delay p50 ms", "p99 ms", "max ms", "added p99 ms", "chunks > 20 ms late",
-              "spread", "upstream streams open (max)", "errors", "load1", "others (cores)"]
+              "spread", "upstream streams open (max)", "client connections by worker",
+              "errors", "load1", "others (cores)"]
     return table(header, rows)
 
 
@@ -193,12 +194,19 @@ def table_memory(results: dict) -> str:
         growth = max(p - b for p, b in zip(peak, before, strict=True)) if peak else ""
         rows.append([
             name, len(idle) if idle else "–", _mib_list(idle), _mib_list(peak), growth,
-            with_streams.get("upstream_open_max") or "", _mib_list(memory["idle_end"].get(name)),
+            with_streams.get("upstream_open_max") or "", _by_worker(with_streams),
+            _mib_list(memory["idle_end"].get(name)),
         ])
     header = ["target", "workers", "idle RSS at start (MiB/worker)",
               "with 100 streams (peak MiB/worker)", "growth MiB", "upstream streams open (max)",
-              "idle after the run"]
+              "client connections by worker", "idle after the run"]
     return table(header, rows)
+
+
+def _by_worker(row: dict) -> str:
+    """Client connections each worker held at the fullest moment, e.g. `88 + 12`."""
+    counts = row.get("connections_by_worker")
+    return " + ".join(map(str, counts)) if counts else ""
 
 
 def _rounds(row: dict) -> str:
@@ -286,7 +294,11 @@ def markdown(results: dict) -> str:
         "VmRSS per worker: idle after warm-up, the peak with "
         f"{plan['concurrent_streams']} streams open (scenario 3), idle after the run. Under "
         "the shipped settings a gunicorn server has 2 workers × 32 threads: a 65th concurrent "
-        "request waits for a thread.\n",
+        "request waits for a thread. Client connections by worker: the established "
+        "connections to the server's port each worker held (from /proc/net/tcp and its fds, "
+        "every 100 ms) at the fullest moment of the 100-stream run; gunicorn's workers each "
+        "accept from the shared socket, so one may queue streams its threads cannot serve yet "
+        "while the other has threads free.\n",
         table_memory(results) + "\n",
     ]
     if results.get("profiles"):

@@ -96,7 +96,7 @@ class ConnectionSampler:
     one worker may hold most keep-alive connections while the other idles.
     """
 
-    def __init__(self, workers: list[int], port: int, interval: float = 0.5):
+    def __init__(self, workers: list[int], port: int, interval: float = 0.1):
         self.workers = workers
         self.port = port
         self.interval = interval
@@ -119,6 +119,3 @@ class ConnectionSampler:
             counts = established_by_worker(self.workers, self.port)
             if sum(counts) >= sum(self.counts):  # the fullest moment of the run
                 self.counts = counts
-
-    def text(self) -> str:
-        return "+".join(map(str, self.counts)) if self.counts else ""

@@ -20,7 +20,7 @@ from . import streams, targets, transfer, wrk
 from .machine import CpuMeter
 from .procs import Processes
 from .profile import Profiler
-from .sampling import MaxPoller, RssSampler, rss_mib
+from .sampling import ConnectionSampler, MaxPoller, RssSampler, rss_mib
 from .targets import CHUNK_INTERVAL, Target
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
@@ -194,12 +194,15 @@ def _stream_rows(ctx: Context, target: Target) -> list[dict]:
     ])
     single = {"target": target.name, "streams": 1,
               **streams.summarize(records, CHUNK_INTERVAL), **busy}
-    with RssSampler(target.workers()) as rss, MaxPoller(lambda: _open_streams(direct)) as up:
+    workers = target.workers()
+    with RssSampler(workers) as rss, MaxPoller(lambda: _open_streams(direct)) as up, \
+            ConnectionSampler(workers, port) as spread:
         records, busy = measured(ctx, lambda: streams.concurrent_streams(
             host, port, plan.concurrent_streams, plan.stream_chunks))
     many = {"target": target.name, "streams": plan.concurrent_streams,
             **streams.summarize(records, CHUNK_INTERVAL), **busy,
-            "upstream_open_max": up.highest, **rss.summary()}
+            "upstream_open_max": up.highest, "connections_by_worker": spread.counts,
+            **rss.summary()}
     return [single, many]
 
 
