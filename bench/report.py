@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 GOAL_MB = 50  # the issue's memory goal: growth under 50 MB for a 1 GiB body
+MORE_THREADS_NAME = "ours, PROXY_THREADS=64"  # bench/scenarios.py's variant of ours
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -187,7 +188,9 @@ def table_memory(results: dict) -> str:
     memory = results["memory"]
     streams = {r["target"]: r for r in results["streaming"]["rows"] if r["streams"] > 1}
     rows = []
-    for name in ("ours", "naive", "nginx", "bare-falcon"):
+    for name in ("ours", MORE_THREADS_NAME, "naive", "nginx", "bare-falcon"):
+        if name == MORE_THREADS_NAME and name not in streams:
+            continue  # a run from before the variant existed
         idle = memory["idle_start"].get(name)
         with_streams = streams.get(name, {})
         peak, before = with_streams.get("peak_mib"), with_streams.get("baseline_mib")
@@ -241,10 +244,78 @@ def _method(plan: dict) -> str:
             "shown).")
 
 
+# -- before / after ----------------------------------------------------------------------------
+
+
+def before_after(before: dict, after: dict) -> str:
+    """The goals and the figures behind them in an earlier run (`before`) and this one."""
+    meta = before["meta"]
+    parts = [
+        f"Before: `{meta['command']}` on {meta['date']}"
+        f"{' at ' + meta['commit'] if meta.get('commit') else ''} (`bench/before.json`); after: "
+        "this run. Each run's ratios are taken within that run (same machine state), so they "
+        "compare better across runs than absolute figures.\n",
+        table(["goal", "before", "after", "verdict after"],
+              [[b[0], b[1], a[1], a[2]]
+               for b, a in zip(goals(before), goals(after), strict=False) if b[0] == a[0]])
+        + "\n",
+    ]
+    rows = []
+    for a in after["forward"]["rows"]:
+        if a["target"] != "ours":
+            continue
+        key = {"body": a["body"], "clients": a["clients"]}
+        b = find(before["forward"]["rows"], target="ours", **key)
+        if not b:
+            continue
+        cells = [a["body"], a["clients"]]
+        for field in ("requests_per_s", "direct", "nginx", "naive", "added_p50"):
+            was, now = _forward_figure(before, b, field), _forward_figure(after, a, field)
+            cells.append(f"{was} → {now}")
+        rows.append(cells)
+    parts.append(table(["body", "clients", "ours req/s", "ours ×direct", "ours ×nginx",
+                        "ours ×naive", "added p50 ms"], rows) + "\n")
+    rows = []
+    for a in after["streaming"]["rows"]:
+        b = find(before["streaming"]["rows"], target=a["target"], streams=a["streams"])
+        if a["target"] not in ("ours", MORE_THREADS_NAME) or a["streams"] == 1:
+            continue
+        rows.append([
+            a["target"], a["streams"],
+            f"{_stream_added(before, b, 'ttfb_p50_ms')} → {_stream_added(after, a, 'ttfb_p50_ms')}",
+            f"{_stream_added(before, b, 'chunk_p99_ms')} → "
+            f"{_stream_added(after, a, 'chunk_p99_ms')}",
+            f"{fmt(b.get('upstream_open_max'))} → {fmt(a.get('upstream_open_max'))}",
+            f"{_by_worker(b) or '–'} → {_by_worker(a) or '–'}",
+        ])
+    parts.append(table(["path", "streams", "added TTFB p50 ms", "added chunk p99 ms",
+                        "upstream streams open (max)", "client connections by worker"], rows)
+                 + "\n")
+    return "\n".join(parts)
+
+
+def _forward_figure(results: dict, row: dict, field: str) -> str:
+    if field == "requests_per_s":
+        return fmt(row["requests_per_s"], 0)
+    rows = results["forward"]["rows"]
+    other = find(rows, target="direct" if field == "added_p50" else field, body=row["body"],
+                 clients=row["clients"])
+    if field == "added_p50":
+        return fmt(row["p50_ms"] - other["p50_ms"]) if other else "–"
+    return _x(ratio(row["requests_per_s"], other.get("requests_per_s")))
+
+
+def _stream_added(results: dict, row: dict, field: str) -> str:
+    if not row:
+        return "–"
+    direct = find(results["streaming"]["rows"], target="direct", streams=row["streams"])
+    return fmt(row[field] - direct[field]) if field in direct else "–"
+
+
 # -- the document ------------------------------------------------------------------------------
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, before: dict | None = None) -> str:
     meta, plan = results["meta"], results["plan"]
     machine = "\n".join(f"| {k} | {v} |" for k, v in results["machine"].items())
     fast, fwd, large = results["503"], results["forward"], results["large"]
@@ -259,6 +330,7 @@ def markdown(results: dict) -> str:
         "steadier than absolute figures. Raw figures: `bench/out/results.json`.\n",
         "## Machine\n", "| | |\n|---|---|\n" + machine + "\n",
         "## Goals\n", table(["goal", "figure", "verdict"], goals(results)) + "\n",
+        *(["## Before / after\n", before_after(before, results)] if before else []),
         "![results](results.png)\n",
         "## 1. 503 fast path while provisioning\n",
         "`POST /api/chat` to a proxy still provisioning (its upstream command sleeps before "
@@ -306,5 +378,5 @@ def markdown(results: dict) -> str:
     return "\n".join(sections)
 
 
-def write_markdown(results: dict, path: Path) -> None:
-    path.write_text(markdown(results))
+def write_markdown(results: dict, path: Path, before: dict | None = None) -> None:
+    path.write_text(markdown(results, before))
