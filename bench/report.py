@@ -354,7 +354,9 @@ def markdown(results: dict, before: dict | None = None) -> str:
         f"streams one after another; {plan['concurrent_streams']}: all at once (one client "
         "thread each). Chunk delay: arrival minus the upstream's `created_at` for that chunk "
         "(same clock). Spread: (last − first arrival) / (last − first emission), 1.0 when "
-        "chunks arrive as they are written and near 0 if held back to the end.\n",
+        "chunks arrive as they are written and near 0 if held back to the end. "
+        f"`{MORE_THREADS_NAME}`: a second proxy with 2 × 64 threads and an upstream of its own "
+        "(the same program); its added figures are against the first upstream's direct row.\n",
         table_streaming(results["streaming"]) + "\n",
         "## 4. Large bodies\n",
         f"{large['bytes'] / 2**30:g} GiB: a blob upload (`POST /api/blobs/sha256:…`, "
@@ -366,7 +368,10 @@ def markdown(results: dict, before: dict | None = None) -> str:
         "VmRSS per worker: idle after warm-up, the peak with "
         f"{plan['concurrent_streams']} streams open (scenario 3), idle after the run. Under "
         "the shipped settings a gunicorn server has 2 workers × 32 threads: a 65th concurrent "
-        "request waits for a thread. Client connections by worker: the established "
+        "request waits for a thread (the proxy's worker accepts only while it has a free "
+        "thread, so the rest wait in the listen backlog and its count stops at 32 + 32; "
+        f"`{MORE_THREADS_NAME}` has a thread for every stream). Client connections by worker: "
+        "the established "
         "connections to the server's port each worker held (from /proc/net/tcp and its fds, "
         "every 100 ms) at the fullest moment of the 100-stream run; gunicorn's workers each "
         "accept from the shared socket, so one may queue streams its threads cannot serve yet "
