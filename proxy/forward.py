@@ -32,7 +32,10 @@ HOP_BY_HOP_AND_AUTHORIZATION = HOP_BY_HOP | {"authorization"}
 RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
 )
-CHUNK = 64 * 1024
+CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goes out as it comes
+# Request bodies are read 1 MiB at a time: gunicorn's body reader receives up to 1 MiB at once
+# and copies what a smaller read leaves over on every read (most of an upload's CPU).
+BODY_BLOCK = 1024 * 1024
 BODILESS = frozenset({204, 304})
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # urllib3 adds these when a request has none; the upstream sees the client's headers only.
@@ -53,14 +56,14 @@ class BodyTooLarge(Exception):
 
 def _blocks(stream) -> Iterator[bytes]:
     """A body of known length (the caller sends its Content-Length), block by block."""
-    while block := stream.read(CHUNK):
+    while block := stream.read(BODY_BLOCK):
         yield block
 
 
 def _chunks(stream, limit: int) -> Iterator[bytes]:
     """A body sent with Transfer-Encoding: chunked (length unknown), block by block."""
     sent = 0
-    while block := stream.read(CHUNK):
+    while block := stream.read(BODY_BLOCK):
         sent += len(block)
         if limit and sent > limit:
             raise BodyTooLarge()
