@@ -67,6 +67,8 @@ class Sessions:
     def _make_pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
         register_secrets([endpoint.token])
         url = urllib3.util.parse_url(endpoint.url)
+        if url.path not in (None, "", "/"):  # the pool is sent the client's path as it is
+            raise ValueError(f"an upstream URL is scheme://host:port, not {endpoint.url}")
         # block=False: never wait for a free connection (a thread has at most one in use);
         # retries=False: a request body is read once, it cannot be sent again.
         options = {"maxsize": self.pool_size, "block": False, "retries": False}
