@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COLOURS = {"direct": "#7f7f7f", "nginx": "#2ca02c", "ours": "#1f77b4", "naive": "#d62728",
-           "bare-falcon": "#9467bd"}
+           "bare-falcon": "#9467bd", "ours, PROXY_THREADS=64": "#17becf"}
 
 
 def _bars(ax, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str):
@@ -13,7 +13,8 @@ def _bars(ax, groups: list[str], series: dict[str, list[float]], ylabel: str, ti
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=name, color=COLOURS.get(name.split(" ")[0]))
+        colour = COLOURS.get(name, COLOURS.get(name.split(" ")[0]))
+        ax.bar(xs, values, width, label=name, color=colour)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -56,11 +57,12 @@ def write_plot(results: dict, path: Path) -> None:
 
     st = results["streaming"]["rows"]
     counts = sorted({r["streams"] for r in st})
+    stream_paths = paths + sorted({r["target"] for r in st} - set(paths))  # variants last
     _bars(axes[1][0], [f"{c} stream(s)" for c in counts],
-          {p: _values(st, "chunk_p99_ms", "streams", counts, target=p) for p in paths},
+          {p: _values(st, "chunk_p99_ms", "streams", counts, target=p) for p in stream_paths},
           "per-chunk delay p99, ms", "3. streaming: chunk delay p99")
     _bars(axes[1][1], [f"{c} stream(s)" for c in counts],
-          {p: _values(st, "ttfb_p50_ms", "streams", counts, target=p) for p in paths},
+          {p: _values(st, "ttfb_p50_ms", "streams", counts, target=p) for p in stream_paths},
           "time to first chunk p50, ms", "3. streaming: TTFB p50 (log scale)")
     axes[1][1].set_yscale("log")
 

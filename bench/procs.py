@@ -203,3 +203,31 @@ def cpu_ticks_of_sessions(sids: set[int]) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def established_by_worker(workers: list[int], port: int) -> list[int]:
+    """Client connections to `port` each worker holds open now (from /proc/net/tcp*)."""
+    inodes = _established_inodes(port)
+    counts = []
+    for pid in workers:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            links = []
+        counts.append(sum(1 for link in links if link[8:-1] in inodes))  # "socket:[INODE]"
+    return counts
+
+
+def _established_inodes(port: int) -> set[str]:
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address is HEXIP:HEXPORT; state 01 is ESTABLISHED
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                found.add(fields[9])
+    return found

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 GOAL_MB = 50  # the issue's memory goal: growth under 50 MB for a 1 GiB body
+MORE_THREADS_NAME = "ours, PROXY_THREADS=64"  # bench/scenarios.py's variant of ours
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -155,11 +156,12 @@ def table_streaming(section: dict) -> str:
             r["chunk_p50_ms"], r["chunk_p99_ms"], r["chunk_max_ms"],
             "" if is_direct else r["chunk_p99_ms"] - direct["chunk_p99_ms"],
             f"{r['held']}/{r['chunks']}", r["spread"], r.get("upstream_open_max") or "",
-            r["errors"], r["load1"], r["others"],
+            _by_worker(r), r["errors"], r["load1"], r["others"],
         ])
     header = ["streams", "path", "TTFB p50 ms", "TTFB p99 ms", "added TTFB p50 ms",
               "chunk delay p50 ms", "p99 ms", "max ms", "added p99 ms", "chunks > 20 ms late",
-              "spread", "upstream streams open (max)", "errors", "load1", "others (cores)"]
+              "spread", "upstream streams open (max)", "client connections by worker",
+              "errors", "load1", "others (cores)"]
     return table(header, rows)
 
 
@@ -186,19 +188,28 @@ def table_memory(results: dict) -> str:
     memory = results["memory"]
     streams = {r["target"]: r for r in results["streaming"]["rows"] if r["streams"] > 1}
     rows = []
-    for name in ("ours", "naive", "nginx", "bare-falcon"):
+    for name in ("ours", MORE_THREADS_NAME, "naive", "nginx", "bare-falcon"):
+        if name == MORE_THREADS_NAME and name not in streams:
+            continue  # a run from before the variant existed
         idle = memory["idle_start"].get(name)
         with_streams = streams.get(name, {})
         peak, before = with_streams.get("peak_mib"), with_streams.get("baseline_mib")
         growth = max(p - b for p, b in zip(peak, before, strict=True)) if peak else ""
         rows.append([
             name, len(idle) if idle else "–", _mib_list(idle), _mib_list(peak), growth,
-            with_streams.get("upstream_open_max") or "", _mib_list(memory["idle_end"].get(name)),
+            with_streams.get("upstream_open_max") or "", _by_worker(with_streams),
+            _mib_list(memory["idle_end"].get(name)),
         ])
     header = ["target", "workers", "idle RSS at start (MiB/worker)",
               "with 100 streams (peak MiB/worker)", "growth MiB", "upstream streams open (max)",
-              "idle after the run"]
+              "client connections by worker", "idle after the run"]
     return table(header, rows)
+
+
+def _by_worker(row: dict) -> str:
+    """Client connections each worker held at the fullest moment, e.g. `88 + 12`."""
+    counts = row.get("connections_by_worker")
+    return " + ".join(map(str, counts)) if counts else ""
 
 
 def _rounds(row: dict) -> str:
@@ -233,10 +244,78 @@ def _method(plan: dict) -> str:
             "shown).")
 
 
+# -- before / after ----------------------------------------------------------------------------
+
+
+def before_after(before: dict, after: dict) -> str:
+    """The goals and the figures behind them in an earlier run (`before`) and this one."""
+    meta = before["meta"]
+    parts = [
+        f"Before: `{meta['command']}` on {meta['date']}"
+        f"{' at ' + meta['commit'] if meta.get('commit') else ''} (`bench/before.json`); after: "
+        "this run. Each run's ratios are taken within that run (same machine state), so they "
+        "compare better across runs than absolute figures.\n",
+        table(["goal", "before", "after", "verdict after"],
+              [[b[0], b[1], a[1], a[2]]
+               for b, a in zip(goals(before), goals(after), strict=False) if b[0] == a[0]])
+        + "\n",
+    ]
+    rows = []
+    for a in after["forward"]["rows"]:
+        if a["target"] != "ours":
+            continue
+        key = {"body": a["body"], "clients": a["clients"]}
+        b = find(before["forward"]["rows"], target="ours", **key)
+        if not b:
+            continue
+        cells = [a["body"], a["clients"]]
+        for field in ("requests_per_s", "direct", "nginx", "naive", "added_p50"):
+            was, now = _forward_figure(before, b, field), _forward_figure(after, a, field)
+            cells.append(f"{was} → {now}")
+        rows.append(cells)
+    parts.append(table(["body", "clients", "ours req/s", "ours ×direct", "ours ×nginx",
+                        "ours ×naive", "added p50 ms"], rows) + "\n")
+    rows = []
+    for a in after["streaming"]["rows"]:
+        b = find(before["streaming"]["rows"], target=a["target"], streams=a["streams"])
+        if a["target"] not in ("ours", MORE_THREADS_NAME) or a["streams"] == 1:
+            continue
+        rows.append([
+            a["target"], a["streams"],
+            f"{_stream_added(before, b, 'ttfb_p50_ms')} → {_stream_added(after, a, 'ttfb_p50_ms')}",
+            f"{_stream_added(before, b, 'chunk_p99_ms')} → "
+            f"{_stream_added(after, a, 'chunk_p99_ms')}",
+            f"{fmt(b.get('upstream_open_max'))} → {fmt(a.get('upstream_open_max'))}",
+            f"{_by_worker(b) or '–'} → {_by_worker(a) or '–'}",
+        ])
+    parts.append(table(["path", "streams", "added TTFB p50 ms", "added chunk p99 ms",
+                        "upstream streams open (max)", "client connections by worker"], rows)
+                 + "\n")
+    return "\n".join(parts)
+
+
+def _forward_figure(results: dict, row: dict, field: str) -> str:
+    if field == "requests_per_s":
+        return fmt(row["requests_per_s"], 0)
+    rows = results["forward"]["rows"]
+    other = find(rows, target="direct" if field == "added_p50" else field, body=row["body"],
+                 clients=row["clients"])
+    if field == "added_p50":
+        return fmt(row["p50_ms"] - other["p50_ms"]) if other else "–"
+    return _x(ratio(row["requests_per_s"], other.get("requests_per_s")))
+
+
+def _stream_added(results: dict, row: dict, field: str) -> str:
+    if not row:
+        return "–"
+    direct = find(results["streaming"]["rows"], target="direct", streams=row["streams"])
+    return fmt(row[field] - direct[field]) if field in direct else "–"
+
+
 # -- the document ------------------------------------------------------------------------------
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, before: dict | None = None) -> str:
     meta, plan = results["meta"], results["plan"]
     machine = "\n".join(f"| {k} | {v} |" for k, v in results["machine"].items())
     fast, fwd, large = results["503"], results["forward"], results["large"]
@@ -251,6 +330,7 @@ def markdown(results: dict) -> str:
         "steadier than absolute figures. Raw figures: `bench/out/results.json`.\n",
         "## Machine\n", "| | |\n|---|---|\n" + machine + "\n",
         "## Goals\n", table(["goal", "figure", "verdict"], goals(results)) + "\n",
+        *(["## Before / after\n", before_after(before, results)] if before else []),
         "![results](results.png)\n",
         "## 1. 503 fast path while provisioning\n",
         "`POST /api/chat` to a proxy still provisioning (its upstream command sleeps before "
@@ -274,7 +354,9 @@ def markdown(results: dict) -> str:
         f"streams one after another; {plan['concurrent_streams']}: all at once (one client "
         "thread each). Chunk delay: arrival minus the upstream's `created_at` for that chunk "
         "(same clock). Spread: (last − first arrival) / (last − first emission), 1.0 when "
-        "chunks arrive as they are written and near 0 if held back to the end.\n",
+        "chunks arrive as they are written and near 0 if held back to the end. "
+        f"`{MORE_THREADS_NAME}`: a second proxy with 2 × 64 threads and an upstream of its own "
+        "(the same program); its added figures are against the first upstream's direct row.\n",
         table_streaming(results["streaming"]) + "\n",
         "## 4. Large bodies\n",
         f"{large['bytes'] / 2**30:g} GiB: a blob upload (`POST /api/blobs/sha256:…`, "
@@ -286,7 +368,14 @@ def markdown(results: dict) -> str:
         "VmRSS per worker: idle after warm-up, the peak with "
         f"{plan['concurrent_streams']} streams open (scenario 3), idle after the run. Under "
         "the shipped settings a gunicorn server has 2 workers × 32 threads: a 65th concurrent "
-        "request waits for a thread.\n",
+        "request waits for a thread (the proxy's worker accepts only while it has a free "
+        "thread, so the rest wait in the listen backlog and its count stops at 32 + 32; "
+        f"`{MORE_THREADS_NAME}` has a thread for every stream). Client connections by worker: "
+        "the established "
+        "connections to the server's port each worker held (from /proc/net/tcp and its fds, "
+        "every 100 ms) at the fullest moment of the 100-stream run; gunicorn's workers each "
+        "accept from the shared socket, so one may queue streams its threads cannot serve yet "
+        "while the other has threads free.\n",
         table_memory(results) + "\n",
     ]
     if results.get("profiles"):
@@ -294,5 +383,5 @@ def markdown(results: dict) -> str:
     return "\n".join(sections)
 
 
-def write_markdown(results: dict, path: Path) -> None:
-    path.write_text(markdown(results))
+def write_markdown(results: dict, path: Path, before: dict | None = None) -> None:
+    path.write_text(markdown(results, before))

@@ -11,6 +11,7 @@ import argparse
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from .report import write_markdown
 
 BENCH = REPO / "bench"
 OUT = BENCH / "out"
+BEFORE = BENCH / "before.json"  # an earlier run's results.json, kept to compare against
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also profile the proxy's workers with py-spy in extra runs")
     parser.add_argument("--results", type=Path,
                         help="where RESULTS.md and results.png go (default: bench/)")
+    parser.add_argument("--before", type=Path, default=BEFORE,
+                        help="an earlier run's results.json for a before/after section "
+                        "(default: bench/before.json, when it exists)")
     return parser.parse_args(argv)
 
 
@@ -74,6 +79,16 @@ def run_all(plan: scenarios.Plan, workdir: Path, profile: bool) -> dict:
     return results
 
 
+def _commit() -> str:
+    """The commit measured, with `+` when the worktree has changes; empty outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+" if head and git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = scenarios.Plan.quick() if args.quick else scenarios.Plan()
@@ -104,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "minutes": (time.time() - started) / 60,
         "quick": args.quick,
+        "commit": _commit(),
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
     results_dir.mkdir(parents=True, exist_ok=True)
-    write_markdown(results, results_dir / "RESULTS.md")
+    before = json.loads(args.before.read_text()) if args.before.exists() else None
+    write_markdown(results, results_dir / "RESULTS.md", before)
     write_plot(results, results_dir / "results.png")
     log(f"done in {results['meta']['minutes']:.1f} min: {results_dir / 'RESULTS.md'}")
     return 0

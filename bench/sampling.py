@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
-from .procs import rss_kib
+from .procs import established_by_worker, rss_kib
 
 
 def percentile(values: Iterable[float], p: float) -> float:
@@ -87,3 +87,35 @@ class MaxPoller:
             value = self.read()
             if value is not None and (self.highest is None or value > self.highest):
                 self.highest = value
+
+
+class ConnectionSampler:
+    """How a server's workers share the client connections during the block.
+
+    gunicorn's workers each accept from the shared socket and keep what they accepted, so
+    one worker may hold most keep-alive connections while the other idles.
+    """
+
+    def __init__(self, workers: list[int], port: int, interval: float = 0.1):
+        self.workers = workers
+        self.port = port
+        self.interval = interval
+        self.counts: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="conn-sampler", daemon=True)
+
+    def __enter__(self) -> ConnectionSampler:
+        if self.workers:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            counts = established_by_worker(self.workers, self.port)
+            if sum(counts) >= sum(self.counts):  # the fullest moment of the run
+                self.counts = counts

@@ -20,7 +20,7 @@ from . import streams, targets, transfer, wrk
 from .machine import CpuMeter
 from .procs import Processes
 from .profile import Profiler
-from .sampling import MaxPoller, RssSampler, rss_mib
+from .sampling import ConnectionSampler, MaxPoller, RssSampler, rss_mib
 from .targets import CHUNK_INTERVAL, Target
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
@@ -176,30 +176,46 @@ def _sizes(direct: Target, path: str, body: dict) -> dict[str, int]:
 # -- 3. streaming, and 5. memory with 100 open streams -----------------------------------------
 
 
+MORE_THREADS = {"PROXY_THREADS": "64"}  # a variant of ours: 2 × 64 threads for 100 streams
+MORE_THREADS_NAME = "ours, PROXY_THREADS=64"
+
+
 def streaming(ctx: Context) -> dict:
-    """One stream at a time, then many at once, through each path; memory during the latter."""
+    """One stream at a time, then many at once, through each path; memory during the latter.
+
+    Then the same through a second proxy with more threads than streams, and its own upstream.
+    """
     rows = []
     for name in FORWARD_PATHS:
-        rows += _stream_rows(ctx, ctx.targets[name])
+        rows += _stream_rows(ctx, ctx.targets[name], ctx.targets["direct"])
+    more, its_upstream = targets.start_ours(ctx.procs, ctx.workdir, "ours-64", MORE_THREADS)
+    try:
+        rows += _stream_rows(ctx, more, its_upstream, MORE_THREADS_NAME)
+    finally:
+        ctx.procs.stop("ours-64")
     return {"rows": rows, "chunks": ctx.plan.stream_chunks,
             "interval_ms": CHUNK_INTERVAL * 1e3}
 
 
-def _stream_rows(ctx: Context, target: Target) -> list[dict]:
-    plan, direct = ctx.plan, ctx.targets["direct"]
+def _stream_rows(ctx: Context, target: Target, direct: Target,
+                 name: str | None = None) -> list[dict]:
+    plan, name = ctx.plan, name or target.name
     host, port = target.host_port
     records, busy = measured(ctx, lambda: [
         streams.one_stream(host, port, plan.stream_chunks)
         for _ in range(plan.sequential_streams)
     ])
-    single = {"target": target.name, "streams": 1,
+    single = {"target": name, "streams": 1,
               **streams.summarize(records, CHUNK_INTERVAL), **busy}
-    with RssSampler(target.workers()) as rss, MaxPoller(lambda: _open_streams(direct)) as up:
+    workers = target.workers()
+    with RssSampler(workers) as rss, MaxPoller(lambda: _open_streams(direct)) as up, \
+            ConnectionSampler(workers, port) as spread:
         records, busy = measured(ctx, lambda: streams.concurrent_streams(
             host, port, plan.concurrent_streams, plan.stream_chunks))
-    many = {"target": target.name, "streams": plan.concurrent_streams,
+    many = {"target": name, "streams": plan.concurrent_streams,
             **streams.summarize(records, CHUNK_INTERVAL), **busy,
-            "upstream_open_max": up.highest, **rss.summary()}
+            "upstream_open_max": up.highest, "connections_by_worker": spread.counts,
+            **rss.summary()}
     return [single, many]
 
 

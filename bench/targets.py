@@ -78,13 +78,17 @@ def _start_server(
     return Target(name, url, process.pid)
 
 
-def start_ours(procs: Processes, workdir: Path) -> tuple[Target, Target]:
-    """The proxy, warmed up to ready, and its upstream (the `direct` target)."""
+def start_ours(procs: Processes, workdir: Path, name: str = "ours",
+               settings: dict[str, str] | None = None) -> tuple[Target, Target]:
+    """The proxy, warmed up to ready, and its upstream (the `direct` target).
+
+    `settings`: PROXY_* variables over the shipped defaults, for a variant such as more threads.
+    """
     port, upstream_port = free_port(), free_port()
-    state = workdir / "ours"
-    env = _proxy_env(port, state, upstream_command(), upstream_port)
+    state = workdir / name
+    env = {**_proxy_env(port, state, upstream_command(), upstream_port), **(settings or {})}
     procs.adopt_pid_file(state / "local-upstream.json")
-    ours = _start_server(procs, "ours", port, [PYTHON, "-m", "proxy.cli", "serve"], env)
+    ours = _start_server(procs, name, port, [PYTHON, "-m", "proxy.cli", "serve"], env)
     requests.post(ours.url + "/admin/up", timeout=10).raise_for_status()
     wait_until(lambda: phase(ours) == "ready", 60, "the proxy to be ready")
     time.sleep(4 * TICK)  # every worker syncs once a tick: let both see `ready`

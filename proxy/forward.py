@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from urllib.parse import quote
 
 import falcon
-import requests
 import urllib3
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
 from .provisioner import Endpoint
 from .upstream import Sessions
@@ -28,12 +28,18 @@ HOP_BY_HOP = frozenset(
         "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect",
     }
 )
+HOP_BY_HOP_AND_AUTHORIZATION = HOP_BY_HOP | {"authorization"}
 RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
 )
-CHUNK = 64 * 1024
+CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goes out as it comes
+# Request bodies are read 1 MiB at a time: gunicorn's body reader receives up to 1 MiB at once
+# and copies what a smaller read leaves over on every read (most of an upload's CPU).
+BODY_BLOCK = 1024 * 1024
 BODILESS = frozenset({204, 304})
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# urllib3 adds these when a request has none; the upstream sees the client's headers only.
+NO_DEFAULTS = {"User-Agent": urllib3.util.SKIP_HEADER, "Accept-Encoding": urllib3.util.SKIP_HEADER}
 
 
 class UpstreamError(Exception):
@@ -48,28 +54,16 @@ class BodyTooLarge(Exception):
     """A chunked request body grew past the limit while it was being sent upstream."""
 
 
-class RequestBody:
-    """The client's body as requests wants a stream: read() in blocks, with a known length."""
-
-    def __init__(self, stream, length: int):
-        self._stream = stream
-        self._length = length
-
-    def __len__(self) -> int:
-        return self._length
-
-    def read(self, size: int = CHUNK) -> bytes:
-        return self._stream.read(size)
-
-    def __iter__(self) -> Iterator[bytes]:
-        while block := self._stream.read(CHUNK):
-            yield block
+def _blocks(stream) -> Iterator[bytes]:
+    """A body of known length (the caller sends its Content-Length), block by block."""
+    while block := stream.read(BODY_BLOCK):
+        yield block
 
 
 def _chunks(stream, limit: int) -> Iterator[bytes]:
     """A body sent with Transfer-Encoding: chunked (length unknown), block by block."""
     sent = 0
-    while block := stream.read(CHUNK):
+    while block := stream.read(BODY_BLOCK):
         sent += len(block)
         if limit and sent > limit:
             raise BodyTooLarge()
@@ -83,21 +77,20 @@ class ResponseStream:
     body not read to its end is then dropped with its connection, so the upstream stops too.
     """
 
-    def __init__(self, upstream: requests.Response, on_close: Callable[[], None]):
+    def __init__(self, upstream: urllib3.BaseHTTPResponse, on_close: Callable[[], None]):
         self._upstream = upstream
-        self._raw: urllib3.HTTPResponse = upstream.raw
         self._on_close = on_close
         self._finished = False
         self._closed = False
         self._ndjson = "ndjson" in upstream.headers.get("content-type", "")
 
     def __iter__(self) -> Iterator[bytes]:
-        raw = self._raw
+        upstream = self._upstream
         try:
-            if raw.chunked and raw.supports_chunked_reads():
-                yield from raw.read_chunked(CHUNK, decode_content=False)
+            if upstream.chunked:
+                yield from upstream.read_chunked(CHUNK, decode_content=False)
             else:
-                while block := raw.read1(CHUNK, decode_content=False):
+                while block := upstream.read1(CHUNK, decode_content=False):
                     yield block
             self._finished = True
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -112,11 +105,9 @@ class ResponseStream:
             return
         self._closed = True
         try:
-            if self._finished:
-                self._upstream.close()  # read to the end: the connection goes back to the pool
-            else:
-                self._raw.close()  # cut short: drop the connection so the upstream stops
-                self._upstream.close()
+            if not self._finished:
+                self._upstream.close()  # cut short: drop the connection so the upstream stops
+            self._upstream.release_conn()  # read to the end: the connection is kept for reuse
         finally:
             self._on_close()
 
@@ -124,7 +115,8 @@ class ResponseStream:
 class Forwarder:
     def __init__(self, sessions: Sessions, connect_timeout: float, read_timeout: float):
         self.sessions = sessions
-        self.timeout = (connect_timeout, read_timeout)
+        self.read_timeout = read_timeout
+        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
 
     @staticmethod
     def body_limit(path: str, max_body: int, max_blob: int) -> int:
@@ -147,79 +139,95 @@ class Forwarder:
         except BaseException:
             on_close()
             raise
-        resp.status = upstream.status_code
-        for name, value in upstream.headers.items():
+        resp.status = upstream.status
+        for name, value in upstream.headers.iteritems():
             if name.lower() not in RESPONSE_DROP:
                 resp.append_header(name, value)
-        if req.method == "HEAD" or upstream.status_code in BODILESS:
-            upstream.close()  # Falcon sends no body for these and would never close a stream
+        if req.method == "HEAD" or upstream.status in BODILESS:
+            upstream.drain_conn()  # no body: Falcon sends none and would never close a stream
+            upstream.release_conn()
             on_close()
             return
         resp.stream = ResponseStream(upstream, on_close)
 
     def _send(
         self, req: falcon.Request, endpoint: Endpoint, strip_authorization: bool, limit: int
-    ) -> requests.Response:
-        url = endpoint.url + quote(req.path, safe=PATH_SAFE)
+    ) -> urllib3.BaseHTTPResponse:
+        target = quote(req.path, safe=PATH_SAFE)
         if req.query_string:
-            url += "?" + req.query_string
-        headers = upstream_headers(req.headers, strip_authorization)
+            target += "?" + req.query_string
+        headers = upstream_headers(req.env, strip_authorization)
         if endpoint.token:
             headers["Authorization"] = f"Bearer {endpoint.token}"
-        body = self._body(req, limit)
+        body, chunked = self._body(req, headers, limit)
         try:
-            return self.sessions.get(endpoint).request(
-                req.method,
-                url,
-                headers=headers,
-                data=body,
-                stream=True,
-                allow_redirects=False,
-                timeout=self.timeout,
+            return self.sessions.pool(endpoint).urlopen(
+                req.method, target, body=body, headers=headers, chunked=chunked,
+                retries=False, redirect=False, timeout=self.timeout,
+                preload_content=False, decode_content=False,
             )
         except BodyTooLarge:
             raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
-        except requests.Timeout:
-            raise UpstreamError(
-                504, f"the upstream Ollama did not answer within {self.timeout[1]:g} s"
-            ) from None
-        except requests.RequestException as exc:
-            reason = _reason(exc)
-            raise UpstreamError(502, f"the upstream Ollama is unreachable ({reason})") from None
+        except ReadTimeoutError:
+            raise _timed_out(self.read_timeout) from None
+        except ConnectTimeoutError as exc:
+            if isinstance(exc, NewConnectionError):  # urllib3 makes "refused" a timeout's kin
+                raise _unreachable(exc) from None
+            raise _timed_out(self.read_timeout) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _unreachable(exc) from None
 
     @staticmethod
-    def _body(req: falcon.Request, limit: int):
+    def _body(req: falcon.Request, headers: dict[str, str], limit: int):
+        """(body, chunked) for urllib3, with the Content-Length header when it is known."""
         length = req.content_length
         if length is not None:
-            return RequestBody(req.bounded_stream, length) if length else b""
-        if "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
+            headers["Content-Length"] = str(length)
+            return (_blocks(req.bounded_stream) if length else None), False
+        if "chunked" in req.env.get("HTTP_TRANSFER_ENCODING", "").lower():
             # Falcon's bounded_stream reads nothing without a length; gunicorn's wsgi.input
             # de-chunks the body and ends it itself.
-            return _chunks(req.stream, limit)
-        return None
+            return _chunks(req.stream, limit), True
+        return None, False
 
 
-def upstream_headers(incoming: dict[str, str], strip_authorization: bool) -> dict[str, str]:
-    """The client's headers minus hop-by-hop ones and those its Connection header lists."""
-    listed = {
-        token.strip().lower()
-        for token in incoming.get("CONNECTION", "").split(",")
-        if token.strip()
-    }
-    drop = HOP_BY_HOP | listed
-    if strip_authorization:
-        drop = drop | {"authorization"}
-    # WSGI upper-cases header names; title case reads as clients send them (names are
-    # case-insensitive either way).
-    return {name.title(): value for name, value in incoming.items() if name.lower() not in drop}
+def upstream_headers(environ: Mapping[str, str], strip_authorization: bool) -> dict[str, str]:
+    """The client's headers minus hop-by-hop ones and those its Connection header lists.
+
+    Read from the WSGI environ in one pass (Falcon's `req.headers` would build a dict first);
+    WSGI upper-cases names, title case reads as clients send them (names are case-insensitive
+    either way).
+    """
+    drop = HOP_BY_HOP_AND_AUTHORIZATION if strip_authorization else HOP_BY_HOP
+    listed = environ.get("HTTP_CONNECTION")
+    if listed:
+        drop = drop | {token.strip().lower() for token in listed.split(",")}
+    headers = dict(NO_DEFAULTS)
+    if "CONTENT_TYPE" in environ:
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").title()
+            if name.lower() not in drop:
+                headers[name] = value
+    return headers
 
 
-def _reason(exc: requests.RequestException) -> str:
+def _timed_out(seconds: float) -> UpstreamError:
+    return UpstreamError(504, f"the upstream Ollama did not answer within {seconds:g} s")
+
+
+def _unreachable(exc: Exception) -> UpstreamError:
+    return UpstreamError(502, f"the upstream Ollama is unreachable ({_reason(exc)})")
+
+
+def _reason(exc: Exception) -> str:
     """A short cause without URLs or headers (they may carry a token)."""
     text = str(exc).lower()
     for needle, reason in (
         ("refused", "connection refused"),
         ("name or service not known", "unknown host"),
+        ("failed to resolve", "unknown host"),
         ("certificate", "TLS certificate did not verify"),
         ("reset", "connection reset"),
         ("timed out", "timed out"),

@@ -1,5 +1,10 @@
-"""Talking to the upstream Ollama: pooled sessions (with the upstream's certificate pinned) and
-the readiness probe."""
+"""Talking to the upstream Ollama: pooled connections (with the upstream's certificate pinned)
+and the readiness probe.
+
+Forwarding goes through a urllib3 connection pool per endpoint: requests' per-call work
+(preparing the request, merging settings, hooks) cost more than the forwarding itself
+(bench/RESULTS.md). The probes, a few calls a second at most, use a requests.Session.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
+from requests.certs import where as default_ca_bundle
 
 from .logs import register_secrets
 from .provisioner import Endpoint
@@ -31,22 +38,49 @@ class _PinnedAdapter(HTTPAdapter):
 
 
 class Sessions:
-    """One pooled requests.Session per endpoint, made on first use and kept."""
+    """Per endpoint, made on first use and kept: a requests.Session for the probes and a
+    urllib3 connection pool for forwarding, both with the upstream's certificate pinned."""
 
     def __init__(self, pool_size: int, cert_dir: Path | None = None):
         self.pool_size = pool_size
         self._cert_dir = Path(cert_dir or tempfile.gettempdir())
         self._sessions: dict[tuple, requests.Session] = {}
+        self._pools: dict[tuple, urllib3.HTTPConnectionPool] = {}
         self._lock = threading.Lock()
 
     def get(self, endpoint: Endpoint) -> requests.Session:
+        return self._kept(self._sessions, endpoint, self._make)
+
+    def pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
+        """Connections to the endpoint's host, `pool_size` kept alive (one per request thread)."""
+        return self._kept(self._pools, endpoint, self._make_pool)
+
+    def _kept(self, made: dict, endpoint: Endpoint, make):
         key = (endpoint.url, endpoint.ca_cert, endpoint.server_hostname)
-        session = self._sessions.get(key)
-        if session is None:
+        found = made.get(key)
+        if found is None:
             with self._lock:
-                session = self._sessions.get(key) or self._make(endpoint)
-                self._sessions[key] = session
-        return session
+                found = made.get(key) or make(endpoint)
+                made[key] = found
+        return found
+
+    def _make_pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
+        register_secrets([endpoint.token])
+        url = urllib3.util.parse_url(endpoint.url)
+        if url.path not in (None, "", "/"):  # the pool is sent the client's path as it is
+            raise ValueError(f"an upstream URL is scheme://host:port, not {endpoint.url}")
+        # block=False: never wait for a free connection (a thread has at most one in use);
+        # retries=False: a request body is read once, it cannot be sent again.
+        options = {"maxsize": self.pool_size, "block": False, "retries": False}
+        if url.scheme != "https":
+            return urllib3.HTTPConnectionPool(url.host, url.port or 80, **options)
+        ca_certs = str(self._write_cert(endpoint.ca_cert)) if endpoint.ca_cert else None
+        return urllib3.HTTPSConnectionPool(
+            url.host, url.port or 443, cert_reqs="CERT_REQUIRED",
+            ca_certs=ca_certs or default_ca_bundle(),  # requests' bundle, as the probes use
+            server_hostname=endpoint.server_hostname, assert_hostname=endpoint.server_hostname,
+            **options,
+        )
 
     def _make(self, endpoint: Endpoint) -> requests.Session:
         register_secrets([endpoint.token])
@@ -74,7 +108,10 @@ class Sessions:
         with self._lock:
             for session in self._sessions.values():
                 session.close()
+            for pool in self._pools.values():
+                pool.close()
             self._sessions.clear()
+            self._pools.clear()
 
 
 def auth_headers(endpoint: Endpoint) -> dict[str, str]:

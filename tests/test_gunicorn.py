@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from tests.harness import Proxy, fake_ollama_command, free_port
+from tests.harness import Proxy, fake_ollama_command, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -145,6 +145,33 @@ def test_many_workers_and_concurrent_cold_requests_start_one_upstream(tmp_path):
                  for _ in range(8)]
         assert {a.status_code for a in after} == {200}
         assert starts(tmp_path) == 1
+
+
+def test_a_burst_of_streams_spreads_over_the_workers_free_threads(tmp_path):
+    """6 streams at once on 2 workers × 3 threads: all 6 run, none queues behind a busy worker."""
+    env = upstream_env(tmp_path, PROXY_WORKERS="2", PROXY_THREADS="3")
+    with Proxy(tmp_path, **env) as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready")
+        upstream = "http://" + env["PROXY_LOCAL_ADDR"]
+        barrier = threading.Barrier(6)
+
+        def stream(_):
+            barrier.wait()
+            return requests.post(
+                proxy.url + "/api/generate",
+                json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 40}},
+                headers={"X-Fake-Interval": "0.25"}, stream=True, timeout=30,
+            )
+
+        with ThreadPoolExecutor(6) as pool:
+            streams = pool.map(stream, range(6))
+            wait_until(  # a stream that waited for a busy worker would start 10 s later
+                lambda: requests.get(upstream + "/__stats", timeout=5).json()["active_streams"]
+                == 6, 8, what="all six streams running upstream at once",
+            )
+            for answer in streams:
+                answer.close()
 
 
 def test_a_restarted_proxy_adopts_the_running_upstream(tmp_path):

@@ -70,3 +70,10 @@ def test_probe_names_the_model_it_waits_for(tmp_path, tls_upstream):
                         server_hostname=NAME)
     result = probe(Sessions(2, tmp_path), endpoint, ("llama3.2", "qwen3:8b"))
     assert not result.ready and "qwen3:8b" in result.reason
+
+
+def test_a_forwarding_pool_is_only_made_for_a_url_without_a_path(tmp_path):
+    sessions = Sessions(2, tmp_path)
+    assert sessions.pool(Endpoint("http://127.0.0.1:9")).port == 9
+    with pytest.raises(ValueError, match="scheme://host:port"):
+        sessions.pool(Endpoint("http://127.0.0.1:9/ollama"))
