@@ -1,0 +1,120 @@
+"""gunicorn's gthread worker, made to read a request's head before it takes a thread.
+
+gthread hands a connection to a pool thread as soon as its first byte arrives, and that
+thread then blocks until the request line and headers are complete. A client that sends its
+head a byte at a time (slowloris) holds a thread for as long as it likes, and a few dozen
+such clients hold every thread of every worker. Here a thread only takes what the socket
+already has, without blocking, and gives the connection back to the worker's poller until
+the head is complete; a head still incomplete after HEAD_TIMEOUT gets `408`.
+
+gthread also closes a connection gracefully in its main loop: it half-closes and waits up to
+2 s for the client to close too. A client that never does stalls every other connection of
+the worker for those 2 s. Here that wait happens in the request's thread instead.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from gunicorn.workers import gthread
+
+HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
+MAX_HEAD = 64 * 1024  # past this gunicorn's own limits (431, 400) judge the head
+_END = b"\r\n\r\n"
+
+
+class ThreadWorker(gthread.ThreadWorker):
+    def handle(self, conn):
+        result = self._handle(conn)
+        if result is False:
+            _linger(conn.sock)
+        return result
+
+    def _handle(self, conn):
+        if self.cfg.is_ssl or _read_ahead(conn):
+            return super().handle(conn)
+        waiting = getattr(conn, "head", None)
+        if waiting is None:
+            waiting = conn.head = _Head()
+        if not waiting.receive(conn.sock):
+            return False  # the client went away
+        if waiting.complete:
+            conn.head = None
+            conn.init()
+            conn.parser.unreader.unread(bytes(waiting.data))
+            conn.data_ready = True
+            return super().handle(conn)
+        if waiting.expired:
+            _send_timeout(conn.sock)
+            return False
+        conn.data_ready = False
+        return gthread._DEFER  # back to the poller until more bytes arrive
+
+
+class _Head:
+    """The bytes of one request head received so far, and when the first of them came."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.started = time.monotonic()
+
+    def receive(self, sock: socket.socket) -> bool:
+        """Take what the socket has now, without waiting; False when the client closed."""
+        while len(self.data) < MAX_HEAD and _END not in self.data:
+            try:
+                block = sock.recv(MAX_HEAD, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not block:
+                return False
+            self.data += block
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return _END in self.data or len(self.data) >= MAX_HEAD
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() - self.started > HEAD_TIMEOUT
+
+
+def _read_ahead(conn) -> bool:
+    """Whether gunicorn already holds bytes of this connection's next request."""
+    parser = getattr(conn, "parser", None)
+    return bool(parser is not None and parser.unreader.buf.getvalue())
+
+
+def _linger(sock: socket.socket, timeout: float = 2.0) -> None:
+    """Half-close, read what the client still sends until it closes (RFC 9112 9.6), for at
+    most `timeout`; then shut the socket so gthread's own graceful close returns at once."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _send_timeout(sock: socket.socket) -> None:
+    body = json.dumps({"error": f"the request head did not arrive within {HEAD_TIMEOUT:g} s"})
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    try:
+        sock.settimeout(1.0)
+        sock.sendall((head + body).encode())
+    except OSError:
+        pass
