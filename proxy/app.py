@@ -348,8 +348,11 @@ def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
             req, resp, ticket.endpoint, lambda: lifecycle.finish(ticket),
             strip_authorization=config.auth_enabled,
             body_limit=forwarder.body_limit(req.path, config.max_body, config.max_blob),
+            on_broken=lifecycle.want,  # the upstream may be gone: have it probed now
         )
     except UpstreamError as exc:
+        if exc.status in (502, 504):
+            lifecycle.want()  # unreachable or hung: have it probed now, not in 15 s
         raise falcon.HTTPError(
             falcon.code_to_http_status(exc.status), description=str(exc)
         ) from None

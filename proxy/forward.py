@@ -83,10 +83,16 @@ class ResponseStream:
     body not read to its end is then dropped with its connection, so the upstream stops too.
     """
 
-    def __init__(self, upstream: requests.Response, on_close: Callable[[], None]):
+    def __init__(
+        self,
+        upstream: requests.Response,
+        on_close: Callable[[], None],
+        on_broken: Callable[[], None] | None = None,
+    ):
         self._upstream = upstream
         self._raw: urllib3.HTTPResponse = upstream.raw
         self._on_close = on_close
+        self._on_broken = on_broken
         self._finished = False
         self._closed = False
         self._ndjson = "ndjson" in upstream.headers.get("content-type", "")
@@ -103,6 +109,8 @@ class ResponseStream:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # Headers are sent already: Ollama's clients read a last {"error"} line.
             log.warning("upstream stream broke: %s", type(exc).__name__)
+            if self._on_broken is not None:
+                self._on_broken()
             if self._ndjson:
                 line = {"error": "the upstream connection broke mid-stream"}
                 yield json.dumps(line).encode() + b"\n"
@@ -140,8 +148,12 @@ class Forwarder:
         *,
         strip_authorization: bool,
         body_limit: int = 0,
+        on_broken: Callable[[], None] | None = None,
     ) -> None:
-        """Send `req` upstream and set `resp` to stream the answer; on_close runs exactly once."""
+        """Send `req` upstream and set `resp` to stream the answer; on_close runs exactly once.
+
+        on_broken runs when the upstream's answer breaks off after its headers were sent.
+        """
         try:
             upstream = self._send(req, endpoint, strip_authorization, body_limit)
         except BaseException:
@@ -155,7 +167,7 @@ class Forwarder:
             upstream.close()  # Falcon sends no body for these and would never close a stream
             on_close()
             return
-        resp.stream = ResponseStream(upstream, on_close)
+        resp.stream = ResponseStream(upstream, on_close, on_broken)
 
     def _send(
         self, req: falcon.Request, endpoint: Endpoint, strip_authorization: bool, limit: int

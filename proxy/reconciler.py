@@ -126,11 +126,17 @@ class Reconciler:
             idle_since = max(last_activity, doc.get("ready_since", 0.0))
             if inflight == 0 and now - idle_since >= self.config.idle_timeout:
                 self._start(lambda: self._tear_down(idle_since), "tear down (idle)")
-            elif now - self._last_health >= HEALTH_EVERY:
+            elif self._health_due(now, wanted_at):
                 self._last_health = now
                 self._start(self._check_health, "health")
         if now - doc.get("reports_pruned", 0.0) > 3600:
             self._prune(reports, now)
+
+    def _health_due(self, now: float, wanted_at: float) -> bool:
+        """Probe a ready upstream every HEALTH_EVERY; at once when a request found it failing
+        (a worker's wish since the last probe), and each PROBE_EVERY after a failed probe."""
+        every = PROBE_EVERY if self._health_failures else HEALTH_EVERY
+        return now - self._last_health >= every or wanted_at > self._last_health
 
     def _begin_provisioning(self, now: float) -> None:
         self._commit(
