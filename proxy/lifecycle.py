@@ -242,7 +242,7 @@ class Lifecycle:
             last.last_activity,
             last.wanted_at,
         ) == (report.inflight, report.last_activity, report.wanted_at)
-        if unchanged and now - last.heartbeat < HEARTBEAT:
+        if unchanged and abs(now - last.heartbeat) < HEARTBEAT:  # a clock stepped back too
             return
         self.store.report(report)
         self._reported = report

@@ -83,9 +83,11 @@ class Reconciler:
     def _lease(self, now: float) -> bool:
         """Hold (or try to take) the lease; renew it well before it expires."""
         ttl = self.config.lease_ttl
-        if self._holding and now - self._lease_renewed < ttl / 5:
+        # abs(): a clock stepped back must not stop the renewals that keep the expiry near.
+        since = abs(now - self._lease_renewed)
+        if self._holding and since < ttl / 5:
             return True
-        if not self._holding and now - self._lease_renewed < min(1.0, ttl / 5):
+        if not self._holding and since < min(1.0, ttl / 5):
             return False  # a non-holder tries about once a second
         held = self.store.acquire(self.holder, ttl)
         self._lease_renewed = now
