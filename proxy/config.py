@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 PROVISIONERS = ("exoscale", "local")
 IDLE_ACTIONS = ("destroy", "stop")
+MAX_NUMBER = 1e12  # the largest number any setting accepts
 
 
 class ConfigError(ValueError):
@@ -173,6 +174,8 @@ class _Reader:
             raise ConfigError(f"{name}={value!r} is not {kind}; use e.g. {default:g}") from None
         if number != number or number < minimum or number == float("inf"):
             raise ConfigError(f"{name}={value!r} is out of range; use {kind} >= {minimum:g}")
+        if number > MAX_NUMBER:  # no setting needs more; MB * 2**20 and the like stay finite
+            raise ConfigError(f"{name}={value!r} is out of range; use {kind} <= {MAX_NUMBER:g}")
         return number
 
     def address(self, name: str, default: str) -> str:
