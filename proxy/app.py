@@ -260,6 +260,10 @@ def local_openai_models(config: Config, snapshot: Snapshot) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+# What Ollama's routes (and browsers' CORS preflights) use; anything else is refused here.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Demand:
     """Every other Ollama route: forwarded when ready; otherwise wakes the GPU and says 503."""
 
@@ -269,6 +273,10 @@ class Demand:
         self.forwarder = forwarder
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        if req.method not in FORWARDED_METHODS:  # TRACE, CONNECT, junk: no GPU woken for them
+            raise falcon.HTTPMethodNotAllowed(
+                sorted(FORWARDED_METHODS), description=f"{req.method} is not an Ollama method"
+            )
         if any(part in (".", "..") for part in req.path.split("/")):
             raise falcon.HTTPBadRequest(description="dot segments are not allowed in the path")
         limit = self.forwarder.body_limit(req.path, self.config.max_body, self.config.max_blob)

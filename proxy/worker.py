@@ -10,6 +10,9 @@ the head is complete; a head still incomplete after HEAD_TIMEOUT gets `408`.
 gthread also closes a connection gracefully in its main loop: it half-closes and waits up to
 2 s for the client to close too. A client that never does stalls every other connection of
 the worker for those 2 s. Here that wait happens in the request's thread instead.
+
+gunicorn answers requests it cannot parse (400, 414, 431, 501) itself, with an HTML page;
+here they get the JSON `error` body every other answer of the proxy has.
 """
 
 from __future__ import annotations
@@ -18,11 +21,25 @@ import json
 import socket
 import time
 
+from gunicorn import util
 from gunicorn.workers import gthread
 
 HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
 MAX_HEAD = 64 * 1024  # past this gunicorn's own limits (431, 400) judge the head
 _END = b"\r\n\r\n"
+
+
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's util.write_error, with a JSON body instead of an HTML page."""
+    body = json.dumps({"error": mesg or reason})
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, (head + body).encode("latin-1", "replace"))
+
+
+util.write_error = write_json_error  # gunicorn looks it up on its util module at each error
 
 
 class ThreadWorker(gthread.ThreadWorker):

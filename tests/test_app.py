@@ -218,3 +218,16 @@ def test_repeated_wrong_keys_from_one_address_get_429_for_a_while(proxy):
     other = client.simulate_get("/api/tags", headers={"Authorization": "Bearer right-key-1"},
                                 remote_addr="10.1.2.3")
     assert other.status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # Falcon's WSGI validator
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND", "BREW"])
+def test_a_method_ollama_does_not_use_gets_405_and_does_not_wake_the_gpu(proxy, method):
+    client, life, provisioner = proxy()
+    answer = client.simulate_request(method, "/api/chat")
+    assert answer.status_code == 405
+    assert "OPTIONS" in answer.headers["Allow"] and method in answer.json["error"]
+    v1 = client.simulate_request(method, "/v1/chat/completions")
+    assert v1.status_code == 405 and v1.json["error"]["message"]
+    time.sleep(0.2)
+    assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
