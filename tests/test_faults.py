@@ -185,3 +185,46 @@ def test_a_full_disk_in_the_state_dir_breaks_no_worker_and_starts_nothing_twice(
         (full_disk / "filler").unlink()
         wait_until(lambda: proxy.status()["store_error"] is None, 10, what="the store back")
         assert starts(tmp_path) == 1
+
+
+def test_provisioning_that_keeps_failing_backs_off_explains_and_makes_few_attempts(tmp_path):
+    attempts = tmp_path / "attempts"
+    command = f"sh -c 'echo try >> {attempts}; echo quota exceeded >&2; exit 3'"
+    with Proxy(tmp_path, PROXY_LOCAL_COMMAND=command, PROXY_RETRY_BASE=1,
+               PROXY_LOCAL_ADDR=f"127.0.0.1:{free_port()}") as proxy:
+        answers = []
+        deadline = time.monotonic() + 8
+        with requests.Session() as session:
+            while time.monotonic() < deadline:  # a client retrying as fast as it can
+                answers.append(session.post(proxy.url + "/api/chat", json={}, timeout=5))
+        status = proxy.status()
+    tried = len(attempts.read_text().splitlines())
+    assert {a.status_code for a in answers} == {503} and len(answers) > 100
+    assert 2 <= tried <= 4  # 1 s, 2 s, 4 s between attempts: not one per request
+    assert status["provisioning_status"] == "error" and status["failures"] == tried
+    assert "exited with code 3" in status["last_error"] and status["retry_at"]
+    failed = answers[-1].json()
+    assert failed["provisioning"] is False and "quota exceeded" in failed["error"]
+
+
+def test_a_locked_state_store_leaves_requests_answered_and_starts_nothing(tmp_path):
+    import sqlite3
+
+    with Proxy(tmp_path, **upstream_env(tmp_path, PROXY_IDLE_TIMEOUT=600)) as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        proxy.wait_phase("ready")
+        blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # another program holds the file: every write waits
+        try:
+            wait_until(lambda: "locked" in (proxy.status()["store_error"] or ""), 40,
+                       interval=0.5, what="the store error in /status")
+            answers = [requests.post(proxy.url + "/api/show", json={"model": "llama3.2"},
+                                     timeout=5) for _ in range(20)]
+            assert {a.status_code for a in answers} == {200}  # from what the workers know
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        wait_until(lambda: proxy.status()["store_error"] is None, 40, interval=0.5,
+                   what="the store back")
+        assert proxy.status()["provisioning_status"] == "ready"
+        assert starts(tmp_path) == 1
