@@ -17,6 +17,7 @@ here they get the JSON `error` body every other answer of the proxy has.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import time
@@ -50,11 +51,11 @@ class ThreadWorker(gthread.ThreadWorker):
         return result
 
     def _handle(self, conn):
-        if self.cfg.is_ssl or _read_ahead(conn):
+        if self.cfg.is_ssl:
             return super().handle(conn)
         waiting = getattr(conn, "head", None)
         if waiting is None:
-            waiting = conn.head = _Head()
+            waiting = conn.head = _Head(_take_read_ahead(conn))
         if not waiting.receive(conn.sock):
             return False  # the client went away
         if waiting.complete:
@@ -73,8 +74,8 @@ class ThreadWorker(gthread.ThreadWorker):
 class _Head:
     """The bytes of one request head received so far, and when the first of them came."""
 
-    def __init__(self):
-        self.data = bytearray()
+    def __init__(self, data: bytes = b""):
+        self.data = bytearray(data)
         self.started = time.monotonic()
 
     def receive(self, sock: socket.socket) -> bool:
@@ -100,10 +101,15 @@ class _Head:
         return time.monotonic() - self.started > HEAD_TIMEOUT
 
 
-def _read_ahead(conn) -> bool:
-    """Whether gunicorn already holds bytes of this connection's next request."""
+def _take_read_ahead(conn) -> bytes:
+    """Bytes of the next request gunicorn already read (pipelined), taken out of its buffer."""
     parser = getattr(conn, "parser", None)
-    return bool(parser is not None and parser.unreader.buf.getvalue())
+    if parser is None:
+        return b""
+    data = parser.unreader.buf.getvalue()
+    if data:
+        parser.unreader.buf = io.BytesIO()
+    return data
 
 
 def _linger(sock: socket.socket, timeout: float = 2.0) -> None:

@@ -116,3 +116,26 @@ def test_clients_that_never_close_their_connections_do_not_stall_the_worker(tmp_
         finally:
             for sock in closers:
                 sock.close()
+
+
+def test_a_slow_head_pipelined_behind_a_request_does_not_hold_a_thread(proxy):
+    stop = threading.Event()
+    slow = []
+    for _ in range(12):  # more than the 8 threads
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /status HTTP/1.1\r\nHost: x\r\n"
+                     b"Connection: close\r\n")
+        thread = threading.Thread(target=dribble, args=(sock, b"X-Slow: 1\r\n\r\n", 0.5, stop))
+        thread.start()
+        slow.append((sock, thread))
+    try:
+        time.sleep(1)
+        answers = [requests.get(proxy.url + "/status", timeout=5) for _ in range(10)]
+        assert {a.status_code for a in answers} == {200}
+        for sock, thread in slow:
+            thread.join(30)
+            assert read_response(sock).count(b"HTTP/1.1 200") == 2
+    finally:
+        stop.set()
+        for sock, _ in slow:
+            sock.close()
