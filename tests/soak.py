@@ -246,9 +246,11 @@ def run(duration: float, workdir: Path, *, busy: float = 12.0, quiet: float = 6.
         idle_timeout: float = 2.0, warmup: float = 8.0, log=print) -> Report:
     """Soak a fresh proxy in `workdir` for `duration` seconds; the report says what happened."""
     addr = f"127.0.0.1:{free_port()}"
+    starts = workdir / "upstream-starts"  # one line per start (/status keeps the last 20)
     proxy = Proxy(
         workdir,
-        PROXY_LOCAL_COMMAND=fake_ollama_command("--models", "llama3.2"),
+        PROXY_LOCAL_COMMAND=fake_ollama_command("--models", "llama3.2", "--starts-file",
+                                                str(starts)),
         PROXY_LOCAL_ADDR=addr, PROXY_IDLE_TIMEOUT=idle_timeout, PROXY_WORKERS=2,
         PROXY_THREADS=POOL, PROXY_LOG_LEVEL="warning",
     )
@@ -277,7 +279,7 @@ def run(duration: float, workdir: Path, *, busy: float = 12.0, quiet: float = 6.
                    what="no request in flight")
         time.sleep(2)  # closed client connections are closed on the workers' side too
         after = sample(workers)
-        cold_starts = proxy.status()["cold_starts"]["count"]
+        cold_starts = len(starts.read_text().splitlines())
         replaced = children(proxy.process.pid) != workers
     answered = sum(tally.tried.values()) - tally.lost_count
     return Report(
