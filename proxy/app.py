@@ -332,6 +332,10 @@ def local_openai_models(config: Config, snapshot: Snapshot) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+# What Ollama's routes (and browsers' CORS preflights) use; anything else is refused here.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Demand:
     """Every other Ollama route: forwarded when ready; otherwise wakes the GPU and says 503."""
 
@@ -341,6 +345,10 @@ class Demand:
         self.forwarder = forwarder
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        if req.method not in FORWARDED_METHODS:  # TRACE, CONNECT, junk: no GPU woken for them
+            raise falcon.HTTPMethodNotAllowed(
+                sorted(FORWARDED_METHODS), description=f"{req.method} is not an Ollama method"
+            )
         if any(part in (".", "..") for part in req.path.split("/")):
             raise falcon.HTTPBadRequest(description="dot segments are not allowed in the path")
         limit = self.forwarder.body_limit(req.path, self.config.max_body, self.config.max_blob)
@@ -437,8 +445,11 @@ def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
             req, resp, ticket.endpoint, lambda: lifecycle.finish(ticket),
             strip_authorization=config.auth_enabled,
             body_limit=forwarder.body_limit(req.path, config.max_body, config.max_blob),
+            on_broken=lifecycle.want,  # the upstream may be gone: have it probed now
         )
     except UpstreamError as exc:
+        if exc.status in (502, 504):
+            lifecycle.want()  # unreachable or hung: have it probed now, not in 15 s
         raise falcon.HTTPError(
             falcon.code_to_http_status(exc.status), description=str(exc)
         ) from None

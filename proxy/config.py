@@ -17,6 +17,7 @@ from .schedule import ScheduleError, Window, parse_windows
 
 PROVISIONERS = ("exoscale", "local")
 IDLE_ACTIONS = ("destroy", "stop")
+MAX_NUMBER = 1e12  # the largest number any setting accepts
 
 
 class ConfigError(ValueError):
@@ -202,6 +203,8 @@ class _Reader:
             raise ConfigError(f"{name}={value!r} is not {kind}; use e.g. {default:g}") from None
         if number != number or number < minimum or number == float("inf"):
             raise ConfigError(f"{name}={value!r} is out of range; use {kind} >= {minimum:g}")
+        if number > MAX_NUMBER:  # no setting needs more; MB * 2**20 and the like stay finite
+            raise ConfigError(f"{name}={value!r} is out of range; use {kind} <= {MAX_NUMBER:g}")
         return number
 
     def address(self, name: str, default: str) -> str:

@@ -77,9 +77,15 @@ class ResponseStream:
     body not read to its end is then dropped with its connection, so the upstream stops too.
     """
 
-    def __init__(self, upstream: urllib3.BaseHTTPResponse, on_close: Callable[[], None]):
+    def __init__(
+        self,
+        upstream: urllib3.BaseHTTPResponse,
+        on_close: Callable[[], None],
+        on_broken: Callable[[], None] | None = None,
+    ):
         self._upstream = upstream
         self._on_close = on_close
+        self._on_broken = on_broken
         self._finished = False
         self._closed = False
         self._ndjson = "ndjson" in upstream.headers.get("content-type", "")
@@ -96,6 +102,8 @@ class ResponseStream:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # Headers are sent already: Ollama's clients read a last {"error"} line.
             log.warning("upstream stream broke: %s", type(exc).__name__)
+            if self._on_broken is not None:
+                self._on_broken()
             if self._ndjson:
                 line = {"error": "the upstream connection broke mid-stream"}
                 yield json.dumps(line).encode() + b"\n"
@@ -132,8 +140,12 @@ class Forwarder:
         *,
         strip_authorization: bool,
         body_limit: int = 0,
+        on_broken: Callable[[], None] | None = None,
     ) -> None:
-        """Send `req` upstream and set `resp` to stream the answer; on_close runs exactly once."""
+        """Send `req` upstream and set `resp` to stream the answer; on_close runs exactly once.
+
+        on_broken runs when the upstream's answer breaks off after its headers were sent.
+        """
         try:
             upstream = self._send(req, endpoint, strip_authorization, body_limit)
         except BaseException:
@@ -148,7 +160,7 @@ class Forwarder:
             upstream.release_conn()
             on_close()
             return
-        resp.stream = ResponseStream(upstream, on_close)
+        resp.stream = ResponseStream(upstream, on_close, on_broken)
 
     def _send(
         self, req: falcon.Request, endpoint: Endpoint, strip_authorization: bool, limit: int

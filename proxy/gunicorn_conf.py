@@ -15,9 +15,10 @@ bind = _config.bind
 workers = _config.workers
 threads = _config.threads
 # gthread keeps the worker's heartbeat apart from request threads: a stream that runs for
-# many minutes is never killed by `timeout` (a sync worker would be). Ours accepts only while
-# a thread is free, so a burst spreads over the workers instead of queueing in one.
-worker_class = "proxy.workers.ThreadWorker"
+# many minutes is never killed by `timeout` (a sync worker would be). Ours reads each
+# request's head before it takes a thread (slow clients cannot hold them all) and accepts only
+# while a thread is free (a burst spreads over the workers instead of queueing in one).
+worker_class = "proxy.worker.ThreadWorker"
 timeout = int(_config.worker_timeout)
 # Time for streams to finish and for a running provisioning step to end on SIGTERM.
 graceful_timeout = 30

@@ -285,7 +285,7 @@ class Lifecycle:
             last.wanted_at,
             last.down_at,
         ) == (report.inflight, report.last_activity, report.wanted_at, report.down_at)
-        if unchanged and now - last.heartbeat < HEARTBEAT:
+        if unchanged and abs(now - last.heartbeat) < HEARTBEAT:  # a clock stepped back too
             return
         self.store.report(report)
         self._reported = report

@@ -91,9 +91,11 @@ class Reconciler:
     def _lease(self, now: float) -> bool:
         """Hold (or try to take) the lease; renew it well before it expires."""
         ttl = self.config.lease_ttl
-        if self._holding and now - self._lease_renewed < ttl / 5:
+        # abs(): a clock stepped back must not stop the renewals that keep the expiry near.
+        since = abs(now - self._lease_renewed)
+        if self._holding and since < ttl / 5:
             return True
-        if not self._holding and now - self._lease_renewed < min(1.0, ttl / 5):
+        if not self._holding and since < min(1.0, ttl / 5):
             return False  # a non-holder tries about once a second
         held = self.store.acquire(self.holder, ttl)
         self._lease_renewed = now
@@ -153,7 +155,7 @@ class Reconciler:
                 self._start(lambda: self._retire(reason, down_at, local, stop), "retire")
             elif not warm and inflight == 0 and now - idle_since >= self.config.idle_timeout:
                 self._start(lambda: self._tear_down_idle(idle_since), "tear down (idle)")
-            elif now - self._last_health >= HEALTH_EVERY:
+            elif self._health_due(now, wanted_at):
                 self._last_health = now
                 self._start(self._check_health, "health")
         if now - doc.get("reports_pruned", 0.0) > 3600:
@@ -175,6 +177,12 @@ class Reconciler:
         """After an operator's `down` inside a warm window, that window no longer warms."""
         end = schedule.current_end(self.config.warm_windows, local)
         return {"warm_off_until": end.timestamp()} if end else {}
+
+    def _health_due(self, now: float, wanted_at: float) -> bool:
+        """Probe a ready upstream every HEALTH_EVERY; at once when a request found it failing
+        (a worker's wish since the last probe), and each PROBE_EVERY after a failed probe."""
+        every = PROBE_EVERY if self._health_failures else HEALTH_EVERY
+        return now - self._last_health >= every or wanted_at > self._last_health
 
     def _begin_provisioning(self, now: float) -> None:
         self._commit(

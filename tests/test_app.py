@@ -277,3 +277,16 @@ def test_the_expected_wait_comes_from_the_measured_cold_starts(proxy, tmp_path):
     assert status["retry_after"] == 60  # for clients: capped where the OpenAI SDKs stop
     answer = client.simulate_post("/api/chat", json={})
     assert answer.headers["Retry-After"] == "60"
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # Falcon's WSGI validator
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND", "BREW"])
+def test_a_method_ollama_does_not_use_gets_405_and_does_not_wake_the_gpu(proxy, method):
+    client, life, provisioner = proxy()
+    answer = client.simulate_request(method, "/api/chat")
+    assert answer.status_code == 405
+    assert "OPTIONS" in answer.headers["Allow"] and method in answer.json["error"]
+    v1 = client.simulate_request(method, "/v1/chat/completions")
+    assert v1.status_code == 405 and v1.json["error"]["message"]
+    time.sleep(0.2)
+    assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"

@@ -113,3 +113,10 @@ def test_a_bad_keys_file_is_a_one_line_error_without_the_key(tmp_path, content, 
 def test_a_missing_keys_file_names_the_variable(tmp_path):
     with pytest.raises(ConfigError, match="PROXY_KEYS_FILE=.*cannot be read"):
         Config.from_env({"PROXY_KEYS_FILE": str(tmp_path / "nope")})
+
+
+@pytest.mark.parametrize("variable", ["PROXY_MAX_BODY_MB", "PROXY_MAX_BLOB_GB", "PROXY_WORKERS"])
+def test_a_huge_number_is_a_one_line_error_not_a_traceback(variable):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({variable: "1e308" if variable != "PROXY_WORKERS" else "9" * 30})
+    assert variable in str(caught.value) and "<= 1e+12" in str(caught.value)

@@ -1,0 +1,170 @@
+"""gunicorn's gthread worker, made fair to slow clients and to bursts.
+
+It reads a request's head before it takes a thread:
+
+gthread hands a connection to a pool thread as soon as its first byte arrives, and that
+thread then blocks until the request line and headers are complete. A client that sends its
+head a byte at a time (slowloris) holds a thread for as long as it likes, and a few dozen
+such clients hold every thread of every worker. Here a thread only takes what the socket
+already has, without blocking, and gives the connection back to the worker's poller until
+the head is complete; a head still incomplete after HEAD_TIMEOUT gets `408`.
+
+gthread also closes a connection gracefully in its main loop: it half-closes and waits up to
+2 s for the client to close too. A client that never does stalls every other connection of
+the worker for those 2 s. Here that wait happens in the request's thread instead.
+
+gunicorn answers requests it cannot parse (400, 414, 431, 501) itself, with an HTML page;
+here they get the JSON `error` body every other answer of the proxy has.
+
+gthread's workers each accept from the shared socket and queue what they accept for their own
+threads. Under a burst (100 streams at once on 2 workers × 32 threads) one worker queued 77
+connections behind its 32 threads while the other had threads to spare (bench/RESULTS.md).
+Here a worker accepts only while a thread is free, leaving the rest in the listen backlog for
+whichever worker frees a thread first. Kept-alive connections wait in the poller, holding no
+thread, and are not counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+from gunicorn import util
+from gunicorn.workers import gthread
+
+HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
+MAX_HEAD = 64 * 1024  # past this gunicorn's own limits (431, 400) judge the head
+_END = b"\r\n\r\n"
+
+
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's util.write_error, with a JSON body instead of an HTML page."""
+    body = json.dumps({"error": mesg or reason})
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, (head + body).encode("latin-1", "replace"))
+
+
+util.write_error = write_json_error  # gunicorn looks it up on its util module at each error
+
+
+class ThreadWorker(gthread.ThreadWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.busy = 0  # connections handed to the threads and not finished; main loop only
+
+    def enqueue_req(self, conn) -> None:
+        self.busy += 1
+        if self.busy >= self.cfg.threads:
+            self.set_accept_enabled(False)
+        super().enqueue_req(conn)
+
+    def finish_request(self, conn, fs) -> None:
+        self.busy -= 1  # before: finishing may hand the connection's next request back
+        super().finish_request(conn, fs)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # gthread's loop re-enables accepting below worker_connections; not while all are busy.
+        super().set_accept_enabled(enabled and self.busy < self.cfg.threads)
+
+    def handle(self, conn):
+        result = self._handle(conn)
+        if result is False:
+            _linger(conn.sock)
+        return result
+
+    def _handle(self, conn):
+        if self.cfg.is_ssl:
+            return super().handle(conn)
+        waiting = getattr(conn, "head", None)
+        if waiting is None:
+            waiting = conn.head = _Head(_take_read_ahead(conn))
+        if not waiting.receive(conn.sock):
+            return False  # the client went away
+        if waiting.complete:
+            conn.head = None
+            conn.init()
+            conn.parser.unreader.unread(bytes(waiting.data))
+            conn.data_ready = True
+            return super().handle(conn)
+        if waiting.expired:
+            _send_timeout(conn.sock)
+            return False
+        conn.data_ready = False
+        return gthread._DEFER  # back to the poller until more bytes arrive
+
+
+class _Head:
+    """The bytes of one request head received so far, and when the first of them came."""
+
+    def __init__(self, data: bytes = b""):
+        self.data = bytearray(data)
+        self.started = time.monotonic()
+
+    def receive(self, sock: socket.socket) -> bool:
+        """Take what the socket has now, without waiting; False when the client closed."""
+        while len(self.data) < MAX_HEAD and _END not in self.data:
+            try:
+                block = sock.recv(MAX_HEAD, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not block:
+                return False
+            self.data += block
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return _END in self.data or len(self.data) >= MAX_HEAD
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() - self.started > HEAD_TIMEOUT
+
+
+def _take_read_ahead(conn) -> bytes:
+    """Bytes of the next request gunicorn already read (pipelined), taken out of its buffer."""
+    parser = getattr(conn, "parser", None)
+    if parser is None:
+        return b""
+    data = parser.unreader.buf.getvalue()
+    if data:
+        parser.unreader.buf = io.BytesIO()
+    return data
+
+
+def _linger(sock: socket.socket, timeout: float = 2.0) -> None:
+    """Half-close, read what the client still sends until it closes (RFC 9112 9.6), for at
+    most `timeout`; then shut the socket so gthread's own graceful close returns at once."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _send_timeout(sock: socket.socket) -> None:
+    body = json.dumps({"error": f"the request head did not arrive within {HEAD_TIMEOUT:g} s"})
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    try:
+        sock.settimeout(1.0)
+        sock.sendall((head + body).encode())
+    except OSError:
+        pass

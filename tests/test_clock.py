@@ -1,0 +1,119 @@
+"""The wall clock jumping under the lifecycle (NTP stepping it, a VM resumed): two Lifecycle
+objects on one SQLite store act as two workers; `time.time` jumps for all of them at once,
+as it would for every process on the host, while time.monotonic runs on."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from proxy.config import Config
+from proxy.lifecycle import Lifecycle
+from proxy.provisioner import Endpoint
+from proxy.store import SqliteStore
+from proxy.upstream import Sessions
+from tests import fake_ollama
+from tests.doubles import GatedProvisioner
+from tests.harness import wait_until
+
+HOUR = 3600.0
+
+
+class Clock:
+    """time.time with an offset a test can change; everything that reads it sees the jump."""
+
+    def __init__(self, monkeypatch):
+        self.offset = 0.0
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + self.offset)
+
+    def jump(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    return Clock(monkeypatch)
+
+
+@pytest.fixture
+def upstream():
+    server = fake_ollama.start_in_thread(models="llama3.2")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make(tmp_path):
+    made = []
+
+    def make(provisioner, **settings) -> Lifecycle:
+        config = Config(state_dir=tmp_path, tick=0.02, lease_ttl=1.0, idle_timeout=60,
+                        models=("llama3.2",))
+        config = dataclasses.replace(config, **settings)
+        life = Lifecycle(config, provisioner, SqliteStore(tmp_path / "state.db"), Sessions(4))
+        made.append(life)
+        return life
+
+    yield make
+    for life in made:
+        life.close(timeout=5)
+
+
+def die(life: Lifecycle) -> None:
+    """Stop a worker's sync loop as SIGKILL would: no more renewals, no lease released."""
+    life._stop.set()
+    life.reconciler._stop.set()
+
+
+def holder_and_other(a: Lifecycle, b: Lifecycle) -> tuple[Lifecycle, Lifecycle]:
+    wait_until(lambda: a.reconciler.doc is not None or b.reconciler.doc is not None, 5,
+               what="a reconciler")
+    return (a, b) if a.reconciler.doc is not None else (b, a)
+
+
+def test_a_clock_jumping_an_hour_ahead_removes_no_server_under_a_stream(make, upstream, clock):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a, b = make(provisioner, idle_timeout=5), make(provisioner, idle_timeout=5)
+    a.want()
+    wait_until(lambda: a.snapshot().phase == b.snapshot().phase == "ready", 10, what="ready")
+    holder, other = holder_and_other(a, b)
+    for streaming in (other, holder):  # the stream on the worker that reconciles, or not
+        ticket = streaming.admit()
+        time.sleep(0.3)  # its in-flight count is in the store
+        clock.jump(HOUR)  # every report now looks an hour old, the stream's too
+        time.sleep(3)
+        assert provisioner.tear_downs == 0
+        assert a.snapshot().phase == "ready" and a.snapshot().inflight == 1
+        streaming.finish(ticket)
+    wait_until(lambda: a.snapshot().phase == "idle", 20, what="idle once the stream ended")
+    assert provisioner.tear_downs == 1 and provisioner.bring_ups == 1
+
+
+def test_a_clock_jumping_back_an_hour_leaves_the_lease_to_be_taken_over(make, upstream, clock):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a, b = make(provisioner), make(provisioner)
+    holder, other = holder_and_other(a, b)
+    clock.jump(-HOUR)  # the lease's expiry, written before, is now an hour and more away
+    time.sleep(1)
+    die(holder)
+    wait_until(lambda: other.reconciler.doc is not None, 10,
+               what="the other worker to take the lease within about its ttl")
+    other.want()
+    wait_until(lambda: other.snapshot().phase == "ready", 10, what="ready through the other")
+
+
+def test_a_worker_dead_after_the_clock_jumped_back_stops_counting(make, upstream, clock):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a, b = make(provisioner), make(provisioner)
+    a.want()
+    wait_until(lambda: a.snapshot().phase == b.snapshot().phase == "ready", 10, what="ready")
+    b.admit()  # a stream on b, which dies with it
+    time.sleep(0.3)  # reported, with a heartbeat of the clock before the jump
+    clock.jump(-HOUR)  # b's last heartbeat now lies an hour ahead
+    time.sleep(1.5)
+    die(b)
+    wait_until(lambda: a.snapshot().inflight == 0, 20, interval=0.2,
+               what="the dead worker's stream to stop counting (10 s without heartbeat)")
