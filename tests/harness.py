@@ -27,6 +27,24 @@ def fake_ollama_command(*flags: str) -> str:
     return " ".join([sys.executable, "-m", "tests.fake_ollama", *flags])
 
 
+def upstream_env(tmp_path, *flags: str, **env) -> dict:
+    """The environment of a proxy whose `local` provisioner starts the fake Ollama on demand;
+    each start is appended to tmp_path/starts (see `starts`)."""
+    return {
+        "PROXY_LOCAL_COMMAND": fake_ollama_command(
+            "--models", "llama3.2", "--starts-file", str(tmp_path / "starts"), *flags
+        ),
+        "PROXY_LOCAL_ADDR": f"127.0.0.1:{free_port()}",
+        **env,
+    }
+
+
+def starts(tmp_path) -> int:
+    """How many times the fake upstream of `upstream_env` was started."""
+    path = tmp_path / "starts"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

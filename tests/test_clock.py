@@ -4,17 +4,12 @@ as it would for every process on the host, while time.monotonic runs on."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
 
-from proxy.config import Config
 from proxy.lifecycle import Lifecycle
 from proxy.provisioner import Endpoint
-from proxy.store import SqliteStore
-from proxy.upstream import Sessions
-from tests import fake_ollama
 from tests.doubles import GatedProvisioner
 from tests.harness import wait_until
 
@@ -38,28 +33,8 @@ def clock(monkeypatch):
     return Clock(monkeypatch)
 
 
-@pytest.fixture
-def upstream():
-    server = fake_ollama.start_in_thread(models="llama3.2")
-    yield server
-    server.close()
 
 
-@pytest.fixture
-def make(tmp_path):
-    made = []
-
-    def make(provisioner, **settings) -> Lifecycle:
-        config = Config(state_dir=tmp_path, tick=0.02, lease_ttl=1.0, idle_timeout=60,
-                        models=("llama3.2",))
-        config = dataclasses.replace(config, **settings)
-        life = Lifecycle(config, provisioner, SqliteStore(tmp_path / "state.db"), Sessions(4))
-        made.append(life)
-        return life
-
-    yield make
-    for life in made:
-        life.close(timeout=5)
 
 
 def die(life: Lifecycle) -> None:

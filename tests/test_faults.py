@@ -13,25 +13,11 @@ import time
 import pytest
 import requests
 
-from tests.harness import Proxy, fake_ollama_command, free_port, wait_until
+from tests.harness import Proxy, free_port, starts, upstream_env, wait_until
 from tests.procfs import children
 
 pytestmark = pytest.mark.slow
 
-
-def upstream_env(tmp_path, *flags: str, **env) -> dict:
-    return {
-        "PROXY_LOCAL_COMMAND": fake_ollama_command(
-            "--models", "llama3.2", "--starts-file", str(tmp_path / "starts"), *flags
-        ),
-        "PROXY_LOCAL_ADDR": f"127.0.0.1:{free_port()}",
-        **env,
-    }
-
-
-def starts(tmp_path) -> int:
-    path = tmp_path / "starts"
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def upstream_pid(state_dir) -> int:

@@ -69,13 +69,6 @@ def test_the_upstream_sees_the_clients_headers_and_no_defaults_of_its_own(tmp_pa
     assert "Authorization" not in headers  # the proxy's own key stays here
 
 
-@pytest.fixture
-def tls_upstream(tmp_path):
-    cert, key = make_cert(tmp_path, NAME, "server")
-    server = fake_ollama.start_in_thread(models="llama3.2", token="t0k3n", tls_cert=cert,
-                                         tls_key=key)
-    yield server, open(cert).read()
-    server.close()
 
 
 def test_forwarding_to_the_pinned_tls_upstream_sends_its_token(tmp_path, tls_upstream):

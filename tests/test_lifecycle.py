@@ -3,46 +3,16 @@ behave as two gunicorn workers do (each has its own connection, sync loop and re
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from datetime import datetime, timezone
 
 import pytest
 
-from proxy.config import Config
 from proxy.lifecycle import Lifecycle
 from proxy.provisioner import Endpoint
-from proxy.store import SqliteStore
-from proxy.upstream import Sessions
 from tests import fake_ollama
 from tests.doubles import GatedProvisioner
 from tests.harness import wait_until
-
-
-@pytest.fixture
-def upstream():
-    server = fake_ollama.start_in_thread(models="llama3.2")
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def make(tmp_path):
-    made = []
-
-    def make(provisioner, **settings) -> Lifecycle:
-        config = Config(
-            state_dir=tmp_path, tick=0.02, lease_ttl=1.0, idle_timeout=60, retry_base=0.5,
-            models=("llama3.2",),
-        )
-        config = dataclasses.replace(config, **settings)
-        life = Lifecycle(config, provisioner, SqliteStore(tmp_path / "state.db"), Sessions(4))
-        made.append(life)
-        return life
-
-    yield make
-    for life in made:
-        life.close(timeout=5)
 
 
 def phase_of(life: Lifecycle) -> str:

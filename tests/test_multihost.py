@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from proxy.store import open_store
-from tests.harness import MotoS3, Proxy, fake_ollama_command, free_port, wait_until
+from tests import harness
+from tests.harness import MotoS3, Proxy, starts, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -54,19 +55,7 @@ def start(tmp_path):
 
 
 def upstream_env(tmp_path, store_env, *flags: str, **env) -> dict:
-    return {
-        "PROXY_LOCAL_COMMAND": fake_ollama_command(
-            "--models", "llama3.2", "--starts-file", str(tmp_path / "starts"), *flags
-        ),
-        "PROXY_LOCAL_ADDR": f"127.0.0.1:{free_port()}",
-        **store_env,
-        **env,
-    }
-
-
-def starts(tmp_path) -> int:
-    path = tmp_path / "starts"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return harness.upstream_env(tmp_path, *flags, **store_env, **env)
 
 
 def lease_holder(tmp_path, store_env) -> str:

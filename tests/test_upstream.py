@@ -8,7 +8,6 @@ import pytest
 
 from proxy.provisioner import Endpoint
 from proxy.upstream import Sessions, normalise_model, probe
-from tests import fake_ollama
 
 NAME = "ollama-exoscale.invalid"  # the certificate's name; the server is reached by IP
 
@@ -24,13 +23,6 @@ def make_cert(tmp_path, name: str, stem: str) -> tuple[str, str]:
     return str(cert), str(key)
 
 
-@pytest.fixture
-def tls_upstream(tmp_path):
-    cert, key = make_cert(tmp_path, NAME, "server")
-    server = fake_ollama.start_in_thread(models="llama3.2", token="t0k3n", tls_cert=cert,
-                                         tls_key=key)
-    yield server, open(cert).read()
-    server.close()
 
 
 def test_model_names_are_normalised_like_ollama():
