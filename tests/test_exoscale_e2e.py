@@ -257,13 +257,15 @@ def test_a_proxy_killed_mid_up_restarts_without_a_second_instance(world):
     proxy = w.proxy().start()
     try:
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
-        wait_until(lambda: len(w.instances()) == 1, 60, what="the instance mid-up")
+        lock_dir = w.state / "pulumi-backend" / ".pulumi" / "locks"
+        wait_until(lambda: len(w.instances()) == 1 and list(lock_dir.rglob("*.json")), 60,
+                   what="the instance mid-up, under the stack's lock")
         crash(proxy.process.pid)
         proxy.process.wait(timeout=10)
     finally:
         proxy.stop()
-    locks = list((w.state / "pulumi-backend" / ".pulumi" / "locks").rglob("*.json"))
-    assert locks, "the crash should leave the stack locked"
+    locks = list(lock_dir.rglob("*.json"))
+    assert locks, f"the crash should leave the stack locked; logs:\n{proxy.logs()}"
     del w.env["STANDIN_UP_HANG"]
     with w.proxy() as again:
         requests.post(again.url + "/api/chat", json={}, timeout=5)
