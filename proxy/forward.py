@@ -215,7 +215,7 @@ def upstream_headers(environ: Mapping[str, str], strip_authorization: bool) -> d
     if listed:
         drop = drop | {token.strip().lower() for token in listed.split(",")}
     headers = dict(NO_DEFAULTS)
-    if "CONTENT_TYPE" in environ:
+    if "CONTENT_TYPE" in environ and "content-type" not in drop:  # WSGI keeps it apart
         headers["Content-Type"] = environ["CONTENT_TYPE"]
     for key, value in environ.items():
         if key.startswith("HTTP_"):
