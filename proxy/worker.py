@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
 import time
 
 from gunicorn import util
 from gunicorn.workers import gthread
 
+FIRST_HEAD_GRACE = 0.1  # seconds a new connection's thread waits for its head to arrive
 HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
 MAX_HEAD = 64 * 1024  # past this gunicorn's own limits (431, 400) judge the head
 _END = b"\r\n\r\n"
@@ -81,9 +83,13 @@ class ThreadWorker(gthread.ThreadWorker):
         if self.cfg.is_ssl:
             return super().handle(conn)
         waiting = getattr(conn, "head", None)
+        grace = 0.0
         if waiting is None:
             waiting = conn.head = _Head(_take_read_ahead(conn))
-        if not waiting.receive(conn.sock):
+            # A client's head follows its connect at once: wait for it briefly, so that the
+            # thread (and so the accept limit above) counts the request; slow heads go back.
+            grace = FIRST_HEAD_GRACE
+        if not waiting.receive(conn.sock, grace):
             return False  # the client went away
         if waiting.complete:
             conn.head = None
@@ -105,13 +111,19 @@ class _Head:
         self.data = bytearray(data)
         self.started = time.monotonic()
 
-    def receive(self, sock: socket.socket) -> bool:
-        """Take what the socket has now, without waiting; False when the client closed."""
+    def receive(self, sock: socket.socket, grace: float = 0.0) -> bool:
+        """Take what the socket has now, waiting at most `grace` s for more; False when the
+        client closed."""
+        deadline = time.monotonic() + grace
         while len(self.data) < MAX_HEAD and _END not in self.data:
             try:
                 block = sock.recv(MAX_HEAD, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return True
+                select.select([sock], [], [], left)
+                continue
             except OSError:
                 return False
             if not block:
