@@ -428,7 +428,8 @@ def explain(snapshot: Snapshot, retry_after: int) -> tuple[str, str]:
             f"The GPU server is up and Ollama is getting ready{detail}. Retry in {retry_after} s."
         )
     if phase == "destroying":
-        why = snapshot.detail.partition("removing the GPU server: ")[2] or "after idle time"
+        reason = snapshot.removal_reason
+        why = reason if reason and reason != "idle" else "after idle time"
         return phase, (
             f"The GPU server is being removed ({why}); it will start again for this "
             f"request. Retry in {retry_after} s."

@@ -23,14 +23,13 @@ from typing import Any
 from . import gputime
 from .config import Config
 from .provisioner import Endpoint, Provisioner
-from .reconciler import Reconciler
+from .reconciler import Reconciler, live_inflight
 from .store import Store, StoreError, WorkerReport
 from .upstream import Sessions
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
 PHASES = ("idle", "provisioning", "starting", "ready", "destroying", "error")
-WORKER_TTL = 10.0  # a worker silent this long is dead: its in-flight requests stop counting
 HEARTBEAT = 1.0
 RETRY_AFTER_MAX = 60  # the OpenAI SDKs honour Retry-After only up to 60 s
 
@@ -42,6 +41,7 @@ class Snapshot:
     phase: str = "idle"
     phase_since: float = 0.0
     detail: str = ""
+    removal_reason: str = ""  # while destroying: "idle", or why it goes under demand
     steps: tuple[dict[str, Any], ...] = ()  # this operation's progress: {at, phase, text}
     endpoint: Endpoint | None = None
     instance_status: str = "absent"  # of a server without an endpoint: absent or stopped
@@ -72,11 +72,11 @@ class Snapshot:
         cls, doc: dict[str, Any], reports: list[WorkerReport], now: float, reconciler: str = ""
     ) -> Snapshot:
         endpoint = doc.get("endpoint")
-        live = [r for r in reports if now - r.heartbeat < WORKER_TTL]
         return cls(
             phase=doc.get("phase", "idle"),
             phase_since=doc.get("phase_since", 0.0),
             detail=doc.get("detail", ""),
+            removal_reason=doc.get("removal_reason", ""),
             steps=tuple(doc.get("steps", ())),
             endpoint=Endpoint(**endpoint) if endpoint else None,
             instance_status=doc.get("instance_status") or "absent",
@@ -91,7 +91,7 @@ class Snapshot:
             instance_since=doc.get("instance_since", 0.0),
             gpu_days=tuple((doc.get("gpu_days") or {}).items()),
             gpu_seconds=doc.get("gpu_seconds", 0.0),
-            inflight=sum(r.inflight for r in live),
+            inflight=live_inflight(reports, now),
             last_activity=max((r.last_activity for r in reports), default=0.0),
             wanted_at=max((r.wanted_at for r in reports), default=0.0),
             reconciler=reconciler,

@@ -36,6 +36,7 @@ COLD_STARTS_KEPT = 20
 STAGES = (("stack_update", "server"), ("boot", "answers"), ("model_pull", "listed"),
           ("model_load", "loaded"))
 STEPS_KEPT = 40  # progress sentences of the current operation kept in the document
+WORKER_TTL = 10.0  # a worker silent this long is dead: its in-flight requests stop counting
 REPORTS_KEPT = 86400.0  # seconds a dead worker's report is kept (its last activity counts)
 
 
@@ -114,8 +115,7 @@ class Reconciler:
     def _decide(self, reports: list[WorkerReport], now: float) -> None:
         doc = self.doc or {}
         phase = doc.get("phase", "idle")
-        live = [r for r in reports if now - r.heartbeat < 10.0]
-        inflight = sum(r.inflight for r in live)
+        inflight = live_inflight(reports, now)
         last_activity = max((r.last_activity for r in reports), default=0.0)
         wanted_at = max((r.wanted_at for r in reports), default=0.0)
         down_at = max((r.down_at for r in reports), default=0.0)
@@ -145,13 +145,12 @@ class Reconciler:
             deadline = doc.get("phase_since", now) + self.config.drain_timeout
             self._start(lambda: self._drain(deadline) and self._remove(), "tear down (resumed)")
         elif phase == "ready":
-            reason = self._retire_reason(doc, down, over_budget, now)
+            reason, fresh = self._retire_reason(doc, down, over_budget, now)
             ended = schedule.last_end(self.config.warm_windows, local)
             idle_since = max(last_activity, doc.get("ready_since", 0.0),
                              ended.timestamp() if ended else 0.0)
             if reason:
-                # Past the age cap a fresh server is the point; otherwise as when idle.
-                stop = self.config.idle_action == "stop" and "MAX_INSTANCE" not in reason
+                stop = self.config.idle_action == "stop" and not fresh
                 self._start(lambda: self._retire(reason, down_at, local, stop), "retire")
             elif not warm and inflight == 0 and now - idle_since >= self.config.idle_timeout:
                 self._start(lambda: self._tear_down_idle(idle_since), "tear down (idle)")
@@ -162,16 +161,17 @@ class Reconciler:
             self._prune(reports, now)
 
     def _retire_reason(self, doc: dict[str, Any], down: bool, over_budget: bool,
-                       now: float) -> str:
-        """Why the ready server must go even under demand; "" when it may stay."""
+                       now: float) -> tuple[str, bool]:
+        """(why the ready server must go even under demand, "" when it may stay; whether a
+        fresh server is the point, so that stopping this one will not do)."""
         hours = self.config.max_instance_hours
         if down:
-            return "an operator asked for it (ollama-exoscale down)"
+            return "an operator asked for it (ollama-exoscale down)", False
         if over_budget:
-            return f"the daily GPU budget of {self.config.daily_gpu_hours:g} h is used up"
+            return f"the daily GPU budget of {self.config.daily_gpu_hours:g} h is used up", False
         if hours and gputime.instance_seconds(doc, now) >= hours * 3600:
-            return f"it has run for PROXY_MAX_INSTANCE_HOURS={hours:g} h"
-        return ""
+            return f"it has run for PROXY_MAX_INSTANCE_HOURS={hours:g} h", True
+        return "", False
 
     def _warm_off(self, local: datetime) -> dict[str, Any]:
         """After an operator's `down` inside a warm window, that window no longer warms."""
@@ -279,7 +279,7 @@ class Reconciler:
         deadline = doc.get("phase_since", time.time()) + self.config.start_timeout
         while not self._stop.is_set():
             result = probe(self.sessions, endpoint, self.config.models)
-            if result.ready or "does not answer" not in result.reason:
+            if result.answered:
                 self._mark("answers")
             if result.ready:
                 self._mark("listed")
@@ -288,8 +288,7 @@ class Reconciler:
                 self._mark("loaded")
                 self._become_ready(result.version)
                 return
-            answering = "does not answer" not in result.reason
-            on_server = server_progress(self.sessions, endpoint) if answering else None
+            on_server = server_progress(self.sessions, endpoint) if result.answered else None
             self._progress(f"on the server: {on_server['detail']}" if on_server else result.reason)
             if time.time() > deadline:
                 self._fail(
@@ -377,7 +376,7 @@ class Reconciler:
         stop = self.config.idle_action == "stop"
         sentence = "idle: stopping the GPU server" if stop else "idle: removing the GPU server"
         self._commit(phase="destroying", phase_since=now, demand_cutoff=now,
-                     removal="stop" if stop else "destroy",
+                     removal="stop" if stop else "destroy", removal_reason="idle",
                      **self._detail("destroying", sentence, now))
         # Workers may have admitted requests on a snapshot that still said `ready`:
         # give their reports time to arrive, then look again before removing anything.
@@ -395,6 +394,7 @@ class Reconciler:
         sentence = f"{'stopping' if stop else 'removing'} the GPU server: {reason}"
         log.warning("%s", sentence)
         changes = self._detail("destroying", sentence, now)
+        changes["removal_reason"] = reason
         if down_at > (self.doc or {}).get("down_handled", 0.0):
             changes.update(down_handled=down_at, **self._warm_off(local))
         self._commit(phase="destroying", phase_since=now, removal="stop" if stop else "destroy",
@@ -408,7 +408,7 @@ class Reconciler:
         self._stop.wait(DESTROY_GRACE_TICKS * self.config.tick + 0.5)
         while not self._stop.is_set():
             now = time.time()
-            inflight = sum(r.inflight for r in self.store.reports() if now - r.heartbeat < 10.0)
+            inflight = live_inflight(self.store.reports(), now)
             if inflight == 0:
                 return True
             if now >= deadline:
@@ -448,11 +448,9 @@ class Reconciler:
                 "steps": [{"at": round(now, 3), "phase": phase, "text": sentence}]}
 
     def _activity_since(self, idle_since: float) -> bool:
-        now = time.time()
         reports = self.store.reports()
-        live = [r for r in reports if now - r.heartbeat < 10.0]
         last_activity = max((r.last_activity for r in reports), default=0.0)
-        return sum(r.inflight for r in live) > 0 or last_activity > idle_since
+        return live_inflight(reports, time.time()) > 0 or last_activity > idle_since
 
     def _fail(self, reason: str, teardown: bool = False) -> None:
         """Phase error with back-off; a failed tear-down keeps its endpoint and is retried."""
@@ -513,6 +511,11 @@ class Reconciler:
             except StoreError:
                 pass
             self._holding = False
+
+
+def live_inflight(reports: list[WorkerReport], now: float) -> int:
+    """Requests in flight on the workers still alive (a dead worker's stop counting)."""
+    return sum(r.inflight for r in reports if now - r.heartbeat < WORKER_TTL)
 
 
 def cold_start_timeline(marks: dict[str, float], started: float) -> dict[str, float]:

@@ -128,6 +128,7 @@ class Probe:
     ready: bool
     reason: str  # for a person: why it is not ready yet
     version: str | None = None
+    answered: bool = True  # False: nothing answered at all (not booted, or gone)
 
 
 def probe(sessions: Sessions, endpoint: Endpoint, models: tuple[str, ...]) -> Probe:
@@ -138,7 +139,8 @@ def probe(sessions: Sessions, endpoint: Endpoint, models: tuple[str, ...]) -> Pr
             endpoint.url + "/api/tags", headers=auth_headers(endpoint), timeout=(3, 10)
         )
     except requests.RequestException as exc:
-        return Probe(False, f"the upstream does not answer yet ({type(exc).__name__})")
+        return Probe(False, f"the upstream does not answer yet ({type(exc).__name__})",
+                     answered=False)
     if answer.status_code != 200:
         return Probe(False, f"the upstream answers /api/tags with HTTP {answer.status_code}")
     try:

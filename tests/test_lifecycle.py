@@ -186,6 +186,9 @@ def test_down_waits_for_the_stream_then_removes_the_server_and_books_its_time(ma
     b.down()  # the operator asks worker b
     wait_until(lambda: phase_of(b) == "destroying", 5, what="destroying")
     assert b.admit() is None  # new requests wait
+    from proxy.app import explain
+
+    assert "(an operator asked for it (ollama-exoscale down))" in explain(b.snapshot(), 5)[1]
     time.sleep(1.0)
     assert provisioner.tear_downs == 0 and phase_of(a) == "destroying"
     a.finish(ticket)
