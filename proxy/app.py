@@ -24,6 +24,9 @@ from .upstream import normalise_model
 
 SERVICE = "ollama-exoscale"
 LOCAL_VERSION = "0.12.6"  # answered by /api/version before any upstream told us its own
+# A 503 answer is computed once per snapshot and kept this long (Retry-After is whole
+# seconds): a burst of demand while provisioning would otherwise redo it for every request.
+ANSWER_TTL = 0.25
 _PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
 
 
@@ -343,6 +346,8 @@ class Demand:
         self.config = config
         self.lifecycle = lifecycle
         self.forwarder = forwarder
+        # The last 503 answer in each shape (True: OpenAI's): (snapshot, until, Retry-After, body)
+        self._answers: dict[bool, tuple] = {}
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
         if req.method not in FORWARDED_METHODS:  # TRACE, CONNECT, junk: no GPU woken for them
@@ -381,7 +386,22 @@ class Demand:
         return self.lifecycle.admit()
 
     def _unavailable(self, req: falcon.Request, resp: falcon.Response) -> None:
+        openai = is_openai(req.path)
         snapshot = self.lifecycle.snapshot()
+        now = time.monotonic()
+        kept = self._answers.get(openai)
+        if kept is not None and kept[0] is snapshot and now < kept[1]:
+            retry_after, text = kept[2], kept[3]
+        else:
+            retry_after, text = self._answer_for(snapshot, openai)
+            self._answers[openai] = (snapshot, now + ANSWER_TTL, retry_after, text)
+        resp.status = falcon.HTTP_503
+        resp.set_header("Retry-After", retry_after)
+        resp.text = text
+        resp.content_type = falcon.MEDIA_JSON
+
+    def _answer_for(self, snapshot: Snapshot, openai: bool) -> tuple[str, str]:
+        """(Retry-After, JSON body) of the 503 for this snapshot, in Ollama's or OpenAI's shape."""
         retry_after = self.lifecycle.retry_after(snapshot)
         # A bring-up already under way runs on; the budget stops only new ones.
         budget = snapshot.phase in ("idle", "destroying") and \
@@ -390,17 +410,14 @@ class Demand:
             phase, message = "idle", budget_message(self.config, snapshot)
         else:
             phase, message = explain(snapshot, retry_after)
-        resp.status = falcon.HTTP_503
-        resp.set_header("Retry-After", str(retry_after))
-        if is_openai(req.path):
+        if openai:
             code = "budget_exhausted" if budget else \
                 "provisioning" if phase != "error" else "provisioning_failed"
-            body = error_body(req.path, message, type="service_unavailable", code=code)
+            body = error_body("/v1/", message, type="service_unavailable", code=code)
         else:
-            body = error_body(req.path, message, provisioning=phase != "error" and not budget,
+            body = error_body("/api/", message, provisioning=phase != "error" and not budget,
                               status=phase, retry_after=retry_after)
-        resp.text = json.dumps(body)
-        resp.content_type = falcon.MEDIA_JSON
+        return str(retry_after), json.dumps(body)
 
 
 def budget_message(config: Config, snapshot: Snapshot) -> str:

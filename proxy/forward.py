@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from urllib.parse import quote
 
 import falcon
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
+from . import h1
 from .provisioner import Endpoint
 from .upstream import Sessions
 
@@ -38,8 +37,6 @@ CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goe
 BODY_BLOCK = 1024 * 1024
 BODILESS = frozenset({204, 304})
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
-# urllib3 adds these when a request has none; the upstream sees the client's headers only.
-NO_DEFAULTS = {"User-Agent": urllib3.util.SKIP_HEADER, "Accept-Encoding": urllib3.util.SKIP_HEADER}
 
 
 class UpstreamError(Exception):
@@ -79,27 +76,20 @@ class ResponseStream:
 
     def __init__(
         self,
-        upstream: urllib3.BaseHTTPResponse,
+        upstream: h1.Response,
         on_close: Callable[[], None],
         on_broken: Callable[[], None] | None = None,
     ):
         self._upstream = upstream
         self._on_close = on_close
         self._on_broken = on_broken
-        self._finished = False
         self._closed = False
-        self._ndjson = "ndjson" in upstream.headers.get("content-type", "")
+        self._ndjson = "ndjson" in (upstream.header("content-type") or "")
 
     def __iter__(self) -> Iterator[bytes]:
-        upstream = self._upstream
         try:
-            if upstream.chunked:
-                yield from upstream.read_chunked(CHUNK, decode_content=False)
-            else:
-                while block := upstream.read1(CHUNK, decode_content=False):
-                    yield block
-            self._finished = True
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            yield from self._upstream.read(CHUNK)
+        except OSError as exc:  # h1's errors, timeouts and resets are all OSErrors
             # Headers are sent already: Ollama's clients read a last {"error"} line.
             log.warning("upstream stream broke: %s", type(exc).__name__)
             if self._on_broken is not None:
@@ -113,9 +103,7 @@ class ResponseStream:
             return
         self._closed = True
         try:
-            if not self._finished:
-                self._upstream.close()  # cut short: drop the connection so the upstream stops
-            self._upstream.release_conn()  # read to the end: the connection is kept for reuse
+            self._upstream.release()  # kept if read to its end, else dropped
         finally:
             self._on_close()
 
@@ -124,7 +112,7 @@ class Forwarder:
     def __init__(self, sessions: Sessions, connect_timeout: float, read_timeout: float):
         self.sessions = sessions
         self.read_timeout = read_timeout
-        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self.timeouts = (connect_timeout, read_timeout)
 
     @staticmethod
     def body_limit(path: str, max_body: int, max_blob: int) -> int:
@@ -152,50 +140,51 @@ class Forwarder:
             on_close()
             raise
         resp.status = upstream.status
-        for name, value in upstream.headers.iteritems():
+        for name, value in upstream.headers:
             if name.lower() not in RESPONSE_DROP:
                 resp.append_header(name, value)
-        if req.method == "HEAD" or upstream.status in BODILESS:
-            upstream.drain_conn()  # no body: Falcon sends none and would never close a stream
-            upstream.release_conn()
+        if upstream.finished:  # no body (HEAD, 204, 304, or empty): Falcon sends none
+            upstream.release()
             on_close()
             return
         resp.stream = ResponseStream(upstream, on_close, on_broken)
 
     def _send(
         self, req: falcon.Request, endpoint: Endpoint, strip_authorization: bool, limit: int
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> h1.Response:
         target = quote(req.path, safe=PATH_SAFE)
         if req.query_string:
             target += "?" + req.query_string
         headers = upstream_headers(req.env, strip_authorization)
         if endpoint.token:
-            headers["Authorization"] = f"Bearer {endpoint.token}"
+            headers.append(("Authorization", f"Bearer {endpoint.token}"))
         body, chunked = self._body(req, headers, limit)
         try:
-            return self.sessions.pool(endpoint).urlopen(
-                req.method, target, body=body, headers=headers, chunked=chunked,
-                retries=False, redirect=False, timeout=self.timeout,
-                preload_content=False, decode_content=False,
+            return self.sessions.pool(endpoint, self.timeouts).request(
+                req.method, target, headers, body, chunked
             )
         except BodyTooLarge:
             raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
-        except ReadTimeoutError:
+        except (h1.ReadTimeout, h1.ConnectTimeout):
             raise _timed_out(self.read_timeout) from None
-        except ConnectTimeoutError as exc:
-            if isinstance(exc, NewConnectionError):  # urllib3 makes "refused" a timeout's kin
-                raise _unreachable(exc) from None
-            raise _timed_out(self.read_timeout) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except ValueError as exc:  # a CR or LF in a header (gunicorn lets none through)
+            raise UpstreamError(400, str(exc)) from None
+        except OSError as exc:
             raise _unreachable(exc) from None
 
     @staticmethod
-    def _body(req: falcon.Request, headers: dict[str, str], limit: int):
-        """(body, chunked) for urllib3, with the Content-Length header when it is known."""
+    def _body(req: falcon.Request, headers: list[tuple[str, str]], limit: int):
+        """(body, chunked) for the upstream, with the Content-Length header when it is known.
+
+        A body up to BODY_BLOCK is read whole: sent with the head in one write, and again if a
+        kept connection turns out closed; a larger one streams block by block.
+        """
         length = req.content_length
         if length is not None:
-            headers["Content-Length"] = str(length)
-            return (_blocks(req.bounded_stream) if length else None), False
+            headers.append(("Content-Length", str(length)))
+            if length <= BODY_BLOCK:
+                return (req.bounded_stream.read() if length else None), False
+            return _blocks(req.bounded_stream), False
         if "chunked" in req.env.get("HTTP_TRANSFER_ENCODING", "").lower():
             # Falcon's bounded_stream reads nothing without a length; gunicorn's wsgi.input
             # de-chunks the body and ends it itself.
@@ -203,7 +192,9 @@ class Forwarder:
         return None, False
 
 
-def upstream_headers(environ: Mapping[str, str], strip_authorization: bool) -> dict[str, str]:
+def upstream_headers(
+    environ: Mapping[str, str], strip_authorization: bool
+) -> list[tuple[str, str]]:
     """The client's headers minus hop-by-hop ones and those its Connection header lists.
 
     Read from the WSGI environ in one pass (Falcon's `req.headers` would build a dict first);
@@ -214,14 +205,14 @@ def upstream_headers(environ: Mapping[str, str], strip_authorization: bool) -> d
     listed = environ.get("HTTP_CONNECTION")
     if listed:
         drop = drop | {token.strip().lower() for token in listed.split(",")}
-    headers = dict(NO_DEFAULTS)
+    headers = []
     if "CONTENT_TYPE" in environ and "content-type" not in drop:  # WSGI keeps it apart
-        headers["Content-Type"] = environ["CONTENT_TYPE"]
+        headers.append(("Content-Type", environ["CONTENT_TYPE"]))
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             name = key[5:].replace("_", "-").title()
             if name.lower() not in drop:
-                headers[name] = value
+                headers.append((name, value))
     return headers
 
 

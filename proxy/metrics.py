@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import falcon
 from prometheus_client import (
@@ -77,10 +78,17 @@ def outcome(status: int, forwarded: bool) -> str:
 class Counting:
     """Falcon middleware: one count per request, by route and outcome."""
 
+    def __init__(self):
+        self._counters: dict[tuple[str, str], Any] = {}  # labels() validates and locks each call
+
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         status = falcon.http_status_to_code(resp.status)
         forwarded = getattr(req.context, "forwarded", False)
-        REQUESTS.labels(route_label(req.path), outcome(status, forwarded)).inc()
+        key = (route_label(req.path), outcome(status, forwarded))
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = REQUESTS.labels(*key)
+        counter.inc()
 
 
 class LifecycleCollector:

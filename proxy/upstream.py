@@ -1,14 +1,16 @@
 """Talking to the upstream Ollama: pooled connections (with the upstream's certificate pinned)
 and the readiness probe.
 
-Forwarding goes through a urllib3 connection pool per endpoint: requests' per-call work
-(preparing the request, merging settings, hooks) cost more than the forwarding itself
-(bench/RESULTS.md). The probes, a few calls a second at most, use a requests.Session.
+Forwarding goes through a pool of this project's small HTTP/1.1 client per endpoint
+(proxy/h1.py): requests' per-call work, and then http.client's header parsing under urllib3,
+cost more than the forwarding itself (bench/RESULTS.md). The probes, a few calls a second at
+most, use a requests.Session.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ssl
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.certs import where as default_ca_bundle
 
+from . import h1
 from .logs import register_secrets
 from .provisioner import Endpoint
 
@@ -39,24 +42,25 @@ class _PinnedAdapter(HTTPAdapter):
 
 class Sessions:
     """Per endpoint, made on first use and kept: a requests.Session for the probes and a
-    urllib3 connection pool for forwarding, both with the upstream's certificate pinned."""
+    connection pool for forwarding (proxy/h1.py), both with the upstream's certificate pinned."""
 
     def __init__(self, pool_size: int, cert_dir: Path | None = None):
         self.pool_size = pool_size
         self._cert_dir = Path(cert_dir or tempfile.gettempdir())
         self._sessions: dict[tuple, requests.Session] = {}
-        self._pools: dict[tuple, urllib3.HTTPConnectionPool] = {}
+        self._pools: dict[tuple, h1.Pool] = {}
         self._lock = threading.Lock()
 
     def get(self, endpoint: Endpoint) -> requests.Session:
         return self._kept(self._sessions, endpoint, self._make)
 
-    def pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
-        """Connections to the endpoint's host, `pool_size` kept alive (one per request thread)."""
-        return self._kept(self._pools, endpoint, self._make_pool)
+    def pool(self, endpoint: Endpoint, timeouts: tuple[float, float] = (5.0, 300.0)) -> h1.Pool:
+        """Connections to the endpoint's host, `pool_size` kept alive (one per request thread);
+        timeouts: (connect, read) seconds."""
+        return self._kept(self._pools, endpoint, lambda e: self._make_pool(e, timeouts), timeouts)
 
-    def _kept(self, made: dict, endpoint: Endpoint, make):
-        key = (endpoint.url, endpoint.ca_cert, endpoint.server_hostname)
+    def _kept(self, made: dict, endpoint: Endpoint, make, *extra):
+        key = (endpoint.url, endpoint.ca_cert, endpoint.server_hostname, *extra)
         found = made.get(key)
         if found is None:
             with self._lock:
@@ -64,23 +68,22 @@ class Sessions:
                 made[key] = found
         return found
 
-    def _make_pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
+    def _make_pool(self, endpoint: Endpoint, timeouts: tuple[float, float]) -> h1.Pool:
         register_secrets([endpoint.token])
         url = urllib3.util.parse_url(endpoint.url)
         if url.path not in (None, "", "/"):  # the pool is sent the client's path as it is
             raise ValueError(f"an upstream URL is scheme://host:port, not {endpoint.url}")
-        # block=False: never wait for a free connection (a thread has at most one in use);
-        # retries=False: a request body is read once, it cannot be sent again.
-        options = {"maxsize": self.pool_size, "block": False, "retries": False}
-        if url.scheme != "https":
-            return urllib3.HTTPConnectionPool(url.host, url.port or 80, **options)
-        ca_certs = str(self._write_cert(endpoint.ca_cert)) if endpoint.ca_cert else None
-        return urllib3.HTTPSConnectionPool(
-            url.host, url.port or 443, cert_reqs="CERT_REQUIRED",
-            ca_certs=ca_certs or default_ca_bundle(),  # requests' bundle, as the probes use
-            server_hostname=endpoint.server_hostname, assert_hostname=endpoint.server_hostname,
-            **options,
-        )
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"an upstream URL is http(s)://host:port, not {endpoint.url}")
+        tls = None
+        if url.scheme == "https":
+            tls = ssl.create_default_context(
+                cafile=None if endpoint.ca_cert else default_ca_bundle(),  # as the probes
+                cadata=endpoint.ca_cert or None,
+            )
+        return h1.Pool(url.host.strip("[]"), url.port or (443 if tls else 80), self.pool_size,
+                       *timeouts,
+                       tls=tls, server_hostname=endpoint.server_hostname)
 
     def _make(self, endpoint: Endpoint) -> requests.Session:
         register_secrets([endpoint.token])
@@ -109,7 +112,7 @@ class Sessions:
             for session in self._sessions.values():
                 session.close()
             for pool in self._pools.values():
-                pool.close()
+                pool.close()  # the idle connections; those in use close when released
             self._sessions.clear()
             self._pools.clear()
 

@@ -22,6 +22,14 @@ connections behind its 32 threads while the other had threads to spare (bench/RE
 Here a worker accepts only while a thread is free, leaving the rest in the listen backlog for
 whichever worker frees a thread first. Kept-alive connections wait in the poller, holding no
 thread, and are not counted.
+
+gthread hands every kept-alive connection back to its main loop after each answer: a thread
+hand-off, a pipe write and two epoll calls before the next request is read. A client that
+sends its next request at once (a script, a load test, an SDK in a loop) is served on the
+same thread instead, for as long as no other connection waits for a thread.
+
+gthread tells the arbiter it is alive (a file's mtime, a syscall) at every turn of its loop,
+several times per request; here once a second is enough for a timeout of many seconds.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from gunicorn import util
 from gunicorn.workers import gthread
 
 FIRST_HEAD_GRACE = 0.1  # seconds a new connection's thread waits for its head to arrive
+NOTIFY_EVERY = 1.0  # seconds between heartbeats to the arbiter
+NEXT_REQUEST_GRACE = 0.001  # seconds a thread waits for a kept-alive client's next request
 HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
 MAX_HEAD = 64 * 1024  # past this gunicorn's own limits (431, 400) judge the head
 _END = b"\r\n\r\n"
@@ -58,6 +68,13 @@ class ThreadWorker(gthread.ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.busy = 0  # connections handed to the threads and not finished; main loop only
+        self._notified = 0.0
+
+    def notify(self) -> None:
+        now = time.monotonic()
+        if now - self._notified >= min(NOTIFY_EVERY, self.timeout / 4):
+            self._notified = now
+            super().notify()
 
     def enqueue_req(self, conn) -> None:
         self.busy += 1
@@ -74,10 +91,21 @@ class ThreadWorker(gthread.ThreadWorker):
         super().set_accept_enabled(enabled and self.busy < self.cfg.threads)
 
     def handle(self, conn):
-        result = self._handle(conn)
-        if result is False:
-            _linger(conn.sock)
-        return result
+        while True:
+            result = self._handle(conn)
+            if result is False:
+                _linger(conn.sock)
+            if result is not True or not self._next_request_here(conn):
+                return result
+
+    def _next_request_here(self, conn) -> bool:
+        """Whether the kept-alive client's next request is here within NEXT_REQUEST_GRACE,
+        and this thread may serve it (no other connection waits for a thread)."""
+        if not self.alive or self.cfg.is_ssl or self.tpool._work_queue.qsize():
+            return False
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
+        return bool(poller.poll(NEXT_REQUEST_GRACE * 1000))
 
     def _handle(self, conn):
         if self.cfg.is_ssl:

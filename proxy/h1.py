@@ -1,0 +1,342 @@
+"""A small HTTP/1.1 client for the forwarding hot path: kept-alive connections to one upstream.
+
+urllib3 stands on http.client, which parses every answer's headers with the email package
+and validates each request header with a regular expression: at one client that was most of
+what the proxy added to a request (bench/RESULTS.md). Forwarding needs far less: write one
+request head, read one answer head, then the body as it comes (Content-Length, chunked, or
+until close). The probes and the cloud calls keep using requests.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Iterable, Iterator
+
+MAX_HEAD = 64 * 1024  # an answer head past this is not an Ollama's
+_CRLF = b"\r\n"
+_END = b"\r\n\r\n"
+_BODILESS = frozenset({204, 304})
+
+
+class ConnectFailed(OSError):
+    """No connection could be made (refused, unknown host, TLS failed); nothing was sent."""
+
+
+class ConnectTimeout(ConnectFailed):
+    """The connection was not made within the connect timeout."""
+
+
+class ReadTimeout(OSError):
+    """The upstream stopped answering for longer than the read timeout."""
+
+
+class ProtocolError(OSError):
+    """The upstream's bytes are not an HTTP/1.1 answer, or it closed mid-answer."""
+
+
+class NoAnswer(ProtocolError):
+    """The connection broke before a byte of the answer came: a kept one the upstream closed."""
+
+
+class Response:
+    """An answer's head, and its body read on demand from the connection it came on."""
+
+    def __init__(self, conn: Connection, status: int, reason: str,
+                 headers: list[tuple[str, str]], method: str):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self._conn = conn
+        self._reusable = conn.keep_alive
+        self.length: int | None = None  # bytes of body left (Content-Length framing)
+        self.chunked = False
+        self.finished = False
+        coding = self.header("transfer-encoding")
+        if method == "HEAD" or status in _BODILESS or status < 200:
+            self.finished = True
+        elif coding is not None:
+            self.chunked = coding.rsplit(",", 1)[-1].strip().lower() == "chunked"
+            if not self.chunked:
+                self._reusable = False  # ends at close (RFC 9112 6.3)
+        elif (length := self.header("content-length")) is not None:
+            try:
+                self.length = int(length)
+            except ValueError:
+                raise ProtocolError("invalid Content-Length in the answer") from None
+            self.finished = self.length == 0
+        else:
+            self._reusable = False  # read until the upstream closes
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (lower case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    def read(self, size: int) -> Iterator[bytes]:
+        """The body, decoded from its framing, in pieces of at most `size` as they arrive."""
+        if self.finished:
+            return
+        conn = self._conn
+        if self.chunked:
+            yield from self._chunks(size)
+        elif self.length is not None:
+            while self.length:
+                block = conn.read_some(min(size, self.length))
+                if not block:
+                    raise ProtocolError("the upstream closed before the end of the answer")
+                self.length -= len(block)
+                yield block
+        else:
+            while block := conn.read_some(size):
+                yield block
+        self.finished = True
+
+    def _chunks(self, size: int) -> Iterator[bytes]:
+        conn = self._conn
+        while True:
+            line = conn.read_line()
+            try:
+                left = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise ProtocolError("invalid chunk size in the answer") from None
+            if left == 0:
+                while conn.read_line():  # trailers, up to the empty line
+                    pass
+                return
+            while left:
+                block = conn.read_some(min(size, left))
+                if not block:
+                    raise ProtocolError("the upstream closed in the middle of a chunk")
+                left -= len(block)
+                yield block
+            if conn.read_line():
+                raise ProtocolError("a chunk is not followed by CRLF")
+
+    def release(self) -> None:
+        """Done with the answer: its connection is kept if the body was read to its end."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.finished and self._reusable:
+            conn.pool.put(conn)
+        else:
+            conn.close()  # cut short: dropping the connection stops the upstream too
+
+
+class Connection:
+    """One socket to the upstream, with what was received and not yet read."""
+
+    def __init__(self, pool: Pool, sock: socket.socket):
+        self.pool = pool
+        self.sock = sock
+        self._buf = b""
+        self.keep_alive = True
+        self.used = False  # it has carried an answer: the upstream may have closed it since
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise ReadTimeout("the upstream did not take the request in time") from None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise NoAnswer(str(exc)) from None
+
+    def read_some(self, size: int) -> bytes:
+        """Up to `size` bytes: what is buffered, else one receive; b"" at close."""
+        if self._buf:
+            block, self._buf = self._buf[:size], self._buf[size:]
+            return block
+        return self._recv(size)
+
+    def read_line(self) -> bytes:
+        """One line without its CRLF (chunk sizes, trailers), at most MAX_HEAD long."""
+        while (end := self._buf.find(_CRLF)) < 0:
+            if len(self._buf) > MAX_HEAD:
+                raise ProtocolError("a line of the answer is too long")
+            data = self._recv(65536)
+            if not data:
+                raise ProtocolError("the upstream closed in the middle of the answer")
+            self._buf += data
+        line, self._buf = self._buf[:end], self._buf[end + 2 :]
+        return line
+
+    def read_head(self) -> bytes:
+        """The next answer head (status line and headers, without the blank line)."""
+        while (end := self._buf.find(_END)) < 0:
+            if len(self._buf) > MAX_HEAD:
+                raise ProtocolError("the answer's head is too long")
+            try:
+                data = self._recv(65536)
+            except ConnectionResetError as exc:
+                raise (ProtocolError if self._buf else NoAnswer)(str(exc)) from None
+            if not data:
+                if self._buf:
+                    raise ProtocolError("the upstream closed in the middle of the answer's head")
+                raise NoAnswer("the upstream closed without answering")
+            self._buf += data
+        if end > MAX_HEAD:
+            raise ProtocolError("the answer's head is too long")
+        head, self._buf = self._buf[:end], self._buf[end + 4 :]
+        return head
+
+    def _recv(self, size: int) -> bytes:
+        try:
+            return self.sock.recv(size)
+        except TimeoutError:
+            raise ReadTimeout("the upstream did not answer in time") from None
+
+    def dropped(self) -> bool:
+        """A kept connection the upstream has closed (or sent something unasked on)."""
+        poller = select.poll()  # not select(): a worker may hold more than 1024 descriptors
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        self.keep_alive = False
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]], bool]:
+    """(status, reason, headers, keep-alive) of an answer head."""
+    lines = head.split(_CRLF)
+    version, _, rest = lines[0].partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+        raise ProtocolError("the upstream's answer is not HTTP/1.x")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise ProtocolError("a header line of the answer is malformed")
+        headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+    connection = ",".join(v for k, v in headers if k.lower() == "connection").lower()
+    keep_alive = "close" not in connection and (
+        version == b"HTTP/1.1" or "keep-alive" in connection
+    )
+    return int(code), reason.decode("latin-1"), headers, keep_alive
+
+
+def request_head(method: str, target: str, host: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    """The request line and headers; a CR or LF in any of them is refused (header injection)."""
+    parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    for name, value in headers:
+        parts.append(f"{name}: {value}\r\n")
+    text = "".join(parts)
+    if text.count("\n") != len(parts) + 1 or text.count("\r") != len(parts) + 1:
+        raise ValueError("a request header or the target holds a CR or LF")
+    return text.encode("latin-1") + _CRLF
+
+
+class Pool:
+    """Kept-alive connections to one host (plain, or TLS checked against `tls`)."""
+
+    def __init__(self, host: str, port: int, maxsize: int, connect_timeout: float,
+                 read_timeout: float, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None):
+        self.host, self.port = host, port
+        name = f"[{host}]" if ":" in host else host
+        # As http.client writes it: the port only when it is not the scheme's own.
+        self.host_header = name if port == (443 if tls else 80) else f"{name}:{port}"
+        self.maxsize = maxsize
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.tls = tls
+        self.server_hostname = server_hostname or host
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+
+    def request(self, method: str, target: str, headers: list[tuple[str, str]],
+                body: bytes | Iterator[bytes] | None = None, chunked: bool = False) -> Response:
+        """Send one request and read its answer's head.
+
+        A bytes body is sent with the head in one write, and the request is sent once more
+        on a new connection if a kept one turns out closed before any answer; a body of
+        blocks (read from the client) cannot be sent twice.
+        """
+        if chunked:
+            headers = [*headers, ("Transfer-Encoding", "chunked")]
+        head = request_head(method, target, self.host_header, headers)
+        while True:
+            conn = self._take()
+            try:
+                return self._exchange(conn, method, head, body, chunked)
+            except NoAnswer:
+                conn.close()
+                if not conn.used or not (body is None or isinstance(body, bytes)):
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+
+    def _exchange(self, conn: Connection, method: str, head: bytes, body, chunked: bool):
+        if body is None or isinstance(body, bytes):
+            conn.send(head + body if body else head)
+        elif chunked:
+            conn.send(head)
+            for block in body:
+                if block:
+                    conn.send(b"%x\r\n%b\r\n" % (len(block), block))
+            conn.send(b"0\r\n\r\n")
+        else:
+            conn.send(head)
+            for block in body:
+                conn.send(block)
+        while True:
+            status, reason, headers, keep_alive = parse_head(conn.read_head())
+            if status >= 200 or status == 101:
+                break  # 1xx interim answers (100 Continue, 103) are not forwarded
+        conn.used = True
+        conn.keep_alive = keep_alive
+        return Response(conn, status, reason, headers, method)
+
+    def _take(self) -> Connection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.dropped():
+                    return conn
+                conn.close()
+        return Connection(self, self._connect())
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection within {self.connect_timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectFailed(str(exc)) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.server_hostname)
+            sock.settimeout(self.read_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise ConnectFailed(f"certificate verify failed ({exc.verify_message})") from None
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimeout("the TLS handshake timed out") from None
+            raise ConnectFailed(str(exc)) from None
+        return sock
+
+    def put(self, conn: Connection) -> None:
+        with self._lock:
+            if len(self._idle) < self.maxsize:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
