@@ -72,6 +72,8 @@ class ResponseStream:
 
     The WSGI server calls close() when the response ends or the client goes away; an upstream
     body not read to its end is then dropped with its connection, so the upstream stops too.
+    A chunked body (a stream) is `relayable`: the worker may move it without a thread
+    (proxy/relay.py), with the same close() and the same last line when the upstream breaks.
     """
 
     def __init__(
@@ -80,30 +82,39 @@ class ResponseStream:
         on_close: Callable[[], None],
         on_broken: Callable[[], None] | None = None,
     ):
-        self._upstream = upstream
+        self.upstream = upstream
+        self.read_timeout = upstream.read_timeout
         self._on_close = on_close
         self._on_broken = on_broken
         self._closed = False
-        self._ndjson = "ndjson" in (upstream.header("content-type") or "")
+        self.ndjson = "ndjson" in (upstream.header("content-type") or "")
+
+    @property
+    def relayable(self) -> bool:
+        return self.upstream.chunked
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from self._upstream.read(CHUNK)
+            yield from self.upstream.read(CHUNK)
         except OSError as exc:  # h1's errors, timeouts and resets are all OSErrors
             # Headers are sent already: Ollama's clients read a last {"error"} line.
             log.warning("upstream stream broke: %s", type(exc).__name__)
-            if self._on_broken is not None:
-                self._on_broken()
-            if self._ndjson:
+            self.broken()
+            if self.ndjson:
                 line = {"error": "the upstream connection broke mid-stream"}
                 yield json.dumps(line).encode() + b"\n"
+
+    def broken(self) -> None:
+        """The upstream's answer broke off after its head was forwarded."""
+        if self._on_broken is not None:
+            self._on_broken()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._upstream.release()  # kept if read to its end, else dropped
+            self.upstream.release()  # kept if read to its end, else dropped
         finally:
             self._on_close()
 

@@ -19,6 +19,8 @@ MAX_HEAD = 64 * 1024  # an answer head past this is not an Ollama's
 _CRLF = b"\r\n"
 _END = b"\r\n\r\n"
 _BODILESS = frozenset({204, 304})
+# What a chunked body expects next when it is not in the middle of a chunk's data.
+_CHUNK_SIZE, _AFTER_CHUNK, _TRAILERS = 0, -1, -2
 
 
 class ConnectFailed(OSError):
@@ -53,6 +55,9 @@ class Response:
         self._reusable = conn.keep_alive
         self.length: int | None = None  # bytes of body left (Content-Length framing)
         self.chunked = False
+        self._chunk_left = _CHUNK_SIZE  # chunked: bytes left of this chunk, or what comes next
+        self._eof = False  # read-until-close framing: the upstream has closed
+        self._error: OSError | None = None  # a break read_ready() reports on its next call
         self.finished = False
         coding = self.header("transfer-encoding")
         if method == "HEAD" or status in _BODILESS or status < 200:
@@ -70,6 +75,14 @@ class Response:
         else:
             self._reusable = False  # read until the upstream closes
 
+    @property
+    def sock(self) -> socket.socket:
+        return self._conn.sock
+
+    @property
+    def read_timeout(self) -> float:
+        return self._conn.pool.read_timeout
+
     def header(self, name: str) -> str | None:
         """The first value of header `name` (lower case), or None."""
         for key, value in self.headers:
@@ -79,43 +92,97 @@ class Response:
 
     def read(self, size: int) -> Iterator[bytes]:
         """The body, decoded from its framing, in pieces of at most `size` as they arrive."""
+        while (piece := self._next_piece(size)) != b"":
+            if piece is None:
+                self._received(self._conn.fill())
+            else:
+                yield piece
+
+    def read_ready(self, size: int, most: int) -> list[bytes]:
+        """What has arrived of the body, decoded, without waiting (the socket non-blocking):
+        up to about `most` bytes in pieces of at most `size`; `finished` tells the end."""
+        if self._error is not None:
+            raise self._error
+        pieces: list[bytes] = []
+        taken = 0
+        try:
+            while taken < most and (piece := self._next_piece(size)) != b"":
+                if piece is None:
+                    got = self._conn.fill_nowait()
+                    if got is None:
+                        break  # nothing more now
+                    self._received(got)
+                else:
+                    pieces.append(piece)
+                    taken += len(piece)
+        except OSError as exc:
+            if not pieces:
+                raise
+            self._error = exc  # what came before the break is forwarded first
+        return pieces
+
+    @property
+    def buffered(self) -> bool:
+        """Bytes of the body are received and not read yet (no socket event will tell)."""
+        sock = self._conn.sock
+        return bool(self._conn._buf) or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
+
+    def _received(self, got: bool) -> None:
+        if not got:  # the upstream closed
+            if self.chunked or self.length is not None:
+                raise ProtocolError("the upstream closed before the end of the answer")
+            self._eof = True
+
+    def _next_piece(self, size: int) -> bytes | None:
+        """The next piece of the body from what is received: None when more must come first,
+        b"" at the end of the body."""
         if self.finished:
-            return
+            return b""
         conn = self._conn
         if self.chunked:
-            yield from self._chunks(size)
-        elif self.length is not None:
-            while self.length:
-                block = conn.read_some(min(size, self.length))
-                if not block:
-                    raise ProtocolError("the upstream closed before the end of the answer")
-                self.length -= len(block)
-                yield block
-        else:
-            while block := conn.read_some(size):
-                yield block
-        self.finished = True
+            return self._next_chunk_piece(size)
+        if self.length is not None:
+            if not conn._buf:
+                return None
+            piece = conn.take(min(size, self.length))
+            self.length -= len(piece)
+            self.finished = self.length == 0
+            return piece
+        if conn._buf:
+            return conn.take(size)
+        if self._eof:
+            self.finished = True
+            return b""
+        return None
 
-    def _chunks(self, size: int) -> Iterator[bytes]:
+    def _next_chunk_piece(self, size: int) -> bytes | None:
         conn = self._conn
         while True:
-            line = conn.read_line()
-            try:
-                left = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise ProtocolError("invalid chunk size in the answer") from None
-            if left == 0:
-                while conn.read_line():  # trailers, up to the empty line
-                    pass
-                return
-            while left:
-                block = conn.read_some(min(size, left))
-                if not block:
-                    raise ProtocolError("the upstream closed in the middle of a chunk")
-                left -= len(block)
-                yield block
-            if conn.read_line():
-                raise ProtocolError("a chunk is not followed by CRLF")
+            if self._chunk_left > 0:
+                if not conn._buf:
+                    return None
+                piece = conn.take(min(size, self._chunk_left))
+                self._chunk_left -= len(piece)
+                if not self._chunk_left:
+                    self._chunk_left = _AFTER_CHUNK
+                return piece
+            line = conn.take_line()
+            if line is None:
+                return None
+            if self._chunk_left == _AFTER_CHUNK:
+                if line:
+                    raise ProtocolError("a chunk is not followed by CRLF")
+                self._chunk_left = _CHUNK_SIZE
+            elif self._chunk_left == _TRAILERS:
+                if not line:  # the empty line after the trailers ends the body
+                    self.finished = True
+                    return b""
+            else:
+                try:
+                    left = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise ProtocolError("invalid chunk size in the answer") from None
+                self._chunk_left = left or _TRAILERS
 
     def release(self) -> None:
         """Done with the answer: its connection is kept if the body was read to its end."""
@@ -123,6 +190,8 @@ class Response:
         if conn is None:
             return
         if self.finished and self._reusable:
+            if conn.sock.gettimeout() != conn.pool.read_timeout:  # a relay made it non-blocking
+                conn.sock.settimeout(conn.pool.read_timeout)
             conn.pool.put(conn)
         else:
             conn.close()  # cut short: dropping the connection stops the upstream too
@@ -146,24 +215,39 @@ class Connection:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise NoAnswer(str(exc)) from None
 
-    def read_some(self, size: int) -> bytes:
-        """Up to `size` bytes: what is buffered, else one receive; b"" at close."""
-        if self._buf:
+    def take(self, size: int) -> bytes:
+        """Up to `size` of the received bytes (there are some)."""
+        if len(self._buf) <= size:
+            block, self._buf = self._buf, b""
+        else:
             block, self._buf = self._buf[:size], self._buf[size:]
-            return block
-        return self._recv(size)
+        return block
 
-    def read_line(self) -> bytes:
-        """One line without its CRLF (chunk sizes, trailers), at most MAX_HEAD long."""
-        while (end := self._buf.find(_CRLF)) < 0:
+    def take_line(self) -> bytes | None:
+        """One received line without its CRLF; None while it is not all here."""
+        end = self._buf.find(_CRLF)
+        if end < 0:
             if len(self._buf) > MAX_HEAD:
                 raise ProtocolError("a line of the answer is too long")
-            data = self._recv(65536)
-            if not data:
-                raise ProtocolError("the upstream closed in the middle of the answer")
-            self._buf += data
+            return None
         line, self._buf = self._buf[:end], self._buf[end + 2 :]
         return line
+
+    def fill(self) -> bool:
+        """Receive more, waiting up to the read timeout; False when the upstream closed."""
+        data = self._recv(65536)
+        self._buf += data
+        return bool(data)
+
+    def fill_nowait(self) -> bool | None:
+        """Receive what has arrived (the socket is non-blocking): None when nothing has,
+        False when the upstream closed."""
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        self._buf += data
+        return bool(data)
 
     def read_head(self) -> bytes:
         """The next answer head (status line and headers, without the blank line)."""

@@ -28,6 +28,10 @@ hand-off, a pipe write and two epoll calls before the next request is read. A cl
 sends its next request at once (a script, a load test, an SDK in a loop) is served on the
 same thread instead, for as long as no other connection waits for a thread.
 
+A streamed answer (a chunked body) holds no thread either: once its head is written, the
+worker's poller moves its body (proxy/relay.py), so the number of streams is bounded by
+worker_connections, not by threads.
+
 gthread tells the arbiter it is alive (a file's mtime, a syscall) at every turn of its loop,
 several times per request; here once a second is enough for a timeout of many seconds.
 """
@@ -38,10 +42,14 @@ import io
 import json
 import select
 import socket
+import threading
 import time
+from concurrent import futures
 
 from gunicorn import util
 from gunicorn.workers import gthread
+
+from .relay import Relay
 
 FIRST_HEAD_GRACE = 0.1  # seconds a new connection's thread waits for its head to arrive
 NOTIFY_EVERY = 1.0  # seconds between heartbeats to the arbiter
@@ -49,6 +57,7 @@ NEXT_REQUEST_GRACE = 0.001  # seconds a thread waits for a kept-alive client's n
 HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
 MAX_HEAD = 64 * 1024  # past this gunicorn's own limits (431, 400) judge the head
 _END = b"\r\n\r\n"
+_RELAYED = object()  # handle()'s result for a connection whose answer a relay now moves
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
@@ -69,6 +78,14 @@ class ThreadWorker(gthread.ThreadWorker):
         super().__init__(*args, **kwargs)
         self.busy = 0  # connections handed to the threads and not finished; main loop only
         self._notified = 0.0
+        self._handoff = threading.local()  # a request thread's relay, from the app to handle()
+        self.relays: set[Relay] = set()  # main loop only
+        self._expired_at = 0.0
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        if not self.cfg.is_ssl:  # the relay writes to the plain socket
+            self.wsgi = _Relaying(self.wsgi, self._handoff)
 
     def notify(self) -> None:
         now = time.monotonic()
@@ -84,7 +101,28 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def finish_request(self, conn, fs) -> None:
         self.busy -= 1  # before: finishing may hand the connection's next request back
+        relay = getattr(conn, "relay", None)
+        if relay is not None and not fs.cancelled() and fs.result() is _RELAYED:
+            self.relays.add(relay)
+            relay.start(self.poller, lambda keep_alive: self._relayed(conn, keep_alive))
+            return
         super().finish_request(conn, fs)
+
+    def _relayed(self, conn, keep_alive: bool) -> None:
+        """A relay has ended: the connection is kept alive (or closed) as gthread would."""
+        self.relays.discard(conn.relay)
+        conn.relay = None
+        done: futures.Future = futures.Future()
+        done.set_result(keep_alive)
+        super().finish_request(conn, done)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        super().murder_keepalived(force)
+        now = time.monotonic()
+        if now - self._expired_at >= 1.0:  # the loop turns at least once a second
+            self._expired_at = now
+            for relay in list(self.relays):
+                relay.expire(now)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         # gthread's loop re-enables accepting below worker_connections; not while all are busy.
@@ -93,6 +131,11 @@ class ThreadWorker(gthread.ThreadWorker):
     def handle(self, conn):
         while True:
             result = self._handle(conn)
+            relay = getattr(self._handoff, "relay", None)
+            if relay is not None:
+                self._handoff.relay = None
+                conn.relay = relay
+                return _RELAYED
             if result is False:
                 _linger(conn.sock)
             if result is not True or not self._next_request_here(conn):
@@ -130,6 +173,31 @@ class ThreadWorker(gthread.ThreadWorker):
             return False
         conn.data_ready = False
         return gthread._DEFER  # back to the poller until more bytes arrive
+
+
+class _Relaying:
+    """The WSGI app, with a streamed answer handed to a relay once its head is written."""
+
+    def __init__(self, app, handoff: threading.local):
+        self.app = app
+        self.handoff = handoff
+
+    def __call__(self, environ, start_response):
+        result = self.app(environ, start_response)
+        if not getattr(result, "relayable", False):
+            return result
+        response = getattr(start_response, "__self__", None)  # gunicorn's http.wsgi.Response
+        if response is None or not response.chunked:  # HTTP/1.0 client: read until close
+            return result
+        try:
+            keep_alive = not response.should_close()
+            response.send_headers()
+        except BaseException:
+            result.close()
+            raise
+        response.chunked = False  # the relay writes the chunks and the last one, not gunicorn
+        self.handoff.relay = Relay(result, response.sock, keep_alive)
+        return []
 
 
 class _Head:

@@ -65,7 +65,7 @@ def test_the_upstream_sees_the_clients_headers_and_no_defaults_of_its_own(tmp_pa
     headers = answer.json["headers"]
     assert headers["User-Agent"] == "ollama-python/0.4"
     assert headers["Content-Type"] == "application/json" and headers["X-Custom"] == "kept"
-    assert "Accept-Encoding" not in headers  # the client sent none; urllib3 would add one
+    assert "Accept-Encoding" not in headers  # the client sent none; http.client would add one
     assert "Authorization" not in headers  # the proxy's own key stays here
 
 

@@ -1,0 +1,112 @@
+"""Streams moved by the worker's poller (proxy/relay.py), through a real gunicorn: more streams
+than threads at once, a kept-alive connection after a stream, a client that stops reading,
+and an upstream that falls silent mid-stream."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.harness import Proxy, upstream_env, wait_until
+from tests.procfs import children, figures
+
+pytestmark = pytest.mark.slow
+
+
+def chat(stream: bool = True, **options) -> dict:
+    return {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream, **options}
+
+
+@pytest.fixture
+def ready(tmp_path):
+    """A ready proxy with one worker of 2 threads; streams of 30 chunks, 0.1 s apart."""
+    env = upstream_env(tmp_path, "--chunk-interval", "0.1", "--chunks", "30",
+                       PROXY_WORKERS="1", PROXY_THREADS="2", PROXY_READ_TIMEOUT="2")
+    with Proxy(tmp_path, **env) as proxy:
+        requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()
+        proxy.wait_phase("ready")
+        yield proxy
+
+
+def test_more_streams_than_threads_all_stream_at_once(ready):
+    streams = 8  # four times the worker's threads
+    firsts: list[float] = []
+    lasts: list[float] = []
+    lines: list[int] = []
+
+    def one() -> None:
+        with requests.post(ready.url + "/api/chat", json=chat(), stream=True, timeout=30) as r:
+            count = 0
+            for _ in r.iter_lines():
+                count += 1
+                if count == 1:
+                    firsts.append(time.monotonic())
+            lasts.append(time.monotonic())
+            lines.append(count)
+
+    threads = [threading.Thread(target=one) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    # With every stream open, the threads are free for a request that is not a stream.
+    shown = requests.post(ready.url + "/api/show", json={"model": "llama3.2"}, timeout=5)
+    assert shown.status_code == 200
+    for thread in threads:
+        thread.join(timeout=60)
+    assert lines == [31] * streams  # 30 tokens and the done line, for every stream
+    # Every stream had begun before the first one ended: none waited for a thread.
+    assert max(firsts) < min(lasts)
+
+
+def test_the_connection_is_kept_alive_after_a_relayed_stream(ready):
+    conn = http.client.HTTPConnection("127.0.0.1", ready.port, timeout=10)
+    conn.request("POST", "/api/chat", body=json.dumps(chat(options={"num_predict": 3})),
+                 headers={"Content-Type": "application/json"})
+    first = conn.getresponse()
+    assert first.getheader("Transfer-Encoding") == "chunked"
+    assert [json.loads(line) for line in first.read().splitlines()][-1]["done"] is True
+    sock = conn.sock
+    assert sock is not None  # http.client drops a connection the server said it would close
+    conn.request("POST", "/api/show", body=json.dumps({"model": "llama3.2"}),
+                 headers={"Content-Type": "application/json"})
+    second = conn.getresponse()
+    assert second.status == 200 and json.loads(second.read())["details"]
+    assert conn.sock is sock
+
+
+def test_a_client_that_stops_reading_holds_no_more_than_a_buffer(ready):
+    size = 256 << 20
+    worker = children(ready.process.pid)[0]
+    before = figures(worker).rss_kib
+    with socket.create_connection(("127.0.0.1", ready.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.sendall(f"GET /api/__download?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # not reading: the relay must stop reading the upstream too
+        paused = figures(worker).rss_kib
+        received = 0
+        while data := client.recv(1 << 20):
+            received += len(data)
+            if data.endswith(b"0\r\n\r\n"):
+                break
+    assert (paused - before) < 50 * 1024  # KiB: a 256 MiB body is not buffered
+    assert received > size  # every byte came (with the chunk framing) once the client read
+
+
+def test_an_upstream_silent_mid_stream_ends_it_with_an_error_line(ready):
+    # X-Fake-Interval paces this stream at 5 s a chunk, past PROXY_READ_TIMEOUT (2 s).
+    started = time.monotonic()
+    answer = requests.post(ready.url + "/api/chat", json=chat(), stream=True, timeout=30,
+                           headers={"X-Fake-Interval": "5"})
+    lines = [json.loads(line) for line in answer.iter_lines()]
+    assert lines[-1] == {"error": "the upstream connection broke mid-stream"}
+    assert time.monotonic() - started < 10
+    # The stream has ended for the lifecycle too (the shared count follows within a tick).
+    wait_until(lambda: ready.status()["in_flight"] == 0, 5, what="no request in flight")
