@@ -52,13 +52,13 @@ ADMIN_ROUTES = re.compile(r"^/api/(pull|push|create|copy|delete|blobs/.*)$|^/adm
 
 
 class Auth:
-    """Bearer keys on every route but GET|HEAD / and the static /ui page, in constant time.
+    """Bearer keys on every route but GET|HEAD / and the static /ui page, in constant time
+    (installed only when keys are configured).
 
     Management routes (pull, push, create, copy, delete, blobs, /admin/*) need an admin key.
     """
 
     def __init__(self, config: Config):
-        self.enabled = config.auth_enabled
         self.failures = FailureLimit(config.auth_failures, window=60.0)
         self.keys = [(key.encode(), False) for key in config.api_keys]
         self.keys += [(key.encode(), True) for key in config.admin_keys]
@@ -66,7 +66,7 @@ class Auth:
         self.log = logging.getLogger("ollama_exoscale.auth")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.enabled or _public(req):
+        if _public(req):
             return
         blocked_for = self.failures.blocked_for(req.remote_addr)
         if blocked_for:
@@ -354,7 +354,7 @@ class Demand:
             raise falcon.HTTPMethodNotAllowed(
                 sorted(FORWARDED_METHODS), description=f"{req.method} is not an Ollama method"
             )
-        if any(part in (".", "..") for part in req.path.split("/")):
+        if "/." in req.path and any(part in (".", "..") for part in req.path.split("/")):
             raise falcon.HTTPBadRequest(description="dot segments are not allowed in the path")
         limit = self.forwarder.body_limit(req.path, self.config.max_body, self.config.max_blob)
         if limit and (req.content_length or 0) > limit:  # refused before it wakes the GPU
@@ -372,6 +372,8 @@ class Demand:
 
     def _hold(self, req: falcon.Request, resp: falcon.Response) -> Ticket | None:
         """RFC 7240 `Prefer: wait=N`: hold up to min(N, PROXY_MAX_HOLD) s while provisioning."""
+        if self.config.max_hold <= 0:
+            return None  # holding is off (the default)
         match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
         seconds = min(int(match.group(1)), self.config.max_hold) if match else 0
         if seconds <= 0 or self.lifecycle.budget_used_up() or not self.lifecycle.try_hold_slot():
@@ -489,7 +491,8 @@ def handle_unexpected(req, resp, exc, params) -> None:
 
 
 def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.App:
-    app = falcon.App(middleware=[Counting(), Auth(config)])
+    # Without keys there is nothing to check: no middleware on the hot path for it.
+    app = falcon.App(middleware=[Counting()] + ([Auth(config)] if config.auth_enabled else []))
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.req_options.strip_url_path_trailing_slash = False

@@ -176,7 +176,8 @@ class Lifecycle:
         with self._lock:
             self._wanted_at = now
             self._last_activity = now
-        self._wake.set()
+        if not self._wake.is_set():  # a burst of 503s wakes the loop once, not per request
+            self._wake.set()
 
     def down(self) -> None:
         """An operator asks to remove the GPU server now (after its streams end)."""

@@ -42,13 +42,23 @@ class Relay:
         self._poller: selectors.BaseSelector | None = None
         self._done: Callable[[bool], None] | None = None
 
-    def start(self, poller: selectors.BaseSelector, done: Callable[[bool], None]) -> None:
-        """From the worker's main loop: move the body from now on (what came with the head
-        first)."""
-        self._poller, self._done = poller, done
+    def prime(self) -> None:
+        """In the request's thread, before the hand-off: what came with the head goes out at
+        once, not after a turn of the main loop."""
         self.upstream.sock.setblocking(False)
         self.client.setblocking(False)
-        self._pump()
+        try:
+            self._frame(self.upstream.read_ready(CHUNK, HIGH_WATER))
+            if self._out:
+                self._write_some()
+        except OSError:
+            pass  # the main loop meets the break (or the client's absence) again
+
+    def start(self, poller: selectors.BaseSelector, done: Callable[[bool], None]) -> None:
+        """From the worker's main loop: move the body from now on."""
+        self._poller, self._done = poller, done
+        if self._write():
+            self._pump()
 
     def expire(self, now: float) -> None:
         """Called about once a second: an upstream silent, or a client not reading, for the
@@ -71,36 +81,42 @@ class Relay:
         """Read what the upstream sent, frame it and write it, while the client takes it."""
         while not self._ended and len(self._out) < HIGH_WATER:
             try:
-                pieces = self.upstream.read_ready(CHUNK, HIGH_WATER - len(self._out))
+                self._frame(self.upstream.read_ready(CHUNK, HIGH_WATER - len(self._out)))
             except OSError as exc:  # h1's errors and resets: the upstream broke mid-stream
                 self._broken(type(exc).__name__)
                 return
-            for piece in pieces:
-                self._out += b"%x\r\n%b\r\n" % (len(piece), piece)
-            if pieces:
-                self.deadline = time.monotonic() + self.timeout
-            if self.upstream.finished:
-                self._out += _LAST_CHUNK
-                self._ended = True
             if not self._write():
                 return
             if self._out or not self.upstream.buffered:
                 break  # the client is slower, or nothing more has come: wait for an event
         self._settle()
 
+    def _frame(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._out += b"%x\r\n%b\r\n" % (len(piece), piece)
+        if pieces:
+            self.deadline = time.monotonic() + self.timeout
+        if self.upstream.finished and not self._ended:
+            self._out += _LAST_CHUNK
+            self._ended = True
+
     def _write(self) -> bool:
         """Write what the client takes now; False when it is gone (the relay has ended)."""
+        try:
+            self._write_some()
+        except OSError:
+            self._finish(False)  # the client went away: the upstream is cut off with it
+            return False
+        return True
+
+    def _write_some(self) -> None:
         while self._out:
             try:
                 sent = self.client.send(self._out)
             except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self._finish(False)  # the client went away: the upstream is cut off with it
-                return False
+                return
             del self._out[:sent]
             self.deadline = time.monotonic() + self.timeout
-        return True
 
     def _settle(self) -> None:
         """End when all is written; else wait for the events that can move the stream on."""

@@ -196,7 +196,8 @@ class _Relaying:
             result.close()
             raise
         response.chunked = False  # the relay writes the chunks and the last one, not gunicorn
-        self.handoff.relay = Relay(result, response.sock, keep_alive)
+        relay = self.handoff.relay = Relay(result, response.sock, keep_alive)
+        relay.prime()
         return []
 
 
