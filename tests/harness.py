@@ -45,6 +45,26 @@ def starts(tmp_path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def read_message(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes] | None:
+    """One HTTP message from `sock`, after the bytes `buf` already read from it: (head, body
+    by its Content-Length, what follows); None when the peer closed before a whole head. A
+    body cut short by a close comes as far as it came."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(buf) < length:
+        data = sock.recv(65536)
+        if not data:
+            break
+        buf += data
+    return head, buf[:length], buf[length:]
+
+
 def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,7 +9,7 @@ import socket
 import pytest
 import requests
 
-from tests.harness import Proxy, fake_ollama_command, free_port
+from tests.harness import Proxy, fake_ollama_command, free_port, read_message
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +30,7 @@ def raw(proxy: Proxy, request: bytes) -> tuple[int, bytes]:
     """Send bytes as they are; return the status and body of the first response."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), None)
-        while length is not None and len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
+        head, body, _ = read_message(sock)
     return int(head.split()[1]), body
 
 

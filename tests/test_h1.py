@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from proxy import h1
+from tests.harness import read_message
 
 
 class RawServer:
@@ -36,18 +37,11 @@ class RawServer:
         buf = b""
         with conn:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                while len(buf) < length:
-                    buf += conn.recv(65536)
-                self.heads.append(head + b"\r\n\r\n" + buf[:length])
-                buf = buf[length:]
+                message = read_message(conn, buf)
+                if message is None:
+                    return
+                head, body, buf = message
+                self.heads.append(head + b"\r\n\r\n" + body)
                 reply = self.answer(head)
                 if reply is None:
                     return
