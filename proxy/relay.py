@@ -65,7 +65,7 @@ class Relay:
         read timeout ends the stream."""
         if now < self.deadline or self._done is None:
             return
-        if self._ended:  # the client has not taken the end for that long: it is gone
+        if self._ended or self._out:  # the client has taken nothing for that long: it is gone
             self._finish(False)
         else:
             self._broken(f"no bytes for {self.timeout:g} s")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+from tests.procfs import children
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -119,6 +121,17 @@ class Proxy:
 
     def status(self, headers: dict | None = None) -> dict:
         return requests.get(self.url + "/status", headers=headers, timeout=5).json()
+
+    def workers(self, timeout: float = 20) -> list[int]:
+        """The worker pids, once gunicorn has forked all PROXY_WORKERS of them (the proxy
+        answers as soon as the first one is up)."""
+        wanted = int(self.env["PROXY_WORKERS"])
+
+        def forked() -> list[int] | None:
+            pids = children(self.process.pid)
+            return pids if len(pids) == wanted else None
+
+        return wait_until(forked, timeout, what=f"{wanted} workers")
 
     def wait_phase(self, phase: str, timeout: float = 20, headers: dict | None = None) -> dict:
         """Wait until /status shows `phase`, then until every worker has seen it too."""

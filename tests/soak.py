@@ -255,7 +255,7 @@ def run(duration: float, workdir: Path, *, busy: float = 12.0, quiet: float = 6.
         PROXY_THREADS=POOL, PROXY_LOG_LEVEL="warning",
     )
     with proxy:
-        workers = children(proxy.process.pid)
+        workers = proxy.workers()
         tally = Tally()
         traffic = Traffic(proxy.url, tally)
         traffic.busy.set()

@@ -152,7 +152,7 @@ def test_a_full_disk_in_the_state_dir_breaks_no_worker_and_starts_nothing_twice(
 ):
     env = upstream_env(tmp_path, PROXY_IDLE_TIMEOUT=600)
     with Proxy(full_disk, **env) as proxy:
-        workers = children(proxy.process.pid)
+        workers = proxy.workers()
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
         proxy.wait_phase("ready")
         fill(full_disk)

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.harness import Proxy, upstream_env, wait_until
-from tests.procfs import children, figures
+from tests.procfs import figures
 
 pytestmark = pytest.mark.slow
 
@@ -83,13 +83,13 @@ def test_the_connection_is_kept_alive_after_a_relayed_stream(ready):
 
 def test_a_client_that_stops_reading_holds_no_more_than_a_buffer(ready):
     size = 256 << 20
-    worker = children(ready.process.pid)[0]
+    worker, = ready.workers()
     before = figures(worker).rss_kib
     with socket.create_connection(("127.0.0.1", ready.port)) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         client.sendall(f"GET /api/__download?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert client.recv(65536).startswith(b"HTTP/1.1 200")
-        time.sleep(1.5)  # not reading: the relay must stop reading the upstream too
+        time.sleep(1.0)  # not reading (less than the read timeout): the relay stops reading too
         paused = figures(worker).rss_kib
         received = 0
         while data := client.recv(1 << 20):
@@ -98,6 +98,22 @@ def test_a_client_that_stops_reading_holds_no_more_than_a_buffer(ready):
                 break
     assert (paused - before) < 50 * 1024  # KiB: a 256 MiB body is not buffered
     assert received > size  # every byte came (with the chunk framing) once the client read
+
+
+def test_a_client_that_takes_nothing_for_the_read_timeout_is_dropped(ready):
+    size = 256 << 20
+    with socket.create_connection(("127.0.0.1", ready.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.sendall(f"GET /api/__download?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: ready.status()["in_flight"] == 1, 5, what="the download in flight")
+        # PROXY_READ_TIMEOUT is 2 s: the stalled client is let go, and its upstream with it.
+        wait_until(lambda: ready.status()["in_flight"] == 0, 10, what="the stalled client dropped")
+        client.settimeout(10)
+        received = 0
+        while data := client.recv(1 << 20):
+            received += len(data)
+    assert received < size  # cut off: the connection was closed without the whole body
 
 
 def test_an_upstream_silent_mid_stream_ends_it_with_an_error_line(ready):
