@@ -35,7 +35,6 @@ CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goe
 # Request bodies are read 1 MiB at a time: gunicorn's body reader receives up to 1 MiB at once
 # and copies what a smaller read leaves over on every read (most of an upload's CPU).
 BODY_BLOCK = 1024 * 1024
-BODILESS = frozenset({204, 304})
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
@@ -97,17 +96,18 @@ class ResponseStream:
         try:
             yield from self.upstream.read(CHUNK)
         except OSError as exc:  # h1's errors, timeouts and resets are all OSErrors
-            # Headers are sent already: Ollama's clients read a last {"error"} line.
-            log.warning("upstream stream broke: %s", type(exc).__name__)
-            self.broken()
-            if self.ndjson:
-                line = {"error": "the upstream connection broke mid-stream"}
-                yield json.dumps(line).encode() + b"\n"
+            if last := self.broke_off(type(exc).__name__):
+                yield last
 
-    def broken(self) -> None:
-        """The upstream's answer broke off after its head was forwarded."""
+    def broke_off(self, why: str) -> bytes:
+        """The upstream's answer broke off after its head was forwarded: the last bytes for
+        the client (headers are sent already: Ollama's clients read a last {"error"} line)."""
+        log.warning("upstream stream broke: %s", why)
         if self._on_broken is not None:
             self._on_broken()
+        if not self.ndjson:
+            return b""
+        return json.dumps({"error": "the upstream connection broke mid-stream"}).encode() + b"\n"
 
     def close(self) -> None:
         if self._closed:

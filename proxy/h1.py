@@ -23,6 +23,14 @@ _BODILESS = frozenset({204, 304})
 _CHUNK_SIZE, _AFTER_CHUNK, _TRAILERS = 0, -1, -2
 
 
+def readable(sock: socket.socket, seconds: float) -> bool:
+    """Whether `sock` has bytes (or its peer's close) within `seconds`; poll(), not select():
+    a worker may hold more than 1024 descriptors."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
 class ConnectFailed(OSError):
     """No connection could be made (refused, unknown host, TLS failed); nothing was sent."""
 
@@ -276,9 +284,7 @@ class Connection:
 
     def dropped(self) -> bool:
         """A kept connection the upstream has closed (or sent something unasked on)."""
-        poller = select.poll()  # not select(): a worker may hold more than 1024 descriptors
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(0))
+        return readable(self.sock, 0)
 
     def close(self) -> None:
         self.keep_alive = False
@@ -382,13 +388,14 @@ class Pool:
         return Response(conn, status, reason, headers, method)
 
     def _take(self) -> Connection:
-        with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.dropped():
-                    return conn
-                conn.close()
-        return Connection(self, self._connect())
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return Connection(self, self._connect())
+            if not conn.dropped():
+                return conn
+            conn.close()
 
     def _connect(self) -> socket.socket:
         try:

@@ -10,16 +10,12 @@ upstream stops the reading (at HIGH_WATER) instead of growing a buffer.
 
 from __future__ import annotations
 
-import json
-import logging
 import selectors
 import socket
 import time
 from collections.abc import Callable
 
 from .forward import CHUNK, ResponseStream
-
-log = logging.getLogger("ollama_exoscale.forward")
 
 HIGH_WATER = 256 * 1024  # bytes waiting for the client before the upstream is read no more
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -93,7 +89,7 @@ class Relay:
 
     def _frame(self, pieces: list[bytes]) -> None:
         for piece in pieces:
-            self._out += b"%x\r\n%b\r\n" % (len(piece), piece)
+            self._out += _chunk(piece)
         if pieces:
             self.deadline = time.monotonic() + self.timeout
         if self.upstream.finished and not self._ended:
@@ -129,12 +125,8 @@ class Relay:
                    writing=bool(self._out))
 
     def _broken(self, why: str) -> None:
-        # Headers are sent already: Ollama's clients read a last {"error"} line.
-        log.warning("upstream stream broke: %s", why)
-        self.stream.broken()
-        if self.stream.ndjson:
-            line = json.dumps({"error": "the upstream connection broke mid-stream"}).encode()
-            self._out += b"%x\r\n%b\n\r\n" % (len(line) + 1, line)
+        if last := self.stream.broke_off(why):
+            self._out += _chunk(last)
         self._out += _LAST_CHUNK
         self._ended = True
         if self._write():
@@ -167,3 +159,7 @@ class Relay:
             self.stream.close()  # the upstream connection kept or dropped; in-flight count ends
         finally:
             done(keep_alive)
+
+
+def _chunk(piece: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(piece), piece)

@@ -54,7 +54,7 @@ class Sessions:
     def get(self, endpoint: Endpoint) -> requests.Session:
         return self._kept(self._sessions, endpoint, self._make)
 
-    def pool(self, endpoint: Endpoint, timeouts: tuple[float, float] = (5.0, 300.0)) -> h1.Pool:
+    def pool(self, endpoint: Endpoint, timeouts: tuple[float, float]) -> h1.Pool:
         """Connections to the endpoint's host, `pool_size` kept alive (one per request thread);
         timeouts: (connect, read) seconds."""
         return self._kept(self._pools, endpoint, lambda e: self._make_pool(e, timeouts), timeouts)

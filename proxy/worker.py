@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import io
 import json
-import select
 import socket
 import threading
 import time
@@ -49,6 +48,7 @@ from concurrent import futures
 from gunicorn import util
 from gunicorn.workers import gthread
 
+from .h1 import readable
 from .relay import Relay
 
 FIRST_HEAD_GRACE = 0.1  # seconds a new connection's thread waits for its head to arrive
@@ -146,9 +146,7 @@ class ThreadWorker(gthread.ThreadWorker):
         and this thread may serve it (no other connection waits for a thread)."""
         if not self.alive or self.cfg.is_ssl or self.tpool._work_queue.qsize():
             return False
-        poller = select.poll()
-        poller.register(conn.sock, select.POLLIN)
-        return bool(poller.poll(NEXT_REQUEST_GRACE * 1000))
+        return readable(conn.sock, NEXT_REQUEST_GRACE)
 
     def _handle(self, conn):
         if self.cfg.is_ssl:
@@ -219,7 +217,7 @@ class _Head:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return True
-                select.select([sock], [], [], left)
+                readable(sock, left)
                 continue
             except OSError:
                 return False

@@ -66,6 +66,6 @@ def test_probe_names_the_model_it_waits_for(tmp_path, tls_upstream):
 
 def test_a_forwarding_pool_is_only_made_for_a_url_without_a_path(tmp_path):
     sessions = Sessions(2, tmp_path)
-    assert sessions.pool(Endpoint("http://127.0.0.1:9")).port == 9
+    assert sessions.pool(Endpoint("http://127.0.0.1:9"), (1, 5)).port == 9
     with pytest.raises(ValueError, match="scheme://host:port"):
-        sessions.pool(Endpoint("http://127.0.0.1:9/ollama"))
+        sessions.pool(Endpoint("http://127.0.0.1:9/ollama"), (1, 5))
