@@ -395,15 +395,16 @@ class Demand:
         if kept is not None and kept[0] is snapshot and now < kept[1]:
             retry_after, text = kept[2], kept[3]
         else:
-            retry_after, text = self._answer_for(snapshot, openai)
+            retry_after, text = self._answer_for(snapshot, req.path)
             self._answers[openai] = (snapshot, now + ANSWER_TTL, retry_after, text)
         resp.status = falcon.HTTP_503
         resp.set_header("Retry-After", retry_after)
         resp.text = text
         resp.content_type = falcon.MEDIA_JSON
 
-    def _answer_for(self, snapshot: Snapshot, openai: bool) -> tuple[str, str]:
-        """(Retry-After, JSON body) of the 503 for this snapshot, in Ollama's or OpenAI's shape."""
+    def _answer_for(self, snapshot: Snapshot, path: str) -> tuple[str, str]:
+        """(Retry-After, JSON body) of the 503 for this snapshot, in the shape of `path`'s
+        clients (Ollama's or OpenAI's; the same for every path of one shape)."""
         retry_after = self.lifecycle.retry_after(snapshot)
         # A bring-up already under way runs on; the budget stops only new ones.
         budget = snapshot.phase in ("idle", "destroying") and \
@@ -412,12 +413,12 @@ class Demand:
             phase, message = "idle", budget_message(self.config, snapshot)
         else:
             phase, message = explain(snapshot, retry_after)
-        if openai:
+        if is_openai(path):
             code = "budget_exhausted" if budget else \
                 "provisioning" if phase != "error" else "provisioning_failed"
-            body = error_body("/v1/", message, type="service_unavailable", code=code)
+            body = error_body(path, message, type="service_unavailable", code=code)
         else:
-            body = error_body("/api/", message, provisioning=phase != "error" and not budget,
+            body = error_body(path, message, provisioning=phase != "error" and not budget,
                               status=phase, retry_after=retry_after)
         return str(retry_after), json.dumps(body)
 
