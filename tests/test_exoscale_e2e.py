@@ -228,12 +228,16 @@ def _stat(pid: int) -> list[str]:
 def crash(root: int) -> None:
     """SIGKILL a process and its descendants in its session: the proxy host "crashes".
 
-    The simulated instance runs in a session of its own, as a cloud server outlives its proxy.
+    Each one is stopped (SIGSTOP) as it is found, until no new one appears, and only then are
+    all killed: killing one by one let gunicorn's arbiter fork a fresh worker between two kills,
+    which lived on and cleared the stack's lock the test looks for. The simulated instance runs
+    in a session of its own, as a cloud server outlives its proxy.
     """
     import signal
 
     session = _stat(root)[3]
-    family, grew = {root}, True
+    family, grew = [root], True
+    os.kill(root, signal.SIGSTOP)
     while grew:
         grew = False
         for entry in os.listdir("/proc"):
@@ -243,7 +247,11 @@ def crash(root: int) -> None:
                 except OSError:
                     continue
                 if int(fields[1]) in family and fields[3] == session:
-                    family.add(int(entry))
+                    family.append(int(entry))
+                    try:
+                        os.kill(int(entry), signal.SIGSTOP)
+                    except ProcessLookupError:
+                        pass
                     grew = True
     for pid in family:
         try:
