@@ -5,7 +5,9 @@ the shipped 2 workers × 32 threads a 65th concurrent stream waited for one to e
 (bench/RESULTS.md). Once an upstream answer's head is forwarded, a chunked body needs no
 thread: the worker's main loop reads what the upstream sent, frames it as chunks for the
 client and writes what the client takes, the way nginx moves a body. A client slower than the
-upstream stops the reading (at HIGH_WATER) instead of growing a buffer.
+upstream stops the reading (at HIGH_WATER) instead of growing a buffer. A client that hangs up
+is noticed while the upstream is silent (a model loading, a long think), not at the next
+token, so its upstream (and GPU work) is cut off at once, as nginx does.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ class Relay:
         self.deadline = time.monotonic() + self.timeout
         self._out = bytearray()  # chunk-framed bytes the client has not taken yet
         self._ended = False  # the last chunk is in _out
-        self._reading = False
-        self._writing = False
+        self._reading = False  # the upstream socket is registered for reading
+        self._writing = False  # the client socket should be watched for room to write
+        self._watching = True  # ... and for hanging up (until a pipelined request is seen)
+        self._client_events = 0  # what the client socket is registered for now
         self._poller: selectors.BaseSelector | None = None
         self._done: Callable[[bool], None] | None = None
 
@@ -70,8 +74,23 @@ class Relay:
         self._pump()
 
     def _on_client(self, _sock) -> None:
-        if self._write():
+        if self._watching and self._client_gone():
+            self._finish(False)  # the upstream is cut off with it
+        elif self._out and self._write():
             self._pump()
+
+    def _client_gone(self) -> bool:
+        """Whether the client has hung up: its socket reads as closed (or reset)."""
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if data:  # a pipelined next request: gunicorn reads it after the stream
+            self._watching = False
+            self._want()
+        return not data
 
     def _pump(self) -> None:
         """Read what the upstream sent, frame it and write it, while the client takes it."""
@@ -143,16 +162,23 @@ class Relay:
             else:
                 poller.unregister(self.upstream.sock)
             self._reading = reading
-        if writing is not None and writing != self._writing:
-            if writing:
-                poller.register(self.client, selectors.EVENT_WRITE, self._on_client)
-            else:
-                poller.unregister(self.client)
+        if writing is not None:
             self._writing = writing
+        events = ((selectors.EVENT_READ if self._watching else 0)
+                  | (selectors.EVENT_WRITE if self._writing else 0))
+        if events != self._client_events:
+            if not self._client_events:
+                poller.register(self.client, events, self._on_client)
+            elif not events:
+                poller.unregister(self.client)
+            else:
+                poller.modify(self.client, events, self._on_client)
+            self._client_events = events
 
     def _finish(self, keep_alive: bool) -> None:
         if self._done is None:
             return
+        self._watching = False
         self._want(reading=False, writing=False)
         done, self._done = self._done, None
         try:
