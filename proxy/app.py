@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import statistics
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,7 @@ import falcon
 
 from . import gputime, schedule
 from .config import Config
+from .failures import FailureLimit
 from .forward import Forwarder, UpstreamError
 from .lifecycle import Lifecycle, Snapshot, Ticket
 from .metrics import HELD, Counting, MetricsResource
@@ -59,7 +59,8 @@ class Auth:
     """
 
     def __init__(self, config: Config):
-        self.failures = FailureLimit(config.auth_failures, window=60.0)
+        # Counted across every worker: a client's connections land on any of them.
+        self.failures = FailureLimit(config.state_dir / "auth-failures", config.auth_failures)
         self.keys = [(key.encode(), False) for key in config.api_keys]
         self.keys += [(key.encode(), True) for key in config.admin_keys]
         self.names = dict(config.key_names)
@@ -98,35 +99,6 @@ class Auth:
                 description=f"{req.path} changes the server's models: it needs an admin key "
                 "(PROXY_ADMIN_KEYS)"
             )
-
-
-class FailureLimit:
-    """Failed keys per client address in a sliding window (per worker), bounded in memory."""
-
-    MAX_ADDRESSES = 10_000
-
-    def __init__(self, limit: int, window: float):
-        self.limit = limit
-        self.window = window
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def record(self, address: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._failures) >= self.MAX_ADDRESSES and address not in self._failures:
-                self._failures.pop(next(iter(self._failures)))  # the oldest address goes
-            recent = [t for t in self._failures.get(address, []) if now - t < self.window]
-            self._failures[address] = recent[-self.limit :] + [now]
-
-    def blocked_for(self, address: str) -> int:
-        """Seconds this address must wait; 0 when it may try."""
-        now = time.monotonic()
-        with self._lock:
-            recent = [t for t in self._failures.get(address, []) if now - t < self.window]
-        if len(recent) < self.limit:
-            return 0
-        return max(1, int(self.window - (now - recent[-self.limit])) + 1)
 
 
 def _public(req: falcon.Request) -> bool:

@@ -66,7 +66,7 @@ def test_no_secret_appears_in_any_response_or_log_line(tmp_path):
         os.killpg(json.loads((tmp_path / "local-upstream.json").read_text())["pid"],
                   signal.SIGKILL)
         call("POST", "/api/show", headers=user, json={"model": "llama3.2"})  # 502
-        for _ in range(30):  # brute force from this address: 401s, then 429 (per worker)
+        for _ in range(30):  # brute force from this address: 401s, then 429
             call("GET", "/status", headers={"Authorization": "Bearer wrong-wrong-wrong"})
         assert seen[-1].startswith("429")
     logs = proxy.logs() + (tmp_path / "local-upstream.log").read_text(errors="replace")
