@@ -34,6 +34,14 @@ HEARTBEAT = 1.0
 RETRY_AFTER_MAX = 60  # the OpenAI SDKs honour Retry-After only up to 60 s
 
 
+def after(now: float, *known: float) -> float:
+    """`now`, or just after the latest of `known` when the clock reads earlier than that (it
+    was stepped back): a new demand, activity or `down` always compares as newer than what
+    every worker had recorded before it, so a clock stepped back an hour hides none of them."""
+    latest = max(known)
+    return now if now > latest else latest + 0.001
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The shared state as of the last sync, plus demand summed over live workers."""
@@ -59,6 +67,8 @@ class Snapshot:
     inflight: int = 0
     last_activity: float = 0.0
     wanted_at: float = 0.0
+    demand_cutoff: float = 0.0  # demand up to this time has been answered (or set aside)
+    down_handled: float = 0.0  # the last operator's `down` acted on
     reconciler: str = ""  # the lease holder (host:pid:id) as last seen; "" when none is known
 
     @property
@@ -94,6 +104,8 @@ class Snapshot:
             inflight=live_inflight(reports, now),
             last_activity=max((r.last_activity for r in reports), default=0.0),
             wanted_at=max((r.wanted_at for r in reports), default=0.0),
+            demand_cutoff=doc.get("demand_cutoff", 0.0),
+            down_handled=doc.get("down_handled", 0.0),
             reconciler=reconciler,
         )
 
@@ -168,21 +180,27 @@ class Lifecycle:
             ticket.done = True
             self._inflight -= 1
             if ticket.demand:
-                self._last_activity = time.time()
+                self._last_activity = self._activity_stamp(time.time())
 
     def want(self) -> None:
         """Demand while not ready: ask the reconciler to bring the server up."""
-        now = time.time()
+        now, known = time.time(), self._snapshot
         with self._lock:
-            self._wanted_at = now
-            self._last_activity = now
+            self._wanted_at = after(now, self._wanted_at, known.wanted_at, known.demand_cutoff)
+            self._last_activity = self._activity_stamp(now)
         if not self._wake.is_set():  # a burst of 503s wakes the loop once, not per request
             self._wake.set()
+
+    def _activity_stamp(self, now: float) -> float:
+        """When this activity happened, as the idle clock must see it: after the last activity
+        and the server's ready time that every worker knows (the idle time counts from both)."""
+        known = self._snapshot
+        return after(now, self._last_activity, known.last_activity, known.ready_since)
 
     def down(self) -> None:
         """An operator asks to remove the GPU server now (after its streams end)."""
         with self._lock:
-            self._down_at = time.time()
+            self._down_at = after(time.time(), self._down_at, self._snapshot.down_handled)
         self._wake.set()
 
     def hold(self, seconds: float) -> Snapshot:

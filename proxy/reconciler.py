@@ -65,7 +65,10 @@ class Reconciler:
         self._lease_renewed = 0.0
         self._operation: threading.Thread | None = None
         self._stop = threading.Event()
-        self._last_health = 0.0
+        self._last_health = -HEALTH_EVERY  # time.monotonic() of the last probe: none yet
+        self._health_wish = 0.0  # a worker's wish for a probe newer than this is not answered
+        self._idle_mark = (0.0, 0.0)  # (idle_since, time.monotonic() when first seen)
+        self._wanted_seen = 0.0  # the latest demand in the reports, as of the last decision
         self._health_failures = 0
         self._detail_saved = 0.0
         self._doc_lock = threading.Lock()
@@ -119,6 +122,7 @@ class Reconciler:
         last_activity = max((r.last_activity for r in reports), default=0.0)
         wanted_at = max((r.wanted_at for r in reports), default=0.0)
         down_at = max((r.down_at for r in reports), default=0.0)
+        self._wanted_seen = wanted_at
         down = down_at > doc.get("down_handled", 0.0)
         local = datetime.fromtimestamp(now, self.config.tz)
         warm = schedule.is_warm(self.config.warm_windows, local) and \
@@ -133,7 +137,8 @@ class Reconciler:
         elif phase == "idle" and down:
             self._commit(down_handled=down_at, **self._warm_off(local))
         elif phase == "error" and now >= doc.get("retry_at", 0.0):
-            if (warm or wanted_at > doc.get("phase_since", 0.0)) and not over_budget:
+            since = max(doc.get("phase_since", 0.0), doc.get("demand_cutoff", 0.0))
+            if (warm or wanted_at > since) and not over_budget:  # demand since the failure
                 self._begin_provisioning(now)
             elif doc.get("teardown_pending"):
                 self._start(self._remove, "tear down (retry)")
@@ -152,13 +157,28 @@ class Reconciler:
             if reason:
                 stop = self.config.idle_action == "stop" and not fresh
                 self._start(lambda: self._retire(reason, down_at, local, stop), "retire")
-            elif not warm and inflight == 0 and now - idle_since >= self.config.idle_timeout:
-                self._start(lambda: self._tear_down_idle(idle_since), "tear down (idle)")
-            elif self._health_due(now, wanted_at):
-                self._last_health = now
+            elif not warm and inflight == 0 and \
+                    self._idle_for(idle_since, now) >= self.config.idle_timeout:
+                self._start(lambda: self._tear_down_idle(idle_since, now), "tear down (idle)")
+            elif self._health_due(wanted_at):
+                self._probed(now)
                 self._start(self._check_health, "health")
         if now - doc.get("reports_pruned", 0.0) > 3600:
             self._prune(reports, now)
+
+    def _cutoff(self, now: float) -> float:
+        """The time up to which demand counts as answered: now, or the latest demand seen when
+        the clock has been stepped back behind it (else that old demand would start a server
+        again the moment this one is gone)."""
+        return max(now, self._wanted_seen)
+
+    def _idle_for(self, idle_since: float, now: float) -> float:
+        """Seconds without demand: by the wall clock (shared by every worker), or by how long
+        this reconciler has seen the same last demand, on a clock never stepped: a wall clock
+        stepped back an hour would otherwise keep an idle server (and its bill) that hour."""
+        if self._idle_mark[0] != idle_since:
+            self._idle_mark = (idle_since, time.monotonic())
+        return max(now - idle_since, time.monotonic() - self._idle_mark[1])
 
     def _retire_reason(self, doc: dict[str, Any], down: bool, over_budget: bool,
                        now: float) -> tuple[str, bool]:
@@ -178,11 +198,15 @@ class Reconciler:
         end = schedule.current_end(self.config.warm_windows, local)
         return {"warm_off_until": end.timestamp()} if end else {}
 
-    def _health_due(self, now: float, wanted_at: float) -> bool:
+    def _health_due(self, wanted_at: float) -> bool:
         """Probe a ready upstream every HEALTH_EVERY; at once when a request found it failing
         (a worker's wish since the last probe), and each PROBE_EVERY after a failed probe."""
         every = PROBE_EVERY if self._health_failures else HEALTH_EVERY
-        return now - self._last_health >= every or wanted_at > self._last_health
+        return time.monotonic() - self._last_health >= every or wanted_at > self._health_wish
+
+    def _probed(self, now: float) -> None:
+        self._last_health = time.monotonic()
+        self._health_wish = self._cutoff(now)
 
     def _begin_provisioning(self, now: float) -> None:
         self._commit(
@@ -192,7 +216,7 @@ class Reconciler:
             instance_since=now,  # billing may start with the request
             marks={"requested": now},
             server_stages={},
-            demand_cutoff=now,
+            demand_cutoff=self._cutoff(now),
             teardown_pending=False,
             **self._detail("provisioning", "starting the GPU server", now),
             last_error=None,
@@ -351,7 +375,7 @@ class Reconciler:
             timelines=timelines,
             upstream_version=version,
         )
-        self._last_health = now
+        self._probed(now)
         self._health_failures = 0
 
     def _check_health(self) -> None:
@@ -371,11 +395,11 @@ class Reconciler:
             self._commit(phase="starting", phase_since=time.time(), endpoint=asdict(found))
             self._await_ready()
 
-    def _tear_down_idle(self, idle_since: float) -> None:
+    def _tear_down_idle(self, idle_since: float, decided: float) -> None:
         now = time.time()
         stop = self.config.idle_action == "stop"
         sentence = "idle: stopping the GPU server" if stop else "idle: removing the GPU server"
-        self._commit(phase="destroying", phase_since=now, demand_cutoff=now,
+        self._commit(phase="destroying", phase_since=now, demand_cutoff=self._cutoff(now),
                      removal="stop" if stop else "destroy", removal_reason="idle",
                      **self._detail("destroying", sentence, now))
         # Workers may have admitted requests on a snapshot that still said `ready`:
@@ -385,7 +409,7 @@ class Reconciler:
             log.info("demand arrived while about to remove the GPU server; keeping it")
             self._commit(phase="ready", phase_since=time.time(), detail="ready")
             return
-        log.info("removing the GPU server: idle for %.0f s", time.time() - idle_since)
+        log.info("removing the GPU server: idle for %.0f s", self._idle_for(idle_since, decided))
         self._remove()
 
     def _retire(self, reason: str, down_at: float, local: datetime, stop: bool) -> None:
@@ -400,7 +424,7 @@ class Reconciler:
         self._commit(phase="destroying", phase_since=now, removal="stop" if stop else "destroy",
                      **changes)
         if self._drain(now + self.config.drain_timeout):
-            self._remove(demand_cutoff=time.time())  # requests refused meanwhile do not count
+            self._remove(demand_cutoff=self._cutoff(time.time()))  # refused meanwhile: not demand
 
     def _drain(self, deadline: float) -> bool:
         """Wait for the requests in flight to end, up to `deadline`; False if stopping."""

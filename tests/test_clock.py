@@ -33,10 +33,6 @@ def clock(monkeypatch):
     return Clock(monkeypatch)
 
 
-
-
-
-
 def die(life: Lifecycle) -> None:
     """Stop a worker's sync loop as SIGKILL would: no more renewals, no lease released."""
     life._stop.set()
@@ -65,6 +61,49 @@ def test_a_clock_jumping_an_hour_ahead_removes_no_server_under_a_stream(make, up
         streaming.finish(ticket)
     wait_until(lambda: a.snapshot().phase == "idle", 20, what="idle once the stream ended")
     assert provisioner.tear_downs == 1 and provisioner.bring_ups == 1
+
+
+def test_a_clock_jumping_back_an_hour_removes_an_idle_server_after_the_idle_timeout(
+        make, upstream, clock):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a, b = make(provisioner, idle_timeout=3), make(provisioner, idle_timeout=3)
+    a.want()
+    wait_until(lambda: a.snapshot().phase == "ready", 10, what="ready")
+    clock.jump(-HOUR)  # the last demand now lies an hour ahead of the clock
+    started = time.monotonic()
+    # Not an hour and 3 s: the idle time is also measured on a clock that is never stepped.
+    wait_until(lambda: a.snapshot().phase == "idle", 20, what="the idle server removed")
+    assert time.monotonic() - started >= 2  # about the idle timeout (3 s), minus the sync tick
+    time.sleep(1)
+    # The demand stamped before the jump (an hour "ahead") starts no server again.
+    assert provisioner.tear_downs == 1 and provisioner.bring_ups == 1
+    assert a.snapshot().phase == "idle"
+    b.want()  # new demand, stamped by the stepped-back clock, is seen as new all the same
+    wait_until(lambda: a.snapshot().phase == "ready", 10, what="ready again on new demand")
+    assert provisioner.bring_ups == 2
+
+
+def test_after_a_clock_jumped_back_requests_keep_the_server_and_down_is_heard(
+        make, upstream, clock):
+    provisioner = GatedProvisioner(Endpoint(upstream.url))
+    a, b = make(provisioner, idle_timeout=3), make(provisioner, idle_timeout=3)
+    a.want()
+    wait_until(lambda: a.snapshot().phase == b.snapshot().phase == "ready", 10, what="ready")
+    a.down()
+    wait_until(lambda: a.snapshot().phase == "idle", 10, what="the first down")
+    b.want()
+    wait_until(lambda: a.snapshot().phase == "ready", 10, what="ready again")
+    clock.jump(-HOUR)
+    for _ in range(6):  # a request a second for 6 s, twice the idle timeout
+        worker = (a, b)[_ % 2]
+        ticket = worker.admit()
+        assert ticket is not None, f"the server stays while it is used ({_}, {worker.snapshot()})"
+        worker.finish(ticket)
+        time.sleep(1)
+    assert provisioner.tear_downs == 1
+    b.down()  # stamped after the first down, though the clock now reads an hour earlier
+    wait_until(lambda: a.snapshot().phase == "idle", 10, what="the second down")
+    assert provisioner.tear_downs == 2
 
 
 def test_a_clock_jumping_back_an_hour_leaves_the_lease_to_be_taken_over(make, upstream, clock):
