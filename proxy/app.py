@@ -132,7 +132,9 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
             idle_left = config.idle_timeout
         else:
             idle_since = max(snapshot.last_activity, snapshot.ready_since)
-            idle_left = max(0, round(config.idle_timeout - (now - idle_since)))
+            # Never above the timeout: a clock stepped back puts idle_since in the future.
+            idle_left = min(max(0, round(config.idle_timeout - (now - idle_since))),
+                            round(config.idle_timeout))
     cold = snapshot.cold_starts
     return {
         "service": SERVICE,
