@@ -72,7 +72,7 @@ def test_a_clock_jumping_back_an_hour_removes_an_idle_server_after_the_idle_time
     wait_until(lambda: a.snapshot().phase == "ready", 10, what="ready")
     clock.jump(-HOUR)  # the last demand now lies an hour ahead of the clock
     started = time.monotonic()
-    assert status_document(a.config, a)["idle_left"] <= 3  # /status does not say an hour
+    assert status_document(a.config, a)["idle_seconds_left"] <= 3  # /status does not say an hour
     # Not an hour and 3 s: the idle time is also measured on a clock that is never stepped.
     wait_until(lambda: a.snapshot().phase == "idle", 20, what="the idle server removed")
     assert time.monotonic() - started >= 2  # about the idle timeout (3 s), minus the sync tick
