@@ -445,8 +445,9 @@ def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
     except UpstreamError as exc:
         if exc.status in (502, 504):
             lifecycle.want()  # unreachable or hung: have it probed now, not in 15 s
+        status = "499 Client Closed Request" if exc.status == 499 else exc.status  # nginx's
         raise falcon.HTTPError(
-            falcon.code_to_http_status(exc.status), description=str(exc)
+            falcon.code_to_http_status(status), description=str(exc)
         ) from None
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import quote
 
 import falcon
@@ -172,8 +175,12 @@ class Forwarder:
         body, chunked = self._body(req, headers, limit)
         try:
             return self.sessions.pool(endpoint, self.timeouts).request(
-                req.method, target, headers, body, chunked
+                req.method, target, headers, body, chunked, client=_client_socket(req.env)
             )
+        except h1.ClientGone:
+            log.info("%s %s: the client hung up before the upstream answered; dropped",
+                     req.method, req.path)
+            raise UpstreamError(499, "the client closed the connection") from None
         except BodyTooLarge:
             raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
         except (h1.ReadTimeout, h1.ConnectTimeout):
@@ -225,6 +232,13 @@ def upstream_headers(
             if name.lower() not in drop:
                 headers.append((name, value))
     return headers
+
+
+def _client_socket(environ: Mapping[str, Any]) -> socket.socket | None:
+    """The client's plain socket under gunicorn, watched for a hang-up while the upstream
+    works (a TLS one cannot be peeked at; the falcon test client has none)."""
+    sock = environ.get("gunicorn.socket")
+    return None if isinstance(sock, ssl.SSLSocket) else sock
 
 
 def _timed_out(seconds: float) -> UpstreamError:

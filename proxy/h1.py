@@ -13,6 +13,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 MAX_HEAD = 64 * 1024  # an answer head past this is not an Ollama's
@@ -29,6 +30,22 @@ def readable(sock: socket.socket, seconds: float) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(seconds * 1000))
+
+
+def hung_up(sock: socket.socket) -> bool | None:
+    """Whether the client at `sock` has hung up (closed or reset: True), has sent more (a
+    pipelined request: False), or neither yet (None). Only peeks: nothing is consumed."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return True
+    return not data
+
+
+class ClientGone(Exception):
+    """The client hung up while the upstream had not answered yet: the request is dropped."""
 
 
 class ConnectFailed(OSError):
@@ -257,11 +274,14 @@ class Connection:
         self._buf += data
         return bool(data)
 
-    def read_head(self) -> bytes:
-        """The next answer head (status line and headers, without the blank line)."""
+    def read_head(self, client: socket.socket | None = None) -> bytes:
+        """The next answer head (status line and headers, without the blank line); ClientGone
+        if the `client` socket, watched meanwhile, hangs up first."""
         while (end := self._buf.find(_END)) < 0:
             if len(self._buf) > MAX_HEAD:
                 raise ProtocolError("the answer's head is too long")
+            if client is not None:
+                client = self._await(client)
             try:
                 data = self._recv(65536)
             except ConnectionResetError as exc:
@@ -275,6 +295,33 @@ class Connection:
             raise ProtocolError("the answer's head is too long")
         head, self._buf = self._buf[:end], self._buf[end + 4 :]
         return head
+
+    def _await(self, client: socket.socket) -> socket.socket | None:
+        """Wait up to the read timeout for the upstream's bytes, watching the client: a model
+        loading or a whole answer generated (stream: false) can take minutes, and Ollama stops
+        that work once its connection closes. Returns the client while it is still watched
+        (None after it sent a pipelined request, which is left for after the answer)."""
+        if getattr(self.sock, "pending", None) and self.sock.pending():
+            return client  # TLS bytes already decrypted
+        timeout = self.sock.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(client, select.POLLIN)
+        upstream = self.sock.fileno()
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+            events = poller.poll(left)
+            if not events:
+                raise ReadTimeout("the upstream did not answer in time")
+            if any(fd == upstream for fd, _ in events):
+                return client
+            gone = hung_up(client)
+            if gone:
+                raise ClientGone("the client hung up before the upstream answered")
+            if gone is False:
+                poller.unregister(client)
+                client = None
 
     def _recv(self, size: int) -> bytes:
         try:
@@ -344,8 +391,10 @@ class Pool:
         self._lock = threading.Lock()
 
     def request(self, method: str, target: str, headers: list[tuple[str, str]],
-                body: bytes | Iterator[bytes] | None = None, chunked: bool = False) -> Response:
-        """Send one request and read its answer's head.
+                body: bytes | Iterator[bytes] | None = None, chunked: bool = False,
+                client: socket.socket | None = None) -> Response:
+        """Send one request and read its answer's head, watching the `client` socket (when
+        given) for a hang-up meanwhile.
 
         A bytes body is sent with the head in one write, and the request is sent once more
         on a new connection if a kept one turns out closed before any answer; a body of
@@ -357,7 +406,7 @@ class Pool:
         while True:
             conn = self._take()
             try:
-                return self._exchange(conn, method, head, body, chunked)
+                return self._exchange(conn, method, head, body, chunked, client)
             except NoAnswer:
                 conn.close()
                 if not conn.used or not (body is None or isinstance(body, bytes)):
@@ -366,7 +415,8 @@ class Pool:
                 conn.close()
                 raise
 
-    def _exchange(self, conn: Connection, method: str, head: bytes, body, chunked: bool):
+    def _exchange(self, conn: Connection, method: str, head: bytes, body, chunked: bool,
+                  client: socket.socket | None):
         if body is None or isinstance(body, bytes):
             conn.send(head + body if body else head)
         elif chunked:
@@ -380,7 +430,7 @@ class Pool:
             for block in body:
                 conn.send(block)
         while True:
-            status, reason, headers, keep_alive = parse_head(conn.read_head())
+            status, reason, headers, keep_alive = parse_head(conn.read_head(client))
             if status >= 200 or status == 101:
                 break  # 1xx interim answers (100 Continue, 103) are not forwarded
         conn.used = True

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from .forward import CHUNK, ResponseStream
+from .h1 import hung_up
 
 HIGH_WATER = 256 * 1024  # bytes waiting for the client before the upstream is read no more
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -80,17 +81,11 @@ class Relay:
             self._pump()
 
     def _client_gone(self) -> bool:
-        """Whether the client has hung up: its socket reads as closed (or reset)."""
-        try:
-            data = self.client.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-        if data:  # a pipelined next request: gunicorn reads it after the stream
+        gone = hung_up(self.client)
+        if gone is False:  # a pipelined next request: gunicorn reads it after the stream
             self._watching = False
             self._want()
-        return not data
+        return bool(gone)
 
     def _pump(self) -> None:
         """Read what the upstream sent, frame it and write it, while the client takes it."""

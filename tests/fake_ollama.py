@@ -11,7 +11,9 @@ tests: per-request pacing and failure headers, `/__echo/…`, `/__download`, `/_
 
 Per request: `X-Fake-Interval: S` paces the stream, `options.num_predict` (or OpenAI's
 `max_tokens`) sets its token count, `X-Fake-Fail-After: K` cuts a streamed response (TCP reset,
-no terminating chunk) after K chunks.
+no terminating chunk) after K chunks, `X-Fake-Think: S` works S seconds before a chat or
+generate answers (a model loading, or a whole answer generated for stream: false), and stops,
+as Ollama does, when the client hangs up meanwhile (counted as "cancelled" in /__stats).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import socketserver
@@ -859,6 +862,27 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._generate(model, request, lambda text: {"response": text}, {"context": [1, 2, 3]})
 
+    def _think(self) -> None:
+        """X-Fake-Think: S seconds of work before the answer's head, given up (Abort) when
+        the client hangs up meanwhile, as Ollama cancels a request whose connection closed."""
+        seconds = self._header_number("X-Fake-Think", float) or 0.0
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        while (left := deadline - time.monotonic()) > 0 and not self.server.state.stop.is_set():
+            if not poller.poll(min(left, 0.1) * 1000):
+                continue
+            try:
+                gone = not self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            if gone:
+                self.server.state.count("cancelled")
+                raise Abort("the client hung up")
+            poller.unregister(self.connection)  # bytes of a next request: keep working
+
     def _load_answer(self, model: str, request: dict, content: dict) -> None:
         """An empty chat/generate only loads (keep_alive 0: unloads) the model, like Ollama."""
         unload = keep_alive_seconds(request.get("keep_alive")) <= 0
@@ -869,6 +893,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, model: str, request: dict, content: Callable[[str], dict],
                   final_extra: dict | None = None) -> None:
+        self._think()
         options = request.get("options") or {}
         pieces = tokens(self.token_count(options.get("num_predict")))
         prompt_count = count_words(request.get("messages") or request.get("prompt"))

@@ -200,3 +200,50 @@ def test_refused_and_unresolvable_hosts_are_connect_failures():
         h1.Pool("127.0.0.1", port, 1, 1.0, 1.0).request("GET", "/", [])
     with pytest.raises(h1.ConnectFailed):
         h1.Pool("no-such-host.invalid", 80, 1, 1.0, 1.0).request("GET", "/", [])
+
+
+def test_a_client_hanging_up_before_the_answer_drops_the_upstream_connection():
+    # The upstream takes the request and works on it (a model loading, stream: false).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        pool = h1.Pool("127.0.0.1", listener.getsockname()[1], 4, 2.0, 30.0)
+        client, peer = socket.socketpair()  # the proxy's end of the client's connection, and it
+        raised: list[BaseException] = []
+
+        def forward() -> None:
+            try:
+                pool.request("POST", "/api/chat", [], b"{}", client=client)
+            except BaseException as exc:  # the test looks at what it was
+                raised.append(exc)
+
+        thread = threading.Thread(target=forward)
+        thread.start()
+        upstream, _ = listener.accept()
+        upstream.settimeout(10)
+        assert read_message(upstream) is not None
+        peer.close()  # the client hangs up
+        thread.join(timeout=10)
+        assert raised and isinstance(raised[0], h1.ClientGone)
+        assert upstream.recv(1) == b""  # the upstream's connection is closed: it stops work
+        upstream.close()
+        client.close()
+
+
+def test_a_client_sending_more_before_the_answer_still_gets_it():
+    # Bytes from the client meanwhile are a pipelined request, not a hang-up.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        pool = h1.Pool("127.0.0.1", listener.getsockname()[1], 4, 2.0, 30.0)
+        client, peer = socket.socketpair()
+        answers: list[h1.Response] = []
+        thread = threading.Thread(
+            target=lambda: answers.append(pool.request("GET", "/", [], client=client)))
+        thread.start()
+        upstream, _ = listener.accept()
+        with upstream:
+            assert read_message(upstream) is not None
+            peer.sendall(b"GET /next HTTP/1.1\r\n\r\n")
+            upstream.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            thread.join(timeout=10)
+        assert answers and answers[0].status == 200 and body_of(answers[0]) == b"ok"
+        assert client.recv(64) == b"GET /next HTTP/1.1\r\n\r\n"  # left there, not consumed
+        client.close()
+        peer.close()
