@@ -193,6 +193,11 @@ def streaming(ctx: Context) -> dict:
         rows += _stream_rows(ctx, more, its_upstream, MORE_THREADS_NAME)
     finally:
         ctx.procs.stop("ours-64")
+    if ctx.profiler:
+        ours, plan = ctx.targets["ours"], ctx.plan
+        ctx.profiler.record(f"{plan.concurrent_streams} streams at once", ours,
+                            lambda: streams.concurrent_streams(
+                                *ours.host_port, plan.concurrent_streams, plan.stream_chunks))
     return {"rows": rows, "chunks": ctx.plan.stream_chunks,
             "interval_ms": CHUNK_INTERVAL * 1e3}
 
