@@ -38,6 +38,7 @@ class FailureLimit:
         self.window = window
         self.clock = clock  # wall-clock seconds: the file outlives reboots, monotonic does not
         size = SLOTS * _SLOT.size
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != size:
