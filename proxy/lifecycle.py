@@ -6,6 +6,10 @@ Request threads never touch the store: they read an in-memory snapshot and count
 memory. One background loop per worker flushes this worker's demand report to the store and
 reads the shared state back every `tick` seconds (and at once when a request wakes it). The
 same loop drives the Reconciler, which acts only while this worker holds the lease.
+
+Demand is stamped with the wall clock (workers and hosts share it), and never earlier than the
+latest stamp every worker knows (`after`): a clock stepped back must not make new demand look
+older than old demand.
 """
 
 from __future__ import annotations
