@@ -11,7 +11,8 @@ the head is complete; a head still incomplete after HEAD_TIMEOUT gets `408`.
 
 gthread also closes a connection gracefully in its main loop: it half-closes and waits up to
 2 s for the client to close too. A client that never does stalls every other connection of
-the worker for those 2 s. Here that wait happens in the request's thread instead.
+the worker for those 2 s. Here the poller waits for it (`Linger`), holding neither the main
+loop nor a thread: a client that sends `Connection: close` and never closes costs one entry.
 
 gunicorn answers requests it cannot parse (400, 414, 431, 501) itself, with an HTML page;
 here they get the JSON `error` body every other answer of the proxy has.
@@ -40,9 +41,11 @@ from __future__ import annotations
 
 import io
 import json
+import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 from gunicorn import util
@@ -58,6 +61,8 @@ HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its 
 MAX_HEAD = 64 * 1024  # past this gunicorn's own limits (431, 400) judge the head
 _END = b"\r\n\r\n"
 _RELAYED = object()  # handle()'s result for a connection whose answer a relay now moves
+_LINGER = object()  # handle()'s result for a connection to close once its client has closed
+LINGER_TIMEOUT = 2.0  # seconds a closing connection waits for its client to close too
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
@@ -80,6 +85,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self._notified = 0.0
         self._handoff = threading.local()  # a request thread's relay, from the app to handle()
         self.relays: set[Relay] = set()  # main loop only
+        self.lingering: set[Linger] = set()  # main loop only
         self._expired_at = 0.0
 
     def load_wsgi(self) -> None:
@@ -101,17 +107,35 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def finish_request(self, conn, fs) -> None:
         self.busy -= 1  # before: finishing may hand the connection's next request back
+        result = None if fs.cancelled() else fs.result()
         relay = getattr(conn, "relay", None)
-        if relay is not None and not fs.cancelled() and fs.result() is _RELAYED:
+        if relay is not None and result is _RELAYED:
             self.relays.add(relay)
             relay.start(self.poller, lambda keep_alive: self._relayed(conn, keep_alive))
             return
+        if result is _LINGER:
+            self._linger(conn)
+            return
         super().finish_request(conn, fs)
+
+    def _linger(self, conn) -> None:
+        """Close once the client has closed too (RFC 9112 9.6), waiting in the poller."""
+        linger = Linger(conn, self.poller, self._lingered)
+        self.lingering.add(linger)
+        linger.start()
+
+    def _lingered(self, linger: Linger) -> None:
+        self.lingering.discard(linger)
+        self.nr_conns -= 1  # as gthread's own close counts it
+        linger.conn.close()
 
     def _relayed(self, conn, keep_alive: bool) -> None:
         """A relay has ended: the connection is kept alive (or closed) as gthread would."""
         self.relays.discard(conn.relay)
         conn.relay = None
+        if not keep_alive:
+            self._linger(conn)
+            return
         done: futures.Future = futures.Future()
         done.set_result(keep_alive)
         super().finish_request(conn, done)
@@ -123,6 +147,8 @@ class ThreadWorker(gthread.ThreadWorker):
             self._expired_at = now
             for relay in list(self.relays):
                 relay.expire(now)
+            for linger in list(self.lingering):
+                linger.expire(now)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         # gthread's loop re-enables accepting below worker_connections; not while all are busy.
@@ -136,8 +162,8 @@ class ThreadWorker(gthread.ThreadWorker):
                 self._handoff.relay = None
                 conn.relay = relay
                 return _RELAYED
-            if result is False:
-                _linger(conn.sock)
+            if result is False and not self.cfg.is_ssl:
+                return _LINGER
             if result is not True or not self._next_request_here(conn):
                 return result
 
@@ -246,22 +272,50 @@ def _take_read_ahead(conn) -> bytes:
     return data
 
 
-def _linger(sock: socket.socket, timeout: float = 2.0) -> None:
-    """Half-close, read what the client still sends until it closes (RFC 9112 9.6), for at
-    most `timeout`; then shut the socket so gthread's own graceful close returns at once."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            if not sock.recv(65536):
-                break
-    except OSError:
-        pass
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+class Linger:
+    """A connection half-closed after its last answer, read until its client closes too (RFC
+    9112 9.6: closing at once could reset the answer before the client has read it), or for
+    LINGER_TIMEOUT; then `done(self)`. Moved by the worker's poller."""
+
+    def __init__(self, conn, poller: selectors.BaseSelector, done: Callable[[Linger], None]):
+        self.conn = conn
+        self.poller = poller
+        self.deadline = time.monotonic() + LINGER_TIMEOUT
+        self._done: Callable[[Linger], None] | None = done
+
+    def start(self) -> None:
+        sock = self.conn.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            self.poller.register(sock, selectors.EVENT_READ, self._on_read)
+        except (OSError, ValueError):  # the client is gone already
+            self._done, done = None, self._done
+            done(self)
+
+    def expire(self, now: float) -> None:
+        if now >= self.deadline:
+            self._end()
+
+    def _on_read(self, sock: socket.socket) -> None:
+        try:
+            while sock.recv(65536):  # what the client still sends is read and dropped
+                pass
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end()  # it closed (or reset)
+
+    def _end(self) -> None:
+        if self._done is None:
+            return
+        done, self._done = self._done, None
+        try:
+            self.poller.unregister(self.conn.sock)
+        except (KeyError, ValueError):
+            pass
+        done(self)
 
 
 def _send_timeout(sock: socket.socket) -> None:

@@ -150,3 +150,26 @@ def test_a_request_sent_mid_stream_waits_for_the_stream_and_does_not_cut_it(read
         answer = read_message(client, rest)
     assert answer is not None and answer[0].startswith(b"HTTP/1.1 200")
     assert json.loads(answer[1])["details"]
+
+
+def test_streams_whose_clients_never_close_do_not_stall_the_worker(ready):
+    # A stream asked with `Connection: close` ends with the connection half-closed and read
+    # until the client closes too. gthread waited for that in its main loop, 2 s a client,
+    # while no other connection of the worker moved; the poller waits for it here.
+    body = json.dumps(chat(options={"num_predict": 2})).encode()
+    clients = [socket.create_connection(("127.0.0.1", ready.port), timeout=10) for _ in range(8)]
+    try:
+        for client in clients:
+            client.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                           % (len(body), body))
+        for client in clients:  # each stream whole, then the server's end of the connection
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"0\r\n\r\n")
+        # None of the 8 has closed: waited for one after another in the main loop, 16 s.
+        assert requests.get(ready.url + "/status", timeout=5).status_code == 200
+    finally:
+        for client in clients:
+            client.close()
