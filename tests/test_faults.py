@@ -138,11 +138,12 @@ def full_disk(tmp_path):
 
 
 def fill(directory) -> None:
-    with open(directory / "filler", "wb") as filler:
+    # Unbuffered: a buffered file keeps what the last write could not place, and its close
+    # then raised ENOSPC again (a CI failure) when the disk filled in the middle of a block.
+    with open(directory / "filler", "wb", buffering=0) as filler:
         try:
-            while True:
-                filler.write(b"\0" * 65536)
-                filler.flush()
+            while filler.write(b"\0" * 65536):
+                pass
         except OSError:
             pass
 
