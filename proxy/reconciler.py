@@ -154,12 +154,12 @@ class Reconciler:
             ended = schedule.last_end(self.config.warm_windows, local)
             idle_since = max(last_activity, doc.get("ready_since", 0.0),
                              ended.timestamp() if ended else 0.0)
+            idle_for = self._idle_for(idle_since, now)
             if reason:
                 stop = self.config.idle_action == "stop" and not fresh
                 self._start(lambda: self._retire(reason, down_at, local, stop), "retire")
-            elif not warm and inflight == 0 and \
-                    self._idle_for(idle_since, now) >= self.config.idle_timeout:
-                self._start(lambda: self._tear_down_idle(idle_since, now), "tear down (idle)")
+            elif not warm and inflight == 0 and idle_for >= self.config.idle_timeout:
+                self._start(lambda: self._tear_down_idle(idle_since, idle_for), "tear down (idle)")
             elif self._health_due(wanted_at):
                 self._probed(now)
                 self._start(self._check_health, "health")
@@ -395,7 +395,7 @@ class Reconciler:
             self._commit(phase="starting", phase_since=time.time(), endpoint=asdict(found))
             self._await_ready()
 
-    def _tear_down_idle(self, idle_since: float, decided: float) -> None:
+    def _tear_down_idle(self, idle_since: float, idle_for: float) -> None:
         now = time.time()
         stop = self.config.idle_action == "stop"
         sentence = "idle: stopping the GPU server" if stop else "idle: removing the GPU server"
@@ -409,7 +409,7 @@ class Reconciler:
             log.info("demand arrived while about to remove the GPU server; keeping it")
             self._commit(phase="ready", phase_since=time.time(), detail="ready")
             return
-        log.info("removing the GPU server: idle for %.0f s", self._idle_for(idle_since, decided))
+        log.info("removing the GPU server: idle for %.0f s", idle_for)
         self._remove()
 
     def _retire(self, reason: str, down_at: float, local: datetime, stop: bool) -> None:
