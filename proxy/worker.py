@@ -162,7 +162,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 self._handoff.relay = None
                 conn.relay = relay
                 return _RELAYED
-            if result is False and not self.cfg.is_ssl:
+            if result is False:  # a TLS socket too: after shutdown() it reads as a plain one
                 return _LINGER
             if result is not True or not self._next_request_here(conn):
                 return result
