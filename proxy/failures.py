@@ -81,10 +81,8 @@ class FailureLimit:
     def _find(self, digest: bytes, now: float) -> tuple[int, bytes, float, int]:
         """The slot holding `digest`, else the first free one of its probe, else the one whose
         window began first: (offset, digest, window start, count) as stored there."""
-        first = int.from_bytes(digest[:4], "little")
         free = oldest = None
-        for step in range(PROBE):
-            offset = (first + step) % SLOTS * _SLOT.size
+        for offset in _probe(digest):
             slot = (offset, *_SLOT.unpack_from(self._table, offset))
             if slot[1] == digest:
                 return slot
@@ -98,13 +96,8 @@ class FailureLimit:
         """Whether a slot of the probe holds `digest`, read without the lock: a slot being
         written at that instant can be missed, like a wrong key checked while another of the
         same address is counted."""
-        first = int.from_bytes(digest[:4], "little")
         table = self._table
-        for step in range(PROBE):
-            offset = (first + step) % SLOTS * _SLOT.size
-            if table[offset : offset + 8] == digest:
-                return True
-        return False
+        return any(table[offset : offset + 8] == digest for offset in _probe(digest))
 
     def _current(self, digest: bytes, start: float, now: float) -> bool:
         """Whether a slot holds a window still running (a clock stepped back ends it)."""
@@ -118,6 +111,12 @@ class FailureLimit:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _probe(digest: bytes) -> list[int]:
+    """The offsets of the slots an address may be in: its hash's slot, then the next ones."""
+    first = int.from_bytes(digest[:4], "little")
+    return [(first + step) % SLOTS * _SLOT.size for step in range(PROBE)]
 
 
 def _digest(address: str) -> bytes:
