@@ -1,7 +1,13 @@
-"""The HTTP face of the proxy, routes only: create_app(config, lifecycle, forwarder)."""
+"""The HTTP face of the proxy, routes only: create_app(config, lifecycle, forwarder).
+
+An ASGI app (falcon.asgi) on each worker's event loop: responders only read the lifecycle's
+in-memory snapshot and count demand in memory; what may block (the shared wrong-key table's
+lock) goes to a thread, and a held request (`Prefer: wait`) is a coroutine, not a thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -13,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import falcon
+import falcon.asgi
 
 from . import gputime, schedule
 from .config import Config
@@ -66,7 +73,7 @@ class Auth:
         self.names = dict(config.key_names)
         self.log = logging.getLogger("ollama_exoscale.auth")
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req, resp) -> None:
         if _public(req):
             return
         blocked_for = self.failures.blocked_for(req.remote_addr)
@@ -83,7 +90,7 @@ class Auth:
             if hmac.compare_digest(key, offered_bytes) and scheme.lower() == "bearer":
                 match = (key.decode(), admin)
         if match is None:
-            self.failures.record(req.remote_addr)
+            await asyncio.to_thread(self.failures.record, req.remote_addr)  # a file lock
             self.log.warning("401 for %s %s from %s: %s", req.method, req.path, req.remote_addr,
                              "no bearer key" if not offered else "unknown key")
             raise falcon.HTTPUnauthorized(
@@ -101,12 +108,12 @@ class Auth:
             )
 
 
-def _public(req: falcon.Request) -> bool:
+def _public(req) -> bool:
     return req.method in ("GET", "HEAD") and req.path in ("/", "/ui")
 
 
 class Root:
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req, resp) -> None:
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = "Ollama is running"
 
@@ -118,7 +125,7 @@ class Status:
         self.config = config
         self.lifecycle = lifecycle
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req, resp) -> None:
         resp.media = status_document(self.config, self.lifecycle)
 
 
@@ -230,7 +237,7 @@ class Page:
     def __init__(self):
         self.html = (Path(__file__).with_name("ui.html")).read_bytes()
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req, resp) -> None:
         resp.content_type = falcon.MEDIA_HTML
         resp.cache_control = ["no-cache"]
         resp.data = self.html
@@ -243,7 +250,7 @@ class WarmUp:
         self.config = config
         self.lifecycle = lifecycle
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_post(self, req, resp) -> None:
         if self.lifecycle.snapshot().phase != "ready":
             self.lifecycle.want()
         resp.status = falcon.HTTP_202
@@ -257,7 +264,7 @@ class ShutDown:
         self.config = config
         self.lifecycle = lifecycle
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_post(self, req, resp) -> None:
         self.lifecycle.down()
         resp.status = falcon.HTTP_202
         resp.media = status_document(self.config, self.lifecycle)
@@ -272,12 +279,12 @@ class Passive:
         self.forwarder = forwarder
         self.local = local
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req, resp) -> None:
         ticket = self.lifecycle.admit(demand=False)
         if ticket is None:
             resp.media = self.local(self.config, self.lifecycle.snapshot())
             return
-        _forward(self.forwarder, self.lifecycle, self.config, req, resp, ticket)
+        await _forward(self.forwarder, self.lifecycle, self.config, req, resp, ticket)
 
 
 def local_version(config: Config, snapshot: Snapshot) -> dict[str, Any]:
@@ -323,7 +330,7 @@ class Demand:
         # The last 503 answer in each shape (True: OpenAI's): (snapshot, until, Retry-After, body)
         self._answers: dict[bool, tuple] = {}
 
-    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+    async def __call__(self, req, resp, **_: Any) -> None:
         if req.method not in FORWARDED_METHODS:  # TRACE, CONNECT, junk: no GPU woken for them
             raise falcon.HTTPMethodNotAllowed(
                 sorted(FORWARDED_METHODS), description=f"{req.method} is not an Ollama method"
@@ -338,13 +345,13 @@ class Demand:
             )
         ticket = self.lifecycle.admit()
         if ticket is None:
-            ticket = self._hold(req, resp)
+            ticket = await self._hold(req, resp)
         if ticket is None:
             self._unavailable(req, resp)
             return
-        _forward(self.forwarder, self.lifecycle, self.config, req, resp, ticket)
+        await _forward(self.forwarder, self.lifecycle, self.config, req, resp, ticket)
 
-    def _hold(self, req: falcon.Request, resp: falcon.Response) -> Ticket | None:
+    async def _hold(self, req, resp) -> Ticket | None:
         """RFC 7240 `Prefer: wait=N`: hold up to min(N, PROXY_MAX_HOLD) s while provisioning."""
         if self.config.max_hold <= 0:
             return None  # holding is off (the default)
@@ -354,7 +361,7 @@ class Demand:
             return None  # no server will come today: no point holding
         HELD.inc()
         try:
-            self.lifecycle.hold(seconds)
+            await hold(self.lifecycle, seconds)
         finally:
             HELD.dec()
             self.lifecycle.release_hold_slot()
@@ -397,6 +404,19 @@ class Demand:
         return str(retry_after), json.dumps(body)
 
 
+async def hold(lifecycle: Lifecycle, seconds: float) -> Snapshot:
+    """Wait up to `seconds` for ready (or error), looking at the snapshot once a tick: a
+    coroutine on the event loop, not a thread (the sync loop replaces the snapshot)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        snapshot = lifecycle.snapshot()
+        left = deadline - loop.time()
+        if snapshot.phase in ("ready", "error") or left <= 0 or lifecycle.closing:
+            return snapshot
+        await asyncio.sleep(min(left, lifecycle.config.tick))
+
+
 def budget_message(config: Config, snapshot: Snapshot) -> str:
     used = gputime.today_seconds(snapshot.gpu_record, time.time(), config.tz) / 3600
     return (
@@ -433,10 +453,10 @@ def explain(snapshot: Snapshot, retry_after: int) -> tuple[str, str]:
     return "provisioning", f"The GPU server is starting{detail}. Retry in {retry_after} s."
 
 
-def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
+async def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
     req.context.forwarded = True
     try:
-        forwarder.forward(
+        await forwarder.forward(
             req, resp, ticket.endpoint, lambda: lifecycle.finish(ticket),
             strip_authorization=config.auth_enabled,
             body_limit=forwarder.body_limit(req.path, config.max_body, config.max_blob),
@@ -446,19 +466,21 @@ def _forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> None:
         if exc.status in (502, 504):
             lifecycle.want()  # unreachable or hung: have it probed now, not in 15 s
         status = "499 Client Closed Request" if exc.status == 499 else exc.status  # nginx's
+        # A body that stalled was not read to its end: the connection cannot carry another.
+        headers = {"Connection": "close"} if exc.status in (408, 413) else None
         raise falcon.HTTPError(
-            falcon.code_to_http_status(status), description=str(exc)
+            falcon.code_to_http_status(status), description=str(exc), headers=headers
         ) from None
 
 
-def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+def serialize_error(req, resp, exc: falcon.HTTPError) -> None:
     """Every error as JSON with an `error` field, in the shape the route's clients parse."""
     message = exc.description or exc.title
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(error_body(req.path, message))
 
 
-def handle_unexpected(req, resp, exc, params) -> None:
+async def handle_unexpected(req, resp, exc, params, **_: Any) -> None:
     """A bug never crashes the worker nor leaks internals: a 500 with a JSON error."""
     if isinstance(exc, falcon.HTTPError):
         raise exc
@@ -466,9 +488,9 @@ def handle_unexpected(req, resp, exc, params) -> None:
     raise falcon.HTTPInternalServerError(description="internal error in the proxy; see its logs")
 
 
-def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.App:
+def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.asgi.App:
     # Without keys there is nothing to check: no middleware on the hot path for it.
-    app = falcon.App(middleware=[Counting()] + ([Auth(config)] if config.auth_enabled else []))
+    app = falcon.asgi.App(middleware=[Counting()] + ([Auth(config)] if config.auth_enabled else []))
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.req_options.strip_url_path_trailing_slash = False

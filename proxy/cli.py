@@ -20,7 +20,7 @@ OK, FAILED, USAGE, UNREACHABLE, TIMEOUT = 0, 1, 2, 3, 4
 SERVE_FLAGS = {
     "bind": "PROXY_BIND",
     "workers": "PROXY_WORKERS",
-    "threads": "PROXY_THREADS",
+    "max_connections": "PROXY_MAX_CONNECTIONS",
     "provisioner": "PROXY_PROVISIONER",
     "idle_timeout": "PROXY_IDLE_TIMEOUT",
     "state_dir": "PROXY_STATE_DIR",
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy under gunicorn")
     serve.add_argument("--bind", help="listen address (PROXY_BIND, default 127.0.0.1:11434)")
     serve.add_argument("--workers", help="gunicorn workers (PROXY_WORKERS, default 2)")
-    serve.add_argument("--threads", help="threads per worker (PROXY_THREADS, default 32)")
+    serve.add_argument("--max-connections",
+                       help="client connections per worker (PROXY_MAX_CONNECTIONS, default 1000)")
     serve.add_argument("--provisioner", help="exoscale or local (PROXY_PROVISIONER)")
     serve.add_argument("--idle-timeout", help="seconds (PROXY_IDLE_TIMEOUT, default 1800)")
     serve.add_argument("--state-dir", help="local state (PROXY_STATE_DIR)")
@@ -110,10 +111,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from .store import open_store
 
     open_store(config.state_url, config.state_dir).close()  # a bad store: one line, here
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from gunicorn.app.wsgiapp import WSGIApplication  # loads an ASGI app as well
 
     conf = Path(__file__).with_name("gunicorn_conf.py")
-    sys.argv = ["ollama-exoscale serve", "-c", str(conf), "proxy.wsgi:create()"]
+    sys.argv = ["ollama-exoscale serve", "-c", str(conf), "proxy.asgi:create()"]
     WSGIApplication("%(prog)s").run()
     return OK
 

@@ -33,7 +33,7 @@ class Config:
     idle_action: str = "destroy"
     bind: str = "127.0.0.1:11434"
     workers: int = 2
-    threads: int = 32
+    max_connections: int = 1000  # open client connections per worker; beyond: 503
     state_dir: Path = Path(".ollama-exoscale")
     state_url: str = ""  # empty: SQLite in the state dir
     api_keys: tuple[str, ...] = ()
@@ -51,7 +51,7 @@ class Config:
     disk_size: int = 100
     connect_timeout: float = 10.0
     read_timeout: float = 900.0  # Ollama may take minutes to load a model before its first byte
-    worker_timeout: float = 60.0  # gunicorn's heartbeat timeout; gthread streams are not cut by it
+    worker_timeout: float = 60.0  # gunicorn's heartbeat timeout (the event loop's, not a stream's)
     start_timeout: float = 3600.0  # most seconds in `starting` before it is an error
     lease_ttl: float = 15.0
     tick: float = 0.25  # how often a worker syncs with the store
@@ -107,7 +107,8 @@ class Config:
             idle_action=read.choice("PROXY_IDLE_ACTION", "destroy", IDLE_ACTIONS),
             bind=read.address("PROXY_BIND", "127.0.0.1:11434"),
             workers=int(read.number("PROXY_WORKERS", 2, minimum=1, whole=True)),
-            threads=int(read.number("PROXY_THREADS", 32, minimum=1, whole=True)),
+            max_connections=int(read.number("PROXY_MAX_CONNECTIONS", 1000, minimum=1,
+                                            whole=True)),
             state_dir=Path(read.text("PROXY_STATE_DIR", ".ollama-exoscale")).absolute(),
             state_url=read.state_url("PROXY_STATE_URL"),
             api_keys=keys,

@@ -2,22 +2,28 @@
 
 Method, path, query, headers (minus hop-by-hop) and body pass unchanged; bodies stream both
 ways chunk by chunk as they arrive, so a multi-GB blob never sits in memory and a token
-reaches the client when the model emits it.
+reaches the client when the model emits it. aiohttp (llhttp) parses the upstream's answers;
+what it lets through but HTTP forbids, or what the client's server (uvicorn) would refuse to
+send, is refused here: the client gets a `502`, or a last `{"error"}` line once a stream has
+begun, and the upstream connection is closed, never reused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import socket
-import ssl
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import falcon
+import falcon.asgi
+from yarl import URL
 
-from . import h1
+from .metrics import HANGUPS, route_label
 from .provisioner import Endpoint
 from .upstream import Sessions
 
@@ -32,17 +38,25 @@ HOP_BY_HOP = frozenset(
 )
 HOP_BY_HOP_AND_AUTHORIZATION = HOP_BY_HOP | {"authorization"}
 RESPONSE_DROP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-connection", "trailer",
+     "transfer-encoding", "upgrade", "content-length"}
 )
 CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goes out as it comes
-# Request bodies are read 1 MiB at a time: gunicorn's body reader receives up to 1 MiB at once
-# and copies what a smaller read leaves over on every read (most of an upload's CPU).
-BODY_BLOCK = 1024 * 1024
+# An answer with a Content-Length up to this is read whole before its head goes out: a broken
+# one becomes a clean 502 instead of a cut body.
+WHOLE = 1024 * 1024
+BODY_READ_TIMEOUT = 30.0  # seconds a client may take to send each piece of a request body
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
+BODILESS = (204, 304)
+# What uvicorn refuses in a header (it would raise mid-answer): NUL..US but HTAB, and DEL.
+_BAD_HEADER_BYTE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+WATCH = "ollama_exoscale.connection"  # the scope extension proxy/server.py sets (see there)
 
 
 class UpstreamError(Exception):
-    """The request could not be completed upstream: 502, 504, or 413 for a body too large."""
+    """The request could not be completed upstream: 502, 504, 499 (client gone), 408 (its body
+    stalled) or 413 (its body too large)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -53,71 +67,116 @@ class BodyTooLarge(Exception):
     """A chunked request body grew past the limit while it was being sent upstream."""
 
 
-def _blocks(stream) -> Iterator[bytes]:
-    """A body of known length (the caller sends its Content-Length), block by block."""
-    while block := stream.read(BODY_BLOCK):
-        yield block
+class BodyStalled(Exception):
+    """A piece of the request body did not arrive within BODY_READ_TIMEOUT."""
 
 
-def _chunks(stream, limit: int) -> Iterator[bytes]:
-    """A body sent with Transfer-Encoding: chunked (length unknown), block by block."""
+class ClientGone(Exception):
+    """The client closed its connection before the upstream answered."""
+
+
+class Malformed(Exception):
+    """The upstream's answer breaks HTTP's framing or carries what may not be forwarded."""
+
+
+def watch_of(req: falcon.asgi.Request) -> Any:
+    """The client connection's watch (proxy/server.py), None outside our uvicorn protocol."""
+    extensions = req.scope.get("extensions")
+    return extensions.get(WATCH) if extensions else None
+
+
+async def _body(stream, limit: int, timeout: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives, each piece within `timeout`, at most `limit` bytes."""
+    pieces = stream.__aiter__()
     sent = 0
-    while block := stream.read(BODY_BLOCK):
-        sent += len(block)
+    while True:
+        try:
+            piece = await asyncio.wait_for(pieces.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BodyStalled() from None
+        sent += len(piece)
         if limit and sent > limit:
             raise BodyTooLarge()
-        yield block
+        yield piece
 
 
 class ResponseStream:
-    """The upstream's body as a WSGI iterable: each chunk as it arrives; close() frees it.
+    """The upstream's body as falcon's `resp.stream`: each piece as it arrives; close() (falcon
+    calls it when the answer ends, however it ends) frees the upstream and runs on_close."""
 
-    The WSGI server calls close() when the response ends or the client goes away; an upstream
-    body not read to its end is then dropped with its connection, so the upstream stops too.
-    A chunked body (a stream) is `relayable`: the worker may move it without a thread
-    (proxy/relay.py), with the same close() and the same last line when the upstream breaks.
-    """
-
-    def __init__(
-        self,
-        upstream: h1.Response,
-        on_close: Callable[[], None],
-        on_broken: Callable[[], None] | None = None,
-    ):
+    def __init__(self, upstream: aiohttp.ClientResponse, on_close: Callable[[], None],
+                 on_broken: Callable[[], None] | None, watch: Any, path: str,
+                 framed_length: bool):
         self.upstream = upstream
-        self.read_timeout = upstream.read_timeout
+        self._protocol = upstream.connection.protocol if upstream.connection else None
         self._on_close = on_close
         self._on_broken = on_broken
+        self._watch = watch
+        self._path = path
+        self._framed_length = framed_length  # a Content-Length went to the client
         self._closed = False
-        self.ndjson = "ndjson" in (upstream.header("content-type") or "")
+        self._done = False
+        self.ndjson = "ndjson" in upstream.headers.get("Content-Type", "")
+        if watch is not None:
+            watch.on_gone(self._client_gone)
 
-    @property
-    def relayable(self) -> bool:
-        return self.upstream.chunked
+    def _client_gone(self) -> None:
+        self.upstream.close()  # the upstream stops at once: its connection is closed
 
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self.upstream.read(CHUNK)
-        except OSError as exc:  # h1's errors, timeouts and resets are all OSErrors
-            if last := self.broke_off(type(exc).__name__):
-                yield last
+    def __aiter__(self) -> ResponseStream:
+        return self
 
-    def broke_off(self, why: str) -> bytes:
-        """The upstream's answer broke off after its head was forwarded: the last bytes for
-        the client (headers are sent already: Ollama's clients read a last {"error"} line)."""
-        log.warning("upstream stream broke: %s", why)
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        failure: BaseException | None = None
+        if not self._gone():
+            try:
+                piece = await self.upstream.content.readany()
+                if piece:
+                    return piece
+                if _beyond_framing(self.upstream, self._protocol):
+                    failure = Malformed("bytes beyond the end of the answer")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = exc
+        self._done = True
+        if self._gone():  # the client hung up, or was dropped for not reading
+            _hung_up(self._path, "mid-answer")
+            raise StopAsyncIteration
+        if failure is not None:
+            return self._broke_off(failure)
+        raise StopAsyncIteration
+
+    def _gone(self) -> bool:
+        return self._watch is not None and self._watch.gone
+
+    def _broke_off(self, exc: BaseException) -> bytes:
+        """The upstream's answer broke off after its head was forwarded: the last bytes for the
+        client (Ollama's clients read a last {"error"} line), or a cut connection when the
+        client was promised a length."""
+        log.warning("upstream answer on %s broke off: %s", self._path, _reason(exc))
+        self.upstream.close()
         if self._on_broken is not None:
             self._on_broken()
-        if not self.ndjson:
-            return b""
+        if self._framed_length or not self.ndjson:
+            if self._watch is not None:
+                self._watch.abort()  # the client sees a cut answer, never a complete-looking one
+            raise StopAsyncIteration
         return json.dumps({"error": "the upstream connection broke mid-stream"}).encode() + b"\n"
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self.upstream.release()  # kept if read to its end, else dropped
+            if self._watch is not None:
+                self._watch.on_gone(None)
+            if not self._done:
+                self.upstream.close()  # not read to its end: dropped, the upstream stops
+            else:
+                self.upstream.release()
         finally:
             self._on_close()
 
@@ -126,17 +185,19 @@ class Forwarder:
     def __init__(self, sessions: Sessions, connect_timeout: float, read_timeout: float):
         self.sessions = sessions
         self.read_timeout = read_timeout
-        self.timeouts = (connect_timeout, read_timeout)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
 
     @staticmethod
     def body_limit(path: str, max_body: int, max_blob: int) -> int:
         """Bytes a request body to `path` may have; 0: no limit."""
         return max_blob if path.startswith("/api/blobs/") else max_body
 
-    def forward(
+    async def forward(
         self,
-        req: falcon.Request,
-        resp: falcon.Response,
+        req: falcon.asgi.Request,
+        resp: falcon.asgi.Response,
         endpoint: Endpoint,
         on_close: Callable[[], None],
         *,
@@ -144,101 +205,184 @@ class Forwarder:
         body_limit: int = 0,
         on_broken: Callable[[], None] | None = None,
     ) -> None:
-        """Send `req` upstream and set `resp` to stream the answer; on_close runs exactly once.
+        """Send `req` upstream and set `resp` to the answer; on_close runs exactly once.
 
-        on_broken runs when the upstream's answer breaks off after its headers were sent.
+        on_broken runs when the upstream's answer breaks off after its head was sent.
         """
+        watch = watch_of(req)
         try:
-            upstream = self._send(req, endpoint, strip_authorization, body_limit)
+            upstream = await self._send(req, endpoint, strip_authorization, body_limit, watch)
+            try:
+                framed = self._head(upstream, resp)
+                whole = await self._whole_body(req, upstream, framed)
+            except BaseException:
+                upstream.close()  # a connection whose answer was refused is never reused
+                raise
         except BaseException:
             on_close()
             raise
-        resp.status = upstream.status
-        for name, value in upstream.headers:
-            if name.lower() not in RESPONSE_DROP:
-                resp.append_header(name, value)
-        if upstream.finished:  # no body (HEAD, 204, 304, or empty): Falcon sends none
+        if whole is not None:
             upstream.release()
             on_close()
+            if whole:
+                resp.data = whole
+            elif req.method != "HEAD" and upstream.status not in BODILESS:
+                resp.data = b""
             return
-        resp.stream = ResponseStream(upstream, on_close, on_broken)
+        if framed is not None:
+            resp.set_header("Content-Length", str(framed))
+        resp.stream = ResponseStream(upstream, on_close, on_broken, watch, req.path,
+                                     framed is not None)
 
-    def _send(
-        self, req: falcon.Request, endpoint: Endpoint, strip_authorization: bool, limit: int
-    ) -> h1.Response:
+    async def _send(self, req: falcon.asgi.Request, endpoint: Endpoint,
+                    strip_authorization: bool, limit: int, watch: Any
+                    ) -> aiohttp.ClientResponse:
+        client = self.sessions.client(endpoint)
         target = quote(req.path, safe=PATH_SAFE)
         if req.query_string:
             target += "?" + req.query_string
-        headers = upstream_headers(req.env, strip_authorization)
+        headers = upstream_headers(req.scope["headers"], strip_authorization)
         if endpoint.token:
             headers.append(("Authorization", f"Bearer {endpoint.token}"))
-        body, chunked = self._body(req, headers, limit)
         try:
-            return self.sessions.pool(endpoint, self.timeouts).request(
-                req.method, target, headers, body, chunked, client=_client_socket(req.env)
+            body: Any = None
+            length = req.content_length
+            if length is not None:
+                if length <= WHOLE:  # read whole: sent with the head in one write
+                    body = b"".join([piece async for piece in _body(
+                        req.stream, 0, BODY_READ_TIMEOUT)]) if length else None
+                    headers.append(("Content-Length", str(length)))
+                else:
+                    body = _body(req.stream, 0, BODY_READ_TIMEOUT)
+                    headers.append(("Content-Length", str(length)))
+            elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
+                body = _body(req.stream, limit, BODY_READ_TIMEOUT)  # sent chunked
+            request = client.session.request(
+                req.method, URL(client.base + target, encoded=True), headers=headers,
+                data=body, allow_redirects=False, timeout=self.timeout, ssl=client.ssl,
+                server_hostname=client.server_hostname,
             )
-        except h1.ClientGone:
-            log.info("%s %s: the client hung up before the upstream answered; dropped",
-                     req.method, req.path)
+            if watch is None or isinstance(body, AsyncIterator):
+                return await request  # a body still arriving: the client is there
+            return await _unless_gone(request, watch)
+        except ClientGone:
+            _hung_up(req.path, "before the upstream answered")
             raise UpstreamError(499, "the client closed the connection") from None
         except BodyTooLarge:
             raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
-        except (h1.ReadTimeout, h1.ConnectTimeout):
+        except BodyStalled:
+            raise UpstreamError(
+                408, f"the request body did not arrive: nothing came for {BODY_READ_TIMEOUT:g} s"
+            ) from None
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
             raise _timed_out(self.read_timeout) from None
-        except ValueError as exc:  # a CR or LF in a header (gunicorn lets none through)
-            raise UpstreamError(400, str(exc)) from None
-        except OSError as exc:
+        except aiohttp.ClientResponseError as exc:  # llhttp refused the answer's head
+            raise _malformed(exc.message) from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise _unreachable(exc) from None
+        except ValueError as exc:  # a CR or LF in a header (uvicorn lets none through)
+            raise UpstreamError(400, str(exc)) from None
 
     @staticmethod
-    def _body(req: falcon.Request, headers: list[tuple[str, str]], limit: int):
-        """(body, chunked) for the upstream, with the Content-Length header when it is known.
+    def _head(upstream: aiohttp.ClientResponse, resp: falcon.asgi.Response) -> int | None:
+        """Copy the answer's status and headers to `resp`; the body's length if it has one.
 
-        A body up to BODY_BLOCK is read whole: sent with the head in one write, and again if a
-        kept connection turns out closed; a larger one streams block by block.
+        Raises UpstreamError(502) for what may not be forwarded: an upgrade nobody asked for,
+        a body on a bodiless status, control bytes in a header (uvicorn would refuse them after
+        the answer began), a Content-Length beside chunked framing.
         """
-        length = req.content_length
-        if length is not None:
-            headers.append(("Content-Length", str(length)))
-            if length <= BODY_BLOCK:
-                return (req.bounded_stream.read() if length else None), False
-            return _blocks(req.bounded_stream), False
-        if "chunked" in req.env.get("HTTP_TRANSFER_ENCODING", "").lower():
-            # Falcon's bounded_stream reads nothing without a length; gunicorn's wsgi.input
-            # de-chunks the body and ends it itself.
-            return _chunks(req.stream, limit), True
-        return None, False
+        status = upstream.status
+        if status == 101:
+            raise _malformed("it switched protocols unasked (101)")
+        raw = upstream.raw_headers
+        listed: set[str] = set()
+        length: int | None = None
+        chunked = False
+        for name, value in raw:
+            if _BAD_HEADER_BYTE.search(value) or not _TOKEN.match(name):
+                raise _malformed("a header holds a control byte")
+            lowered = name.decode("latin-1").lower()
+            if lowered == "connection":
+                listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+            elif lowered == "content-length":
+                length = int(value)  # llhttp accepted it: digits only, one value
+            elif lowered == "transfer-encoding":
+                chunked = True
+        if status in BODILESS and (chunked or length):
+            raise _malformed(f"a {status} answer declares a body")
+        if chunked and length is not None:
+            raise _malformed("it has both Transfer-Encoding and Content-Length")
+        resp.status = status
+        drop = RESPONSE_DROP | listed
+        for name, value in raw:
+            text = name.decode("latin-1")
+            if text.lower() not in drop:
+                resp.append_header(text, value.decode("latin-1"))
+        return None if chunked else length
+
+    @staticmethod
+    async def _whole_body(req, upstream: aiohttp.ClientResponse, length: int | None
+                          ) -> bytes | None:
+        """The body, read whole when it is small and its length known (None: stream it)."""
+        if req.method == "HEAD" or upstream.status in BODILESS:
+            body = b""
+        elif length is None or length > WHOLE:
+            return None
+        else:
+            protocol = upstream.connection.protocol if upstream.connection else None
+            try:
+                body = await upstream.read()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                raise _malformed(f"its body broke off ({_reason(exc)})") from None
+            except asyncio.TimeoutError:
+                raise UpstreamError(504, "the upstream's body stalled") from None
+            if _beyond_framing(upstream, protocol):
+                raise _malformed("bytes beyond the end of the answer")
+            return body
+        return body
+
+
+def _beyond_framing(upstream: aiohttp.ClientResponse, protocol: Any) -> bool:
+    """Whether the connection got more than the answer's framing held (a parse error, leftover
+    bytes or another answer, in aiohttp's words `should_close`) though it asked to be kept."""
+    if protocol is None or not protocol.should_close:
+        return False
+    said_close = "close" in upstream.headers.get("Connection", "").lower()
+    return not said_close and upstream.version >= (1, 1)
+
+
+async def _unless_gone(request, watch: Any):
+    """Await the upstream's answer unless the client hangs up first (then ClientGone)."""
+    task = asyncio.ensure_future(request)
+    gone = asyncio.get_running_loop().create_future()
+    watch.on_gone(lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.on_gone(None)
+        if not task.done():
+            task.cancel()  # the upstream connection is closed: the upstream stops working
+    if not task.done() or task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+def _hung_up(path: str, when: str) -> None:
+    HANGUPS.labels(route_label(path)).inc()
+    log.info("499 %s: the client hung up %s; its upstream request was closed", path, when)
 
 
 def upstream_headers(
-    environ: Mapping[str, str], strip_authorization: bool
+    raw: list[tuple[bytes, bytes]], strip_authorization: bool
 ) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones and those its Connection header lists.
-
-    Read from the WSGI environ in one pass (Falcon's `req.headers` would build a dict first);
-    WSGI upper-cases names, title case reads as clients send them (names are case-insensitive
-    either way).
-    """
+    """The client's headers (the ASGI scope's, names lower-cased) minus hop-by-hop ones and
+    those its Connection header lists."""
     drop = HOP_BY_HOP_AND_AUTHORIZATION if strip_authorization else HOP_BY_HOP
-    listed = environ.get("HTTP_CONNECTION")
-    if listed:
-        drop = drop | {token.strip().lower() for token in listed.split(",")}
-    headers = []
-    if "CONTENT_TYPE" in environ and "content-type" not in drop:  # WSGI keeps it apart
-        headers.append(("Content-Type", environ["CONTENT_TYPE"]))
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            name = key[5:].replace("_", "-").title()
-            if name.lower() not in drop:
-                headers.append((name, value))
-    return headers
-
-
-def _client_socket(environ: Mapping[str, Any]) -> socket.socket | None:
-    """The client's plain socket under gunicorn, watched for a hang-up while the upstream
-    works (a TLS one cannot be peeked at; the falcon test client has none)."""
-    sock = environ.get("gunicorn.socket")
-    return None if isinstance(sock, ssl.SSLSocket) else sock
+    for name, value in raw:
+        if name == b"connection":
+            drop = drop | {t.strip().lower() for t in value.decode("latin-1").split(",")}
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw
+            if name.decode("latin-1") not in drop]
 
 
 def _timed_out(seconds: float) -> UpstreamError:
@@ -249,16 +393,26 @@ def _unreachable(exc: Exception) -> UpstreamError:
     return UpstreamError(502, f"the upstream Ollama is unreachable ({_reason(exc)})")
 
 
-def _reason(exc: Exception) -> str:
+def _malformed(why: str) -> UpstreamError:
+    first = why.splitlines()[0] if why else "malformed"
+    return UpstreamError(502, f"the upstream Ollama's answer is not valid HTTP: {first}")
+
+
+def _reason(exc: BaseException) -> str:
     """A short cause without URLs or headers (they may carry a token)."""
     text = str(exc).lower()
     for needle, reason in (
+        ("certificate", "TLS certificate did not verify"),
         ("refused", "connection refused"),
+        ("connect call failed", "connection refused"),
         ("name or service not known", "unknown host"),
         ("failed to resolve", "unknown host"),
-        ("certificate", "TLS certificate did not verify"),
+        ("cannot connect to host", "connection failed"),
         ("reset", "connection reset"),
+        ("timeout", "timed out"),
         ("timed out", "timed out"),
+        ("not completed", "body cut short"),
+        ("disconnected", "connection closed"),
     ):
         if needle in text:
             return reason

@@ -1,10 +1,11 @@
 """gunicorn settings for the proxy, from the project's config (PROXY_* environment).
 
-Run directly with `gunicorn -c proxy/gunicorn_conf.py 'proxy.wsgi:create()'`, or through
+Run directly with `gunicorn -c proxy/gunicorn_conf.py 'proxy.asgi:create()'`, or through
 `ollama-exoscale serve`, which uses the same settings.
 """
 
 import os
+import resource
 import shutil
 
 from proxy.config import Config
@@ -13,16 +14,15 @@ _config = Config.from_env()
 
 bind = _config.bind
 workers = _config.workers
-threads = _config.threads
-# gthread keeps the worker's heartbeat apart from request threads: a stream that runs for
-# many minutes is never killed by `timeout` (a sync worker would be). Ours reads each
-# request's head before it takes a thread (slow clients cannot hold them all) and accepts only
-# while a thread is free (a burst spreads over the workers instead of queueing in one).
-worker_class = "proxy.worker.ThreadWorker"
+# Each worker is one event loop (uvicorn, proxy/server.py): a stream holds a connection, not
+# a thread, and the worker's heartbeat to gunicorn comes from that loop, so nothing blocking
+# runs on it (the store, the reconciler and Pulumi keep their background threads).
+worker_class = "proxy.server.Worker"
 timeout = int(_config.worker_timeout)
-# Time for streams to finish and for a running provisioning step to end on SIGTERM.
+# Time for streams to finish (proxy.server.STREAM_GRACE) and then for a running provisioning
+# step to end and the lease to be handed over on SIGTERM.
 graceful_timeout = 30
-keepalive = 5
+keepalive = 5  # seconds a kept-alive connection may stay idle between requests
 # Each worker builds its own app after the fork: threads and sockets are never shared.
 preload_app = False
 # gunicorn 27's control socket would be shared by every proxy on the host; not needed here.
@@ -41,6 +41,12 @@ def on_starting(server):
     """A fresh metrics dir: counts of a previous run's workers would be summed in otherwise."""
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     _metrics_dir.mkdir(parents=True, exist_ok=True)
+    # Each connection is a descriptor, and each forwarded one a second (its upstream).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * _config.max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 def child_exit(server, worker):
@@ -51,6 +57,6 @@ def child_exit(server, worker):
 
 def worker_exit(server, worker):
     """Let a provisioning step finish and give the lease up before the worker goes."""
-    from proxy import wsgi
+    from proxy import asgi
 
-    wsgi.close(timeout=graceful_timeout - 2)
+    asgi.close(timeout=graceful_timeout - 22)

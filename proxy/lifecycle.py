@@ -2,10 +2,11 @@
 
 Phases: idle → provisioning → starting → ready → destroying → idle, plus error.
 
-Request threads never touch the store: they read an in-memory snapshot and count demand in
-memory. One background loop per worker flushes this worker's demand report to the store and
-reads the shared state back every `tick` seconds (and at once when a request wakes it). The
-same loop drives the Reconciler, which acts only while this worker holds the lease.
+Requests never touch the store: they read an in-memory snapshot and count demand in memory,
+on the worker's event loop. One background thread per worker flushes this worker's demand
+report to the store and reads the shared state back every `tick` seconds (and at once when a
+request wakes it). The same loop drives the Reconciler, which acts only while this worker
+holds the lease.
 
 Demand is stamped with the wall clock (workers and hosts share it), and never earlier than the
 latest stamp every worker knows (`after`): a clock stepped back must not make new demand look
@@ -124,7 +125,8 @@ class Ticket:
 
 
 class Lifecycle:
-    """One per worker. Thread-safe; request threads call admit/finish/want/hold."""
+    """One per worker. Thread-safe; the event loop calls admit/finish/want, which touch only
+    memory (a lock held for a few assignments)."""
 
     def __init__(
         self,
@@ -217,6 +219,11 @@ class Lifecycle:
                 if snapshot.phase in ("ready", "error") or left <= 0 or self._stop.is_set():
                     return snapshot
                 self._changed.wait(min(left, 1.0))
+
+    @property
+    def closing(self) -> bool:
+        """The worker is shutting down: holds end now."""
+        return self._stop.is_set()
 
     def try_hold_slot(self) -> bool:
         with self._lock:

@@ -8,6 +8,7 @@ in-flight, cold starts) come from the shared snapshot at scrape time.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -36,8 +37,14 @@ from .lifecycle import PHASES, Lifecycle
 REQUESTS = Counter(
     "ollama_exoscale_requests_total",
     "Requests by route and outcome (forwarded, local, unavailable, unauthorized, forbidden, "
-    "upstream_error, rejected, error).",
+    "upstream_error, client_closed, rejected, error).",
     ["route", "outcome"],
+)
+HANGUPS = Counter(
+    "ollama_exoscale_client_hangups_total",
+    "Forwarded requests whose client went away before the answer ended (logged as 499): "
+    "hung up, or dropped for reading nothing for PROXY_READ_TIMEOUT; the upstream was closed.",
+    ["route"],
 )
 HELD = Gauge(
     "ollama_exoscale_held_requests",
@@ -67,11 +74,11 @@ def route_label(path: str) -> str:
 
 
 def outcome(status: int, forwarded: bool) -> str:
-    if forwarded and status not in (502, 504):
+    if forwarded and status not in (499, 502, 504):
         return "forwarded"
     return {
         401: "unauthorized", 403: "forbidden", 502: "upstream_error", 504: "upstream_error",
-        503: "unavailable",
+        503: "unavailable", 499: "client_closed",
     }.get(status, "error" if status >= 500 else ("rejected" if status >= 400 else "local"))
 
 
@@ -81,7 +88,7 @@ class Counting:
     def __init__(self):
         self._counters: dict[tuple[str, str], Any] = {}  # labels() validates and locks each call
 
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
+    async def process_response(self, req, resp, resource, req_succeeded) -> None:
         status = falcon.http_status_to_code(resp.status)
         forwarded = getattr(req.context, "forwarded", False)
         key = (route_label(req.path), outcome(status, forwarded))
@@ -152,7 +159,12 @@ class MetricsResource:
         self.collector = LifecycleCollector(lifecycle, idle_timeout)
         self._lock = threading.Lock()  # the collector joins a registry for one scrape at a time
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req, resp) -> None:
+        # The workers' files are read in a thread: nothing blocking on the event loop.
+        resp.data = await asyncio.to_thread(self._scrape)
+        resp.content_type = CONTENT_TYPE_LATEST
+
+    def _scrape(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
@@ -161,7 +173,6 @@ class MetricsResource:
         with self._lock:
             registry.register(self.collector)
             try:
-                resp.data = generate_latest(registry)
+                return generate_latest(registry)
             finally:
                 registry.unregister(self.collector)
-        resp.content_type = CONTENT_TYPE_LATEST

@@ -1,27 +1,28 @@
-"""Talking to the upstream Ollama: pooled connections (with the upstream's certificate pinned)
-and the readiness probe.
+"""Talking to the upstream Ollama: a pooled aiohttp client per endpoint for forwarding, and
+requests sessions for the readiness probe (both with the upstream's certificate pinned).
 
-Forwarding goes through a pool of this project's small HTTP/1.1 client per endpoint
-(proxy/h1.py): requests' per-call work, and then http.client's header parsing under urllib3,
-cost more than the forwarding itself (bench/RESULTS.md). The probes, a few calls a second at
-most, use a requests.Session.
+Forwarding runs on each worker's event loop, through one `aiohttp.ClientSession` per endpoint
+(llhttp parses the answers; a connection is pooled only when its answer ended where its
+framing said). The probes run in the lifecycle's background thread, a few calls a second at
+most, through a requests.Session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import aiohttp
 import requests
-import urllib3
 from requests.adapters import HTTPAdapter
 from requests.certs import where as default_ca_bundle
 
-from . import h1
 from .logs import register_secrets
 from .provisioner import Endpoint
 
@@ -40,50 +41,88 @@ class _PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
 
 
-class Sessions:
-    """Per endpoint, made on first use and kept: a requests.Session for the probes and a
-    connection pool for forwarding (proxy/h1.py), both with the upstream's certificate pinned."""
+class StrictConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, but a kept connection that received bytes while it sat idle (an
+    upstream that sent more than its last answer's framing, later than that answer) is closed,
+    never handed to the next request: aiohttp 3.14 parses such bytes as that request's answer
+    (tests/test_framing.py). `should_close` is the protocol's own verdict (queued messages, a
+    parse error, leftover bytes); `_get` is where aiohttp picks a kept connection."""
 
-    def __init__(self, pool_size: int, cert_dir: Path | None = None):
-        self.pool_size = pool_size
+    async def _get(self, key, traces):
+        while (conn := await super()._get(key, traces)) is not None:
+            if conn.protocol is not None and not conn.protocol.should_close:
+                return conn
+            conn.close()
+        return None
+
+
+@dataclass
+class Client:
+    """One endpoint's aiohttp session, with what each request to it needs."""
+
+    session: aiohttp.ClientSession
+    base: str  # scheme://host:port
+    ssl: ssl.SSLContext | bool
+    server_hostname: str | None
+
+
+class Sessions:
+    """Per endpoint, made on first use and kept: a requests.Session for the probes (threads) and
+    an aiohttp client for forwarding (one per event loop), both with the certificate pinned."""
+
+    def __init__(self, pool_size: int = 0, cert_dir: Path | None = None):
+        self.pool_size = pool_size  # kept connections per endpoint for the probes
         self._cert_dir = Path(cert_dir or tempfile.gettempdir())
         self._sessions: dict[tuple, requests.Session] = {}
-        self._pools: dict[tuple, h1.Pool] = {}
+        self._clients: dict[tuple, Client] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _key(endpoint: Endpoint) -> tuple:
+        return (endpoint.url, endpoint.ca_cert, endpoint.server_hostname)
+
     def get(self, endpoint: Endpoint) -> requests.Session:
-        return self._kept(self._sessions, endpoint, self._make)
-
-    def pool(self, endpoint: Endpoint, timeouts: tuple[float, float]) -> h1.Pool:
-        """Connections to the endpoint's host, `pool_size` kept alive (one per request thread);
-        timeouts: (connect, read) seconds."""
-        return self._kept(self._pools, endpoint, lambda e: self._make_pool(e, timeouts), timeouts)
-
-    def _kept(self, made: dict, endpoint: Endpoint, make, *extra):
-        key = (endpoint.url, endpoint.ca_cert, endpoint.server_hostname, *extra)
-        found = made.get(key)
+        key = self._key(endpoint)
+        found = self._sessions.get(key)
         if found is None:
             with self._lock:
-                found = made.get(key) or make(endpoint)
-                made[key] = found
+                found = self._sessions.get(key) or self._make(endpoint)
+                self._sessions[key] = found
         return found
 
-    def _make_pool(self, endpoint: Endpoint, timeouts: tuple[float, float]) -> h1.Pool:
+    def client(self, endpoint: Endpoint) -> Client:
+        """The endpoint's aiohttp client on the running event loop (made on first use)."""
+        loop = asyncio.get_running_loop()
+        key = (*self._key(endpoint), id(loop))
+        found = self._clients.get(key)
+        if found is None or found.session.closed:
+            found = self._clients[key] = self._make_client(endpoint)
+        return found
+
+    def _make_client(self, endpoint: Endpoint) -> Client:
         register_secrets([endpoint.token])
-        url = urllib3.util.parse_url(endpoint.url)
-        if url.path not in (None, "", "/"):  # the pool is sent the client's path as it is
+        url = urlsplit(endpoint.url)
+        if url.path not in ("", "/") or url.query:  # the client's path is sent as it is
             raise ValueError(f"an upstream URL is scheme://host:port, not {endpoint.url}")
-        if url.scheme not in ("http", "https") or not url.host:
+        if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"an upstream URL is http(s)://host:port, not {endpoint.url}")
-        tls = None
+        tls: ssl.SSLContext | bool = False
         if url.scheme == "https":
             tls = ssl.create_default_context(
                 cafile=None if endpoint.ca_cert else default_ca_bundle(),  # as the probes
                 cadata=endpoint.ca_cert or None,
             )
-        return h1.Pool(url.host.strip("[]"), url.port or (443 if tls else 80), self.pool_size,
-                       *timeouts,
-                       tls=tls, server_hostname=endpoint.server_hostname)
+        session = aiohttp.ClientSession(
+            connector=StrictConnector(limit=0, ssl=tls),  # bounded by the client connections
+            auto_decompress=False,  # bodies pass through untouched, encoded or not
+            trust_env=False,  # never route upstream traffic through an env proxy
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),  # one client for every user: keep nothing
+            read_bufsize=64 * 1024,
+        )
+        base = f"{url.scheme}://{url.netloc}"
+        return Client(session, base, tls, endpoint.server_hostname)
 
     def _make(self, endpoint: Endpoint) -> requests.Session:
         register_secrets([endpoint.token])
@@ -91,7 +130,7 @@ class Sessions:
         session.headers.clear()  # forward the client's headers, not requests' defaults
         session.trust_env = False  # never route upstream traffic through an env proxy
         adapter = _PinnedAdapter(
-            endpoint.server_hostname, pool_connections=4, pool_maxsize=self.pool_size
+            endpoint.server_hostname, pool_connections=4, pool_maxsize=max(1, self.pool_size)
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -107,14 +146,19 @@ class Sessions:
             path.write_text(pem)
         return path
 
+    async def aclose(self) -> None:
+        """Close this event loop's aiohttp clients (their idle connections)."""
+        loop_id = id(asyncio.get_running_loop())
+        for key, client in list(self._clients.items()):
+            if key[-1] == loop_id:
+                del self._clients[key]
+                await client.session.close()
+
     def close(self) -> None:
         with self._lock:
             for session in self._sessions.values():
                 session.close()
-            for pool in self._pools.values():
-                pool.close()  # the idle connections; those in use close when released
             self._sessions.clear()
-            self._pools.clear()
 
 
 def auth_headers(endpoint: Endpoint) -> dict[str, str]:

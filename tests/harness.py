@@ -93,7 +93,7 @@ class Proxy:
             "PROXY_STATE_DIR": str(self.state_dir),
             "PROXY_PROVISIONER": "local",
             "PROXY_WORKERS": "2",
-            "PROXY_THREADS": "8",
+            "PROXY_MAX_CONNECTIONS": "1000",
             **{key: str(value) for key, value in env.items()},
         }
         self.process: subprocess.Popen | None = None

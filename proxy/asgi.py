@@ -1,14 +1,15 @@
-"""One worker's proxy: config → store, provisioner, lifecycle, forwarder → the WSGI app.
+"""One worker's proxy: config → store, provisioner, lifecycle, forwarder → the ASGI app.
 
-gunicorn calls `create()` in each worker after the fork (`proxy.wsgi:create()`), so every
-worker has its own threads, sessions and store connection.
+gunicorn calls `create()` in each worker after the fork (`proxy.asgi:create()`), so every
+worker has its own threads, sessions and store connection; uvicorn's worker (proxy/server.py)
+serves the app on the worker's event loop.
 """
 
 from __future__ import annotations
 
 import logging
 
-import falcon
+import falcon.asgi
 
 from .app import create_app
 from .config import Config
@@ -24,8 +25,8 @@ log = logging.getLogger("ollama_exoscale")
 lifecycle: Lifecycle | None = None  # this worker's, so gunicorn's worker_exit hook can close it
 
 
-def build(config: Config) -> tuple[falcon.App, Lifecycle]:
-    sessions = Sessions(pool_size=config.threads, cert_dir=config.state_dir / "certs")
+def build(config: Config) -> tuple[falcon.asgi.App, Lifecycle]:
+    sessions = Sessions(pool_size=4, cert_dir=config.state_dir / "certs")
     store = open_store(config.state_url, config.state_dir)
     provisioner = make_provisioner(config)
     life = Lifecycle(config, provisioner, store, sessions)
@@ -33,7 +34,7 @@ def build(config: Config) -> tuple[falcon.App, Lifecycle]:
     return create_app(config, life, forwarder), life
 
 
-def create() -> falcon.App:
+def create() -> falcon.asgi.App:
     global lifecycle
     config = Config.from_env()
     setup_logging(config.log_level, config.log_format)
