@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -25,6 +25,7 @@ from yarl import URL
 
 from .metrics import HANGUPS, route_label
 from .provisioner import Endpoint
+from .server import WATCH
 from .upstream import Sessions
 
 log = logging.getLogger("ollama_exoscale.forward")
@@ -51,7 +52,6 @@ BODILESS = (204, 304)
 # What uvicorn refuses in a header (it would raise mid-answer): NUL..US but HTAB, and DEL.
 _BAD_HEADER_BYTE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-WATCH = "ollama_exoscale.connection"  # the scope extension proxy/server.py sets (see there)
 
 
 class UpstreamError(Exception):
@@ -85,21 +85,36 @@ def watch_of(req: falcon.asgi.Request) -> Any:
     return extensions.get(WATCH) if extensions else None
 
 
-async def _body(stream, limit: int, timeout: float) -> AsyncIterator[bytes]:
-    """The request body as it arrives, each piece within `timeout`, at most `limit` bytes."""
-    pieces = stream.__aiter__()
-    sent = 0
-    while True:
+class RequestBody:
+    """The request body as it arrives, each piece within `timeout`, at most `limit` bytes.
+
+    aiohttp wraps what its body writer raises into a connection error: the failure is kept
+    here too, for the client's answer (413, 408)."""
+
+    def __init__(self, stream, limit: int, timeout: float):
+        self._pieces = stream.__aiter__()
+        self._limit = limit
+        self._timeout = timeout
+        self._sent = 0
+        self.failure: Exception | None = None
+
+    def __aiter__(self) -> RequestBody:
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            piece = await asyncio.wait_for(pieces.__anext__(), timeout)
-        except StopAsyncIteration:
-            return
+            piece = await asyncio.wait_for(self._pieces.__anext__(), self._timeout)
         except asyncio.TimeoutError:
-            raise BodyStalled() from None
-        sent += len(piece)
-        if limit and sent > limit:
-            raise BodyTooLarge()
-        yield piece
+            self.failure = BodyStalled()
+            raise self.failure from None
+        self._sent += len(piece)
+        if self._limit and self._sent > self._limit:
+            self.failure = BodyTooLarge()
+            raise self.failure
+        return piece
+
+    async def read(self) -> bytes:
+        return b"".join([piece async for piece in self])
 
 
 class ResponseStream:
@@ -244,26 +259,28 @@ class Forwarder:
         headers = upstream_headers(req.scope["headers"], strip_authorization)
         if endpoint.token:
             headers.append(("Authorization", f"Bearer {endpoint.token}"))
+        body: Any = None
         try:
-            body: Any = None
             length = req.content_length
             if length is not None:
+                headers.append(("Content-Length", str(length)))
+                body = RequestBody(req.stream, 0, BODY_READ_TIMEOUT)
                 if length <= WHOLE:  # read whole: sent with the head in one write
-                    body = b"".join([piece async for piece in _body(
-                        req.stream, 0, BODY_READ_TIMEOUT)]) if length else None
-                    headers.append(("Content-Length", str(length)))
-                else:
-                    body = _body(req.stream, 0, BODY_READ_TIMEOUT)
-                    headers.append(("Content-Length", str(length)))
+                    body = await body.read() if length else None
             elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
-                body = _body(req.stream, limit, BODY_READ_TIMEOUT)  # sent chunked
+                body = RequestBody(req.stream, limit, BODY_READ_TIMEOUT)  # sent chunked
             request = client.session.request(
                 req.method, URL(client.base + target, encoded=True), headers=headers,
                 data=body, allow_redirects=False, timeout=self.timeout, ssl=client.ssl,
                 server_hostname=client.server_hostname,
             )
-            if watch is None or isinstance(body, AsyncIterator):
-                return await request  # a body still arriving: the client is there
+            if watch is None or isinstance(body, RequestBody):
+                try:
+                    return await request  # a body still arriving: the client is there
+                except aiohttp.ClientError:
+                    if isinstance(body, RequestBody) and body.failure is not None:
+                        raise body.failure from None
+                    raise
             return await _unless_gone(request, watch)
         except ClientGone:
             _hung_up(req.path, "before the upstream answered")

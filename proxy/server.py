@@ -31,7 +31,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from .config import Config
-from .forward import WATCH
 
 log = logging.getLogger("ollama_exoscale.server")
 
@@ -39,6 +38,7 @@ HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its 
 MAX_URL = 8190  # bytes of a request target (gunicorn's limit_request_line, as before)
 MAX_HEADERS = 100  # header lines of a request (gunicorn's limit_request_fields)
 MAX_HEAD = 64 * 1024  # bytes of all the headers together
+WATCH = "ollama_exoscale.connection"  # the scope extension that carries a connection's Watch
 STREAM_GRACE = 20.0  # seconds running answers get to finish on SIGTERM (gunicorn's is 30)
 
 
