@@ -7,6 +7,7 @@ serves the app on the worker's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import falcon.asgi
@@ -22,7 +23,22 @@ from .upstream import Sessions
 
 log = logging.getLogger("ollama_exoscale")
 
-lifecycle: Lifecycle | None = None  # this worker's, so gunicorn's worker_exit hook can close it
+
+
+CLOSE_TIMEOUT = 8.0  # seconds for a running provisioning step, after the streams' 20 (of 30)
+
+
+class Lifespan:
+    """On the worker's shutdown, once its connections have ended (uvicorn's lifespan): let a
+    provisioning step finish and give the lease up, in a thread (it waits)."""
+
+    def __init__(self, life: Lifecycle, sessions: Sessions):
+        self.life = life
+        self.sessions = sessions
+
+    async def process_shutdown(self, scope, event) -> None:
+        await self.sessions.aclose()
+        await asyncio.to_thread(self.life.close, CLOSE_TIMEOUT)
 
 
 def build(config: Config) -> tuple[falcon.asgi.App, Lifecycle]:
@@ -31,20 +47,16 @@ def build(config: Config) -> tuple[falcon.asgi.App, Lifecycle]:
     provisioner = make_provisioner(config)
     life = Lifecycle(config, provisioner, store, sessions)
     forwarder = Forwarder(sessions, config.connect_timeout, config.read_timeout)
-    return create_app(config, life, forwarder), life
+    app = create_app(config, life, forwarder)
+    app.add_middleware(Lifespan(life, sessions))
+    return app, life
 
 
 def create() -> falcon.asgi.App:
-    global lifecycle
     config = Config.from_env()
     setup_logging(config.log_level, config.log_format)
     register_secrets(config.secrets)
     if not config.auth_enabled:
         log.warning("PROXY_API_KEYS is empty: anyone who can reach %s can use the GPU", config.bind)
-    app, lifecycle = build(config)
+    app, _ = build(config)
     return app
-
-
-def close(timeout: float) -> None:
-    if lifecycle is not None:
-        lifecycle.close(timeout)

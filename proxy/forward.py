@@ -26,7 +26,7 @@ from yarl import URL
 from .metrics import HANGUPS, route_label
 from .provisioner import Endpoint
 from .server import WATCH
-from .upstream import Sessions
+from .upstream import EXCHANGE, Exchange, Sessions
 
 log = logging.getLogger("ollama_exoscale.forward")
 
@@ -121,11 +121,11 @@ class ResponseStream:
     """The upstream's body as falcon's `resp.stream`: each piece as it arrives; close() (falcon
     calls it when the answer ends, however it ends) frees the upstream and runs on_close."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse, on_close: Callable[[], None],
-                 on_broken: Callable[[], None] | None, watch: Any, path: str,
-                 framed_length: bool):
+    def __init__(self, upstream: aiohttp.ClientResponse, protocol: Any,
+                 on_close: Callable[[], None], on_broken: Callable[[], None] | None, watch: Any,
+                 path: str, framed_length: bool):
         self.upstream = upstream
-        self._protocol = upstream.connection.protocol if upstream.connection else None
+        self._protocol = protocol
         self._on_close = on_close
         self._on_broken = on_broken
         self._watch = watch
@@ -225,11 +225,16 @@ class Forwarder:
         on_broken runs when the upstream's answer breaks off after its head was sent.
         """
         watch = watch_of(req)
+        exchange = Exchange()
+        token = EXCHANGE.set(exchange)
         try:
-            upstream = await self._send(req, endpoint, strip_authorization, body_limit, watch)
+            try:
+                upstream = await self._send(req, endpoint, strip_authorization, body_limit, watch)
+            finally:
+                EXCHANGE.reset(token)
             try:
                 framed = self._head(upstream, resp)
-                whole = await self._whole_body(req, upstream, framed)
+                whole = await self._whole_body(req, upstream, framed, exchange.protocol)
             except BaseException:
                 upstream.close()  # a connection whose answer was refused is never reused
                 raise
@@ -246,8 +251,8 @@ class Forwarder:
             return
         if framed is not None:
             resp.set_header("Content-Length", str(framed))
-        resp.stream = ResponseStream(upstream, on_close, on_broken, watch, req.path,
-                                     framed is not None)
+        resp.stream = ResponseStream(upstream, exchange.protocol, on_close, on_broken, watch,
+                                     req.path, framed is not None)
 
     async def _send(self, req: falcon.asgi.Request, endpoint: Endpoint,
                     strip_authorization: bool, limit: int, watch: Any
@@ -338,24 +343,22 @@ class Forwarder:
         return None if chunked else length
 
     @staticmethod
-    async def _whole_body(req, upstream: aiohttp.ClientResponse, length: int | None
-                          ) -> bytes | None:
+    async def _whole_body(req, upstream: aiohttp.ClientResponse, length: int | None,
+                          protocol: Any) -> bytes | None:
         """The body, read whole when it is small and its length known (None: stream it)."""
         if req.method == "HEAD" or upstream.status in BODILESS:
             body = b""
         elif length is None or length > WHOLE:
             return None
         else:
-            protocol = upstream.connection.protocol if upstream.connection else None
             try:
                 body = await upstream.read()
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise _malformed(f"its body broke off ({_reason(exc)})") from None
             except asyncio.TimeoutError:
                 raise UpstreamError(504, "the upstream's body stalled") from None
-            if _beyond_framing(upstream, protocol):
-                raise _malformed("bytes beyond the end of the answer")
-            return body
+        if _beyond_framing(upstream, protocol):
+            raise _malformed("bytes beyond the end of the answer")
         return body
 
 

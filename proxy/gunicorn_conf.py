@@ -19,8 +19,8 @@ workers = _config.workers
 # runs on it (the store, the reconciler and Pulumi keep their background threads).
 worker_class = "proxy.server.Worker"
 timeout = int(_config.worker_timeout)
-# Time for streams to finish (proxy.server.STREAM_GRACE) and then for a running provisioning
-# step to end and the lease to be handed over on SIGTERM.
+# On SIGTERM: time for streams to finish (proxy.server.STREAM_GRACE), then for a running
+# provisioning step to end and the lease to be handed over (proxy.asgi.Lifespan).
 graceful_timeout = 30
 keepalive = 5  # seconds a kept-alive connection may stay idle between requests
 # Each worker builds its own app after the fork: threads and sockets are never shared.
@@ -54,9 +54,3 @@ def child_exit(server, worker):
 
     multiprocess.mark_process_dead(worker.pid)
 
-
-def worker_exit(server, worker):
-    """Let a provisioning step finish and give the lease up before the worker goes."""
-    from proxy import asgi
-
-    asgi.close(timeout=graceful_timeout - 22)

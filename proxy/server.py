@@ -9,7 +9,7 @@ takes a protocol class as well as "httptools": `Protocol` below is uvicorn's own
 protocol with these limits added through its parser callbacks and transport events (nothing
 of the request/response cycle is replaced):
 - the request head (line and headers) must arrive within HEAD_TIMEOUT of its first byte, or
-  of the connection's start (`408`); past MAX_URL or MAX_HEADERS or MAX_HEAD bytes: `414`/`431`;
+  of the connection's start (`408`); past MAX_URL, MAX_FIELD, MAX_HEADERS or MAX_HEAD: `414`/`431`;
 - between requests a connection may stay idle `keepalive` seconds (gunicorn's setting), and
   bytes that are no new request (the unread rest of an answered request's body) do not extend
   that;
@@ -37,6 +37,7 @@ log = logging.getLogger("ollama_exoscale.server")
 HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
 MAX_URL = 8190  # bytes of a request target (gunicorn's limit_request_line, as before)
 MAX_HEADERS = 100  # header lines of a request (gunicorn's limit_request_fields)
+MAX_FIELD = 8190  # bytes of one header line (gunicorn's limit_request_field_size)
 MAX_HEAD = 64 * 1024  # bytes of all the headers together
 WATCH = "ollama_exoscale.connection"  # the scope extension that carries a connection's Watch
 STREAM_GRACE = 20.0  # seconds running answers get to finish on SIGTERM (gunicorn's is 30)
@@ -138,6 +139,8 @@ class Protocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)
         self._head_size += len(name) + len(value) + 4
+        if len(name) + len(value) + 2 > MAX_FIELD:
+            self._refuse(431, f"a request header is longer than {MAX_FIELD} bytes")
         if len(self.headers) > MAX_HEADERS:
             self._refuse(431, f"the request has more than {MAX_HEADERS} header lines")
         if self._head_size > MAX_HEAD:
@@ -221,7 +224,9 @@ class Worker(UvicornWorker):
     CONFIG_KWARGS = {
         "loop": "uvloop",
         "http": Protocol,
-        "lifespan": "off",  # the app is built by gunicorn's factory call, after the fork
+        # The app's shutdown (proxy/asgi.py) runs once the connections have ended: uvicorn
+        # then re-raises SIGTERM, so gunicorn's worker_exit hook would never run.
+        "lifespan": "on",
         "server_header": False,  # the upstream's own Server and Date headers pass through
         "date_header": False,
         "timeout_graceful_shutdown": STREAM_GRACE,

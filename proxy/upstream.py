@@ -10,6 +10,7 @@ most, through a requests.Session.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import ssl
 import tempfile
@@ -41,12 +42,28 @@ class _PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
 
 
+class Exchange:
+    """One forwarded request's upstream connection (its protocol), for the verdict on its
+    framing once the answer has ended (proxy/forward.py): set by StrictConnector.connect."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self):
+        self.protocol = None
+
+
+EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar("exchange",
+                                                                          default=None)
+
+
 class StrictConnector(aiohttp.TCPConnector):
     """aiohttp's connector, but a kept connection that received bytes while it sat idle (an
     upstream that sent more than its last answer's framing, later than that answer) is closed,
     never handed to the next request: aiohttp 3.14 parses such bytes as that request's answer
     (tests/test_framing.py). `should_close` is the protocol's own verdict (queued messages, a
-    parse error, leftover bytes); `_get` is where aiohttp picks a kept connection."""
+    parse error, leftover bytes); `_get` is where aiohttp picks a kept connection. The
+    connection each request got is noted in its Exchange: an answer read whole (or one with
+    no body) has released its connection before the forwarder sees it."""
 
     async def _get(self, key, traces):
         while (conn := await super()._get(key, traces)) is not None:
@@ -54,6 +71,13 @@ class StrictConnector(aiohttp.TCPConnector):
                 return conn
             conn.close()
         return None
+
+    async def connect(self, req, traces, timeout):
+        conn = await super().connect(req, traces, timeout)
+        exchange = EXCHANGE.get()
+        if exchange is not None:
+            exchange.protocol = conn.protocol
+        return conn
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Requests gunicorn cannot parse get its status with the proxy's JSON `error` body (not an
-HTML page), and the worker goes on serving."""
+"""Requests the server (uvicorn's httptools protocol, proxy/server.py) cannot parse get their
+status with the proxy's JSON `error` body (not plain text), and the worker goes on serving."""
 
 from __future__ import annotations
 
@@ -40,10 +40,11 @@ def exchange(proxy: Proxy, request: bytes) -> tuple[int, dict[str, str], bytes]:
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /status HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", 431),
     (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
-    (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n\r\n", 501),
+    (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n\r\n", 400),
+    (b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
 ], ids=["request-line", "method", "version", "header-name", "uri-length", "header-count",
-        "gzip-not-chunked", "empty-transfer-coding"])
-def test_a_request_gunicorn_cannot_parse_gets_a_json_error(proxy, request_bytes, status):
+        "gzip-not-chunked", "empty-transfer-coding", "header-size"])
+def test_a_request_the_server_cannot_parse_gets_a_json_error(proxy, request_bytes, status):
     got, headers, body = exchange(proxy, request_bytes)
     assert got == status
     assert headers["content-type"] == "application/json"
