@@ -46,7 +46,8 @@ def build(config: Config) -> tuple[falcon.asgi.App, Lifecycle]:
     store = open_store(config.state_url, config.state_dir)
     provisioner = make_provisioner(config)
     life = Lifecycle(config, provisioner, store, sessions)
-    forwarder = Forwarder(sessions, config.connect_timeout, config.read_timeout)
+    forwarder = Forwarder(sessions, config.connect_timeout, config.read_timeout,
+                          config.client_timeout)
     app = create_app(config, life, forwarder)
     app.add_middleware(Lifespan(life, sessions))
     return app, life

@@ -51,6 +51,7 @@ class Config:
     disk_size: int = 100
     connect_timeout: float = 10.0
     read_timeout: float = 900.0  # Ollama may take minutes to load a model before its first byte
+    client_timeout: float = 15.0  # for a client's request head, and each piece of its body
     worker_timeout: float = 60.0  # gunicorn's heartbeat timeout (the event loop's, not a stream's)
     start_timeout: float = 3600.0  # most seconds in `starting` before it is an error
     lease_ttl: float = 15.0
@@ -126,6 +127,7 @@ class Config:
             disk_size=int(read.number("EXOSCALE_DISK_SIZE", 100, minimum=10, whole=True)),
             connect_timeout=read.number("PROXY_CONNECT_TIMEOUT", 10.0, minimum=0.1),
             read_timeout=read.number("PROXY_READ_TIMEOUT", 900.0, minimum=1),
+            client_timeout=read.number("PROXY_CLIENT_TIMEOUT", 15.0, minimum=0.1),
             worker_timeout=read.number("PROXY_WORKER_TIMEOUT", 60.0, minimum=1),
             start_timeout=read.number("PROXY_START_TIMEOUT", 3600.0, minimum=1),
             lease_ttl=read.number("PROXY_LEASE_TTL", 15.0, minimum=1),

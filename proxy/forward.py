@@ -46,7 +46,6 @@ CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goe
 # An answer with a Content-Length up to this is read whole before its head goes out: a broken
 # one becomes a clean 502 instead of a cut body.
 WHOLE = 1024 * 1024
-BODY_READ_TIMEOUT = 30.0  # seconds a client may take to send each piece of a request body
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 BODILESS = (204, 304)
 # What uvicorn refuses in a header (it would raise mid-answer): NUL..US but HTAB, and DEL.
@@ -68,7 +67,7 @@ class BodyTooLarge(Exception):
 
 
 class BodyStalled(Exception):
-    """A piece of the request body did not arrive within BODY_READ_TIMEOUT."""
+    """A piece of the request body did not arrive within PROXY_CLIENT_TIMEOUT."""
 
 
 class ClientGone(Exception):
@@ -197,9 +196,11 @@ class ResponseStream:
 
 
 class Forwarder:
-    def __init__(self, sessions: Sessions, connect_timeout: float, read_timeout: float):
+    def __init__(self, sessions: Sessions, connect_timeout: float, read_timeout: float,
+                 body_timeout: float = 15.0):
         self.sessions = sessions
         self.read_timeout = read_timeout
+        self.body_timeout = body_timeout  # for each piece of a request body (a stalled client)
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout
         )
@@ -270,11 +271,11 @@ class Forwarder:
             length = req.content_length
             if length is not None:
                 headers.append(("Content-Length", str(length)))
-                body = RequestBody(req.stream, 0, BODY_READ_TIMEOUT)
+                body = RequestBody(req.stream, 0, self.body_timeout)
                 if length <= WHOLE:  # read whole: sent with the head in one write
                     body = await body.read() if length else None
             elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
-                body = RequestBody(req.stream, limit, BODY_READ_TIMEOUT)  # sent chunked
+                body = RequestBody(req.stream, limit, self.body_timeout)  # sent chunked
             request = client.session.request(
                 req.method, URL(client.base + target, encoded=True), headers=headers,
                 data=body, allow_redirects=False, timeout=self.timeout, ssl=client.ssl,
@@ -295,7 +296,8 @@ class Forwarder:
             raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
         except BodyStalled:
             raise UpstreamError(
-                408, f"the request body did not arrive: nothing came for {BODY_READ_TIMEOUT:g} s"
+                408, f"the request body stalled: nothing came for {self.body_timeout:g} s "
+                "(PROXY_CLIENT_TIMEOUT)"
             ) from None
         except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
             raise _timed_out(self.read_timeout) from None

@@ -8,8 +8,9 @@ reads nothing holds its answer forever. uvicorn's documented way in is `Config(h
 takes a protocol class as well as "httptools": `Protocol` below is uvicorn's own httptools
 protocol with these limits added through its parser callbacks and transport events (nothing
 of the request/response cycle is replaced):
-- the request head (line and headers) must arrive within HEAD_TIMEOUT of its first byte, or
-  of the connection's start (`408`); past MAX_URL, MAX_FIELD, MAX_HEADERS or MAX_HEAD: `414`/`431`;
+- the request head (line and headers) must arrive within PROXY_CLIENT_TIMEOUT of its first
+  byte, or of the connection's start (`408`); past MAX_URL, MAX_FIELD, MAX_HEADERS or
+  MAX_HEAD: `414`/`431`;
 - between requests a connection may stay idle `keepalive` seconds (gunicorn's setting), and
   bytes that are no new request (the unread rest of an answered request's body) do not extend
   that;
@@ -17,7 +18,7 @@ of the request/response cycle is replaced):
   backpressure) for PROXY_READ_TIMEOUT is dropped; the connection's watch tells the forwarder,
   which closes the upstream at once (proxy/forward.py), as it does when the client hangs up;
 - beyond PROXY_MAX_CONNECTIONS open connections a worker answers `503` with a JSON error.
-Each piece of a forwarded request body has its own limit in the forwarder (BODY_READ_TIMEOUT).
+Each piece of a forwarded request body has the same PROXY_CLIENT_TIMEOUT, in the forwarder.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from .config import Config
 
 log = logging.getLogger("ollama_exoscale.server")
 
-HEAD_TIMEOUT = 15.0  # seconds a client may take to send a request line and its headers
 MAX_URL = 8190  # bytes of a request target (gunicorn's limit_request_line, as before)
 MAX_HEADERS = 100  # header lines of a request (gunicorn's limit_request_fields)
 MAX_FIELD = 8190  # bytes of one header line (gunicorn's limit_request_field_size)
@@ -80,6 +80,7 @@ class Protocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         config = settings()
         self.write_timeout = config.read_timeout
+        self.head_timeout = config.client_timeout
         self.max_connections = config.max_connections
         self.limit_concurrency = None  # ours counts connections and answers in JSON
         self._deadline: asyncio.TimerHandle | None = None
@@ -94,7 +95,7 @@ class Protocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.watch = Watch(transport)
-        self._arm(HEAD_TIMEOUT)  # a connection that never sends a request
+        self._arm(self.head_timeout)  # a connection that never sends a request
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -129,7 +130,7 @@ class Protocol(HttpToolsProtocol):
         self.scope["extensions"] = {WATCH: self.watch}
         self._in_head = True
         self._head_size = 0
-        self._arm(HEAD_TIMEOUT)
+        self._arm(self.head_timeout)
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -203,7 +204,8 @@ class Protocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             return  # an answer is under way; a pipelined head waits for it
         if self._in_head:
-            self._write_error(408, f"the request head did not arrive within {HEAD_TIMEOUT:g} s")
+            self._write_error(408, "the request head did not arrive within "
+                              f"{self.head_timeout:g} s (PROXY_CLIENT_TIMEOUT)")
         elif not self.transport.is_closing():
             self.transport.close()
 
