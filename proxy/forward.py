@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -263,7 +263,7 @@ class Forwarder:
         target = quote(req.path, safe=PATH_SAFE)
         if req.query_string:
             target += "?" + req.query_string
-        headers = upstream_headers(req.scope["headers"], strip_authorization)
+        headers = upstream_headers(req.headers, strip_authorization)
         if endpoint.token:
             headers.append(("Authorization", f"Bearer {endpoint.token}"))
         body: Any = None
@@ -417,16 +417,15 @@ def _hung_up(path: str, when: str) -> None:
 
 
 def upstream_headers(
-    raw: list[tuple[bytes, bytes]], strip_authorization: bool
+    headers: Mapping[str, str], strip_authorization: bool
 ) -> list[tuple[str, str]]:
-    """The client's headers (the ASGI scope's, names lower-cased) minus hop-by-hop ones and
-    those its Connection header lists."""
+    """The client's headers (falcon's `req.headers`: names lower-cased, repeats joined) minus
+    hop-by-hop ones and those its Connection header lists."""
     drop = HOP_BY_HOP_AND_AUTHORIZATION if strip_authorization else HOP_BY_HOP
-    for name, value in raw:
-        if name == b"connection":
-            drop = drop | {t.strip().lower() for t in value.decode("latin-1").split(",")}
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw
-            if name.decode("latin-1") not in drop]
+    listed = headers.get("connection")
+    if listed:
+        drop = drop | {token.strip().lower() for token in listed.split(",")}
+    return [(name, value) for name, value in headers.items() if name not in drop]
 
 
 def _timed_out(seconds: float) -> UpstreamError:

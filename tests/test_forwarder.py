@@ -1,9 +1,13 @@
-"""The forwarder in-process, through Falcon's test client, against the fake upstream: kept
-connections, exactly the client's headers, and the pinned TLS upstream with its token."""
+"""The forwarder in-process, through Falcon's ASGI test conductor (one event loop, as a worker
+has), against the fake upstream: kept connections, exactly the client's headers, and the
+pinned TLS upstream with its token."""
 
 from __future__ import annotations
 
+import asyncio
+
 import falcon
+import falcon.asgi
 import falcon.testing
 import pytest
 import requests
@@ -15,21 +19,34 @@ from tests import fake_ollama
 from tests.test_upstream import NAME, make_cert
 
 
-def client_for(sessions: Sessions, endpoint: Endpoint, closed: list) -> falcon.testing.TestClient:
+def app_for(sessions: Sessions, endpoint: Endpoint, closed: list) -> falcon.asgi.App:
     """An app whose every route is forwarded to `endpoint`, as the proxy's Demand routes are."""
     forwarder = Forwarder(sessions, connect_timeout=2, read_timeout=10)
 
-    def sink(req: falcon.Request, resp: falcon.Response, **_: object) -> None:
+    async def sink(req, resp, **_: object) -> None:
         try:
-            forwarder.forward(req, resp, endpoint, lambda: closed.append(req.path),
-                              strip_authorization=True)
+            await forwarder.forward(req, resp, endpoint, lambda: closed.append(req.path),
+                                    strip_authorization=True)
         except UpstreamError as exc:
             raise falcon.HTTPError(falcon.code_to_http_status(exc.status),
                                    description=str(exc)) from None
 
-    app = falcon.App()
+    app = falcon.asgi.App()
     app.add_sink(sink, r"/")
-    return falcon.testing.TestClient(app)
+    return app
+
+
+def run(app: falcon.asgi.App, sessions: Sessions, *calls: tuple) -> list:
+    """Each (method, path, kwargs) through one conductor, on one event loop; the answers."""
+
+    async def main() -> list:
+        async with falcon.testing.ASGIConductor(app) as conductor:
+            answers = [await conductor.simulate_request(method, path, **kwargs)
+                       for method, path, kwargs in calls]
+        await sessions.aclose()
+        return answers
+
+    return asyncio.run(main())
 
 
 @pytest.fixture
@@ -45,28 +62,36 @@ def stats(server) -> dict:
 
 def test_answers_read_to_the_end_reuse_one_upstream_connection(tmp_path, upstream):
     closed: list[str] = []
-    client = client_for(Sessions(4, tmp_path), Endpoint(upstream.url), closed)
-    for _ in range(5):
-        answer = client.simulate_post("/api/show", json={"model": "llama3.2"})
-        assert answer.status_code == 200 and answer.json["details"]
-    streamed = client.simulate_post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
+    sessions = Sessions(4, tmp_path)
+    app = app_for(sessions, Endpoint(upstream.url), closed)
+    seen: list[int] = []
+
+    async def count(req, resp) -> None:  # the upstream's open connections, mid-run
+        seen.append(await asyncio.to_thread(lambda: stats(upstream)["active_connections"]))
+
+    app.add_route("/count", type("Count", (), {"on_get": staticmethod(count)})())
+    show = ("POST", "/api/show", {"json": {"model": "llama3.2"}})
+    *answers, streamed, _ = run(app, sessions, *[show] * 5, (
+        "POST", "/api/generate", {"json": {"model": "llama3.2", "prompt": "x"}}),
+        ("GET", "/count", {}))
+    assert all(a.status_code == 200 and a.json["details"] for a in answers)
     assert streamed.text.count("\n") > 2
     assert closed == ["/api/show"] * 5 + ["/api/generate"]
-    assert stats(upstream)["active_connections"] == 1 + 1  # the pool's one, and this stats call
+    assert seen == [1 + 1]  # the pool's one, and the stats call
 
 
 def test_the_upstream_sees_the_clients_headers_and_no_defaults_of_its_own(tmp_path, upstream):
-    client = client_for(Sessions(4, tmp_path), Endpoint(upstream.url), [])
-    answer = client.simulate_post(
-        "/api/__echo/h", body=b"{}",
-        headers={"User-Agent": "ollama-python/0.4", "Content-Type": "application/json",
-                 "Authorization": "Bearer a-proxy-key", "X-Custom": "kept"},
-    )
-    headers = answer.json["headers"]
-    assert headers["User-Agent"] == "ollama-python/0.4"
-    assert headers["Content-Type"] == "application/json" and headers["X-Custom"] == "kept"
-    assert "Accept-Encoding" not in headers  # the client sent none; http.client would add one
-    assert "Authorization" not in headers  # the proxy's own key stays here
+    sessions = Sessions(4, tmp_path)
+    answer, = run(app_for(sessions, Endpoint(upstream.url), []), sessions, (
+        "POST", "/api/__echo/h", {"body": b"{}", "headers": {
+            "User-Agent": "ollama-python/0.4", "Content-Type": "application/json",
+            "Authorization": "Bearer a-proxy-key", "X-Custom": "kept"}}))
+    headers = {name.lower(): value for name, value in answer.json["headers"].items()}
+    assert headers["user-agent"] == "ollama-python/0.4"
+    assert headers["content-type"] == "application/json" and headers["x-custom"] == "kept"
+    assert "accept-encoding" not in headers  # the client sent none; aiohttp would add one
+    assert "accept" not in headers
+    assert "authorization" not in headers  # the proxy's own key stays here
 
 
 
@@ -75,9 +100,10 @@ def test_forwarding_to_the_pinned_tls_upstream_sends_its_token(tmp_path, tls_ups
     server, pem = tls_upstream
     endpoint = Endpoint(server.url.replace("http://", "https://"), token="t0k3n", ca_cert=pem,
                         server_hostname=NAME)
-    client = client_for(Sessions(4, tmp_path), endpoint, [])
-    answer = client.simulate_post("/api/show", json={"model": "llama3.2"},
-                                  headers={"Authorization": "Bearer a-proxy-key"})
+    sessions = Sessions(4, tmp_path)
+    answer, = run(app_for(sessions, endpoint, []), sessions, (
+        "POST", "/api/show", {"json": {"model": "llama3.2"},
+                              "headers": {"Authorization": "Bearer a-proxy-key"}}))
     assert answer.status_code == 200, answer.text
 
 
@@ -88,8 +114,9 @@ def test_a_certificate_other_than_the_pinned_one_gets_502_without_the_token(tmp_
     endpoint = Endpoint(server.url.replace("http://", "https://"), token="t0k3n",
                         ca_cert=open(other).read(), server_hostname=NAME)
     closed: list[str] = []
-    client = client_for(Sessions(4, tmp_path), endpoint, closed)
-    answer = client.simulate_post("/api/show", json={"model": "llama3.2"})
+    sessions = Sessions(4, tmp_path)
+    answer, = run(app_for(sessions, endpoint, closed), sessions, (
+        "POST", "/api/show", {"json": {"model": "llama3.2"}}))
     assert answer.status_code == 502
     assert "TLS certificate did not verify" in answer.json["description"]
     assert "t0k3n" not in answer.text

@@ -1,28 +1,34 @@
 """Property tests (hypothesis): any environment gives a Config or one line naming the variable;
-whatever headers and path a client sends, the upstream request goes to the configured host
-without hop-by-hop headers, Connection-listed ones, or the client's Host."""
+whatever headers and path a client sends, the upstream request (as aiohttp writes it, read on
+a raw socket) goes to the configured host without hop-by-hop headers, Connection-listed ones,
+or the client's Host."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
 from typing import Any
 
 import falcon
+import falcon.asgi
 import falcon.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from urllib3.util import parse_url
 
-from proxy import h1
 from proxy.config import Config, ConfigError
 from proxy.forward import HOP_BY_HOP, Forwarder
 from proxy.provisioner import Endpoint
+from proxy.upstream import Sessions
+from tests.harness import read_message
 
 NUMBERS = [
-    "PROXY_IDLE_TIMEOUT", "EXOSCALE_IDLE_TIMEOUT", "PROXY_WORKERS", "PROXY_THREADS",
+    "PROXY_IDLE_TIMEOUT", "EXOSCALE_IDLE_TIMEOUT", "PROXY_WORKERS", "PROXY_MAX_CONNECTIONS",
     "PROXY_MAX_HOLD", "PROXY_MAX_HELD", "PROXY_MAX_BODY_MB", "PROXY_MAX_BLOB_GB",
     "PROXY_AUTH_FAILURES", "EXOSCALE_DISK_SIZE", "PROXY_CONNECT_TIMEOUT", "PROXY_READ_TIMEOUT",
-    "PROXY_WORKER_TIMEOUT", "PROXY_START_TIMEOUT", "PROXY_LEASE_TTL", "PROXY_TICK",
-    "PROXY_RETRY_BASE", "PROXY_RETRY_MAX",
+    "PROXY_WORKER_TIMEOUT", "PROXY_CLIENT_TIMEOUT", "PROXY_START_TIMEOUT", "PROXY_LEASE_TTL",
+    "PROXY_TICK", "PROXY_RETRY_BASE", "PROXY_RETRY_MAX",
 ]
 OTHERS = [
     "PROXY_PROVISIONER", "PROXY_LOCAL_COMMAND", "PROXY_LOCAL_ADDR", "PROXY_IDLE_ACTION",
@@ -68,57 +74,41 @@ def test_a_refused_api_key_is_never_in_the_error(keys):
         raise AssertionError("keys shorter than 8 characters were accepted")
 
 
-class _Captured(Exception):
-    pass
-
-
-class _Connection:
-    """Stands in for a socket to the upstream: keeps the bytes the real pool would send."""
-
-    used = False
-
-    def __init__(self, sent: list[bytes]):
-        self.sent = sent
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-        raise _Captured()
-
-    def close(self) -> None:
-        pass
-
-
-class _Pool(h1.Pool):
-    """The real pool (it writes the request head), with no socket under it."""
+class _Capture:
+    """A raw socket upstream that keeps each request head it gets and answers it empty."""
 
     def __init__(self):
-        super().__init__("10.1.2.3", 11435, 1, 1, 1)
-        self.bytes: list[bytes] = []
+        self.heads: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
 
-    def _take(self):
-        return _Connection(self.bytes)
+    def _serve(self) -> None:
+        while True:
+            conn, _ = self.listener.accept()
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
 
-    @property
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            while (message := read_message(conn)) is not None:
+                self.heads.append(message[0])
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
     def sent(self) -> dict[str, Any]:
-        """The request as the upstream reads it: target, headers (name: value), host lines."""
-        head, _, _ = b"".join(self.bytes).partition(b"\r\n\r\n")
-        request_line, *lines = head.decode("latin-1").split("\r\n")
+        """The last request as the upstream read it: target, headers (name: value), hosts."""
+        request_line, *lines = self.heads[-1].decode("latin-1").split("\r\n")
         method, target, version = request_line.split(" ")
         headers = dict(line.split(": ", 1) for line in lines)
         hosts = [line for line in lines if line.lower().startswith("host:")]
         return {"method": method, "target": target, "headers": headers, "hosts": hosts}
 
 
-class _Sessions:
-    def __init__(self):
-        self.session = _Pool()
-
-    def pool(self, endpoint, timeouts):
-        return self.session
-
-
-ENDPOINT = Endpoint("http://10.1.2.3:11435", token="upstream-token-123")
-FRAMING = {"content-length", "transfer-encoding"}  # gunicorn checks these before the app
+CAPTURE = _Capture()
+ENDPOINT = Endpoint(f"http://127.0.0.1:{CAPTURE.port}", token="upstream-token-123")
+UPSTREAM_HOST = f"127.0.0.1:{CAPTURE.port}"
+LOOP = asyncio.new_event_loop()  # one, as a worker has: the session and its pool are kept
+FORWARDER = Forwarder(Sessions(), 1, 5)
+FRAMING = {"content-length", "transfer-encoding"}  # the server checks these before the app
 HEADER_NAMES = st.one_of(
     st.sampled_from(sorted(HOP_BY_HOP - FRAMING) + ["authorization", "x-custom", "content-type"]),
     st.from_regex(r"\A[A-Za-z][A-Za-z0-9-]{0,15}\Z"),
@@ -127,18 +117,20 @@ HEADER_VALUES = st.from_regex(r"\A[ -~]{0,40}\Z").map(str.strip)
 
 
 def send(path: str, query: str, headers: dict[str, str], strip: bool) -> dict[str, Any]:
-    sessions = _Sessions()
-    environ = falcon.testing.create_environ(path="/", headers=headers)
-    environ["PATH_INFO"] = path  # as gunicorn decodes it, whatever the client wrote
-    environ["QUERY_STRING"] = query
-    req = falcon.Request(environ)
-    try:
-        Forwarder(sessions, 1, 1).forward(
-            req, falcon.Response(), ENDPOINT, lambda: None, strip_authorization=strip
-        )
-    except _Captured:
-        pass
-    return sessions.session.sent
+    scope = falcon.testing.create_scope(path="/", headers=headers)
+    scope["path"] = path  # as uvicorn decodes it, whatever the client wrote
+    scope["query_string"] = query.encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def forward() -> None:
+        req = falcon.asgi.Request(scope, receive)
+        resp = falcon.asgi.Response()
+        await FORWARDER.forward(req, resp, ENDPOINT, lambda: None, strip_authorization=strip)
+
+    LOOP.run_until_complete(forward())
+    return CAPTURE.sent()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -157,25 +149,26 @@ def test_hop_by_hop_connection_listed_and_host_headers_are_never_forwarded(
     headers.setdefault("Host", "evil.example")
     sent = send("/api/chat", "", headers, strip)
     assert sent["headers"].pop("Authorization") == f"Bearer {ENDPOINT.token}"  # the proxy's
-    assert sent["hosts"] == ["Host: 10.1.2.3:11435"]  # the upstream's, never the client's
+    assert sent["hosts"] == [f"Host: {UPSTREAM_HOST}"]  # the upstream's, never the client's
     del sent["headers"]["Host"]
-    names = {name.lower() for name in sent["headers"]}
+    sent["headers"] = {name.lower(): value for name, value in sent["headers"].items()}
+    names = set(sent["headers"])
     assert not names & HOP_BY_HOP
     assert not names & {name.lower() for name in listed}
     for name, value in headers.items():
         lowered = name.lower()
         if lowered not in HOP_BY_HOP | {n.lower() for n in listed} | {"authorization"}:
-            assert sent["headers"][name.title()] == value
+            assert sent["headers"][lowered] == value
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=60), st.from_regex(r"\A[!-~]{0,30}\Z"))
 def test_no_path_or_query_sends_the_request_to_another_host(rest, query):
-    # WSGI's PATH_INFO: the percent-decoded bytes of the path, one character per byte.
+    # The ASGI path: percent-decoded, any character the client could spell.
     sent = send("/api/" + rest.decode("latin-1"), query, {}, strip=False)
     target = sent["target"]
     assert target.startswith("/api/")  # a path on the pool's host, never `//host` or a URL
-    assert sent["hosts"] == ["Host: 10.1.2.3:11435"]
-    parsed = parse_url("http://10.1.2.3:11435" + target)
+    assert sent["hosts"] == [f"Host: {UPSTREAM_HOST}"]
+    parsed = parse_url(f"http://{UPSTREAM_HOST}" + target)
     assert (parsed.scheme, parsed.host, parsed.port, parsed.auth) == (
-        "http", "10.1.2.3", 11435, None)
+        "http", "127.0.0.1", CAPTURE.port, None)
