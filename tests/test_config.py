@@ -9,7 +9,8 @@ def test_defaults_follow_the_contract():
     config = Config.from_env({})
     assert config.provisioner == "exoscale"
     assert config.bind == "127.0.0.1:11434"
-    assert (config.workers, config.threads) == (2, 32)
+    assert (config.workers, config.max_connections) == (2, 1000)
+    assert config.client_timeout == 15.0
     assert config.idle_timeout == 1800
     assert config.idle_action == "destroy"
     assert config.models == ("llama3.2",)

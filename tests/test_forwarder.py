@@ -46,7 +46,11 @@ def run(app: falcon.asgi.App, sessions: Sessions, *calls: tuple) -> list:
         await sessions.aclose()
         return answers
 
-    return asyncio.run(main())
+    loop = asyncio.new_event_loop()  # not asyncio.run: it leaves no current loop behind
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 @pytest.fixture

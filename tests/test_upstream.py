@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import pytest
@@ -64,8 +65,17 @@ def test_probe_names_the_model_it_waits_for(tmp_path, tls_upstream):
     assert not result.ready and "qwen3:8b" in result.reason
 
 
-def test_a_forwarding_pool_is_only_made_for_a_url_without_a_path(tmp_path):
+def test_a_forwarding_client_is_only_made_for_a_url_without_a_path(tmp_path):
     sessions = Sessions(2, tmp_path)
-    assert sessions.pool(Endpoint("http://127.0.0.1:9"), (1, 5)).port == 9
-    with pytest.raises(ValueError, match="scheme://host:port"):
-        sessions.pool(Endpoint("http://127.0.0.1:9/ollama"), (1, 5))
+
+    async def make() -> None:
+        assert sessions.client(Endpoint("http://127.0.0.1:9")).base == "http://127.0.0.1:9"
+        with pytest.raises(ValueError, match="scheme://host:port"):
+            sessions.client(Endpoint("http://127.0.0.1:9/ollama"))
+        await sessions.aclose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(make())
+    finally:
+        loop.close()
