@@ -110,7 +110,7 @@ def test_the_table_stays_its_size_and_keeps_the_addresses_still_counting(tmp_pat
 def test_under_gunicorn_the_limit_holds_for_the_address_whichever_worker_answers(tmp_path):
     limit = 12
     with Proxy(tmp_path, PROXY_API_KEYS="right-key", PROXY_AUTH_FAILURES=limit,
-               PROXY_WORKERS=2, PROXY_THREADS=1) as proxy:
+               PROXY_WORKERS=2) as proxy:
         table = str(tmp_path / "auth-failures")
         wait_until(lambda: all(table in open(f"/proc/{pid}/maps").read()
                                for pid in proxy.workers()), 20, what="both workers' apps built")
