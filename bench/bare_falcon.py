@@ -1,7 +1,7 @@
 """bare-falcon: the floor for our stack on the 503 path.
 
-A Falcon app with no logic that answers every /api and /v1 request with the proxy's 503 JSON
-body and Retry-After, run under the proxy's own gunicorn settings:
+A Falcon ASGI app with no logic that answers every /api and /v1 request with the proxy's 503
+JSON body and Retry-After, run under the proxy's own gunicorn settings (uvicorn's worker):
 
     gunicorn -c proxy/gunicorn_conf.py 'bench.bare_falcon:create()'
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import falcon
+import falcon.asgi
 
 # The bench sets BENCH_503_BODY to the proxy's own 503 body, so both send the same bytes.
 FALLBACK_BODY = (
@@ -24,7 +25,7 @@ class Unavailable:
         self.body = body
         self.retry_after = retry_after
 
-    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: object) -> None:
+    async def __call__(self, req, resp, **_: object) -> None:
         resp.status = falcon.HTTP_503
         resp.set_header("Retry-After", self.retry_after)
         resp.content_type = falcon.MEDIA_JSON
@@ -32,13 +33,13 @@ class Unavailable:
 
 
 class Root:
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req, resp) -> None:
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = "Ollama is running"
 
 
-def create() -> falcon.App:
-    app = falcon.App()
+def create() -> falcon.asgi.App:
+    app = falcon.asgi.App()
     app.add_route("/", Root())
     unavailable = Unavailable(
         os.environ.get("BENCH_503_BODY", FALLBACK_BODY), os.environ.get("BENCH_RETRY_AFTER", "5")

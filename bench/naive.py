@@ -1,10 +1,11 @@
 """naive: the forwarder a first attempt would write, as a reference for the proxy's forwarding.
 
 Falcon and one shared requests.Session (its default pool), the request body read whole, the
-answer streamed with `iter_content`. Run under the proxy's own gunicorn settings, with the
-upstream in BENCH_UPSTREAM:
+answer streamed with `iter_content`. A WSGI app, run under the proxy's gunicorn settings but
+gthread's worker (32 threads), with the upstream in BENCH_UPSTREAM:
 
-    BENCH_UPSTREAM=http://127.0.0.1:11435 gunicorn -c proxy/gunicorn_conf.py 'bench.naive:create()'
+    BENCH_UPSTREAM=http://127.0.0.1:11435 gunicorn -c proxy/gunicorn_conf.py -k gthread \
+        --threads 32 'bench.naive:create()'
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COLOURS = {"direct": "#7f7f7f", "nginx": "#2ca02c", "ours": "#1f77b4", "naive": "#d62728",
-           "bare-falcon": "#9467bd", "ours, PROXY_THREADS=64": "#17becf"}
+           "bare-falcon": "#9467bd", "previous": "#ff7f0e"}
 
 
 def _bars(ax, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str):
@@ -42,10 +42,12 @@ def write_plot(results: dict, path: Path) -> None:
     clients = sorted({r["clients"] for r in fast})
     _bars(axes[0][0], [str(c) for c in clients],
           {t: _values(fast, "requests_per_s", "clients", clients, target=t)
-           for t in ("ours", "bare-falcon")}, "requests/s", "1. 503 fast path, by clients")
+           for t in ("ours", "previous", "bare-falcon")}, "requests/s",
+          "1. 503 fast path, by clients")
 
     fwd = results["forward"]["rows"]
-    paths = ["direct", "nginx", "ours", "naive"]
+    paths = [p for p in ("direct", "nginx", "ours", "previous", "naive")
+             if any(r["target"] == p for r in fwd)]
     clients = sorted({r["clients"] for r in fwd})
     for column, body in ((1, "embed"), (2, "show")):
         _bars(axes[0][column], [str(c) for c in clients],
@@ -73,7 +75,7 @@ def write_plot(results: dict, path: Path) -> None:
 
     _bars(axes[1][3], ["upload", "download"],
           {p: _values(large, "growth_mib", "direction", ["upload", "download"], target=p)
-           for p in ("nginx", "ours", "naive")},
+           for p in ("nginx", "ours", "previous", "naive")},
           "worker RSS growth, MiB", "4./5. proxy memory growth during the transfer")
     axes[1][3].set_yscale("symlog")
 

@@ -36,13 +36,14 @@ class Processes:
         self._pid_files: list[Path] = []
 
     def start(
-        self, name: str, argv: list[str], env: Mapping[str, str] | None = None
+        self, name: str, argv: list[str], env: Mapping[str, str] | None = None,
+        cwd: Path = REPO,
     ) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
         try:
             process = subprocess.Popen(
                 argv,
-                cwd=REPO,
+                cwd=cwd,
                 env={**_inherited_env(), "PYTHONPATH": str(REPO), **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-GOAL_MB = 50  # the issue's memory goal: growth under 50 MB for a 1 GiB body
-MORE_THREADS_NAME = "ours, PROXY_THREADS=64"  # bench/scenarios.py's variant of ours
+GOAL_MB = 50  # issue 8's memory goal: growth under 50 MB for a 1 GiB body
+GOAL_KIB_PER_STREAM = 64  # issue 14's: worker memory growth under 64 KiB a stream
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -42,7 +42,45 @@ def find(rows: list[dict], **match: Any) -> dict:
 
 
 def goals(results: dict) -> list[list[Any]]:
-    """(goal, figure, verdict) rows: reported, never asserted."""
+    """(goal, figure, verdict) rows: reported, never asserted. Issue 14's first, then 8's."""
+    return goals_14(results) + goals_8(results)
+
+
+def goals_14(results: dict) -> list[list[Any]]:
+    """The async core against the previous proxy, both in this run."""
+    out = []
+    fwd = results["forward"]["rows"]
+    r = ratio(find(fwd, body="embed", target="ours", clients=64).get("requests_per_s"),
+              find(fwd, body="embed", target="previous", clients=64).get("requests_per_s"))
+    out.append(["forward /api/embed at 64 clients ≥ 1.5× the previous proxy", _x(r),
+                _verdict(r, 1.5)])
+    fast = results["503"]["rows"]
+    r = ratio(find(fast, target="ours", clients=64).get("requests_per_s"),
+              find(fast, target="previous", clients=64).get("requests_per_s"))
+    out.append(["503 path at 64 clients ≥ 2× the previous proxy", _x(r), _verdict(r, 2.0)])
+    for body in ("embed", "show"):
+        added = _added(fwd, "p50_ms", body=body, clients=1)
+        out.append([f"forward /api/{body}: added p50 ≤ 0.4 ms at 1 client", _ms(added),
+                    _verdict(added, 0.4, below=True)])
+    many = results.get("streams_1000")
+    if many:
+        rows = many["rows"]
+        ours = find(rows, target="ours")
+        count = ours.get("streams")
+        done = (ours.get("sampled", 0) - ours.get("errors", 0)) if ours else None
+        out.append([f"{count} concurrent streams: all complete", f"{fmt(done)}/{fmt(count)}",
+                    "met" if ours and ours.get("errors") == 0 else "**not met**"])
+        added = _added(rows, "chunk_p99_ms")
+        out.append([f"{count} concurrent streams: added per-chunk delay p99 < 20 ms",
+                    _ms(added), _verdict(added, 20.0, below=True, strict=True)])
+        per = ours.get("growth_kib_per_stream")
+        out.append([f"{count} concurrent streams: worker memory growth < "
+                    f"{GOAL_KIB_PER_STREAM} KiB a stream", f"{fmt(per, 1)} KiB",
+                    _verdict(per, GOAL_KIB_PER_STREAM, below=True, strict=True)])
+    return out
+
+
+def goals_8(results: dict) -> list[list[Any]]:
     out = []
     fast = results["503"]["rows"]
     r = ratio(find(fast, target="ours", clients=64).get("requests_per_s"),
@@ -108,13 +146,18 @@ def table_503(section: dict) -> str:
     rows = []
     for r in section["rows"]:
         bare = find(section["rows"], target="bare-falcon", clients=r["clients"])
-        ours = r["target"] == "ours"
-        x = ratio(r["requests_per_s"], bare.get("requests_per_s")) if ours else None
+        previous = find(section["rows"], target="previous", clients=r["clients"])
+        proxy = r["target"] in ("ours", "previous")
+        x = ratio(r["requests_per_s"], bare.get("requests_per_s")) if proxy else None
+        p = ratio(r["requests_per_s"], previous.get("requests_per_s")) \
+            if r["target"] == "ours" else None
         rows.append([r["clients"], r["target"], r["requests_per_s"], _rounds(r), r["p50_ms"],
-                     r["p99_ms"], _x(x) if x else "", f"{r['non_2xx']}/{r['requests']}",
-                     r["socket_errors"], r["load1"], r["others"]])
+                     r["p99_ms"], _x(x) if x else "", _x(p) if p else "",
+                     f"{r['non_2xx']}/{r['requests']}", r["socket_errors"], r["load1"],
+                     r["others"]])
     header = ["clients", "target", "req/s", "req/s by round", "p50 ms", "p99 ms",
-              "ours/bare-falcon", "503s/requests", "socket errors", "load1", "others (cores)"]
+              "×bare-falcon", "ours/previous", "503s/requests", "socket errors", "load1",
+              "others (cores)"]
     return table(header, rows)
 
 
@@ -125,6 +168,7 @@ def table_forward(section: dict) -> str:
         direct, nginx = find(section["rows"], target="direct", **base), find(
             section["rows"], target="nginx", **base)
         naive = find(section["rows"], target="naive", **base)
+        previous = find(section["rows"], target="previous", **base)
         is_direct = r["target"] == "direct"
         rows.append([
             r["body"], r["clients"], r["target"], r["requests_per_s"], _rounds(r), r["p50_ms"],
@@ -133,15 +177,17 @@ def table_forward(section: dict) -> str:
             "" if is_direct else r["p99_ms"] - direct["p99_ms"],
             "" if is_direct else _x(ratio(r["requests_per_s"], direct["requests_per_s"])),
             _x(ratio(r["requests_per_s"], nginx["requests_per_s"]))
-            if r["target"] in ("ours", "naive") else "",
+            if r["target"] in ("ours", "previous", "naive") else "",
             _x(ratio(r["requests_per_s"], naive["requests_per_s"])) if r["target"] == "ours"
             else "",
+            _x(ratio(r["requests_per_s"], previous.get("requests_per_s")))
+            if r["target"] == "ours" else "",
             r["non_2xx"] + r["socket_errors"], r["load1"], r["others"],
         ])
     header = ["body", "clients", "target", "req/s", "req/s by round", "p50 ms", "p99 ms",
               "added p50 ms",
-              "added p99 ms", "×direct", "×nginx", "ours/naive", "errors", "load1",
-              "others (cores)"]
+              "added p99 ms", "×direct", "×nginx", "ours/naive", "ours/previous", "errors",
+              "load1", "others (cores)"]
     return table(header, rows)
 
 
@@ -178,8 +224,8 @@ def table_large(section: dict) -> str:
         rows.append([
             r["direction"], r["target"], r["seconds"], r["mib_per_s"],
             _x(ratio(r["mib_per_s"], direct["mib_per_s"])) if proxied else "",
-            _x(ratio(r["mib_per_s"], nginx["mib_per_s"])) if r["target"] in ("ours", "naive")
-            else "",
+            _x(ratio(r["mib_per_s"], nginx["mib_per_s"]))
+            if r["target"] in ("ours", "previous", "naive") else "",
             r["status"], _mib_list(r["baseline_mib"]), _mib_list(r["peak_mib"]),
             r["growth_mib"] if proxied else "", r["load1"], r["others"],
         ])
@@ -192,9 +238,9 @@ def table_memory(results: dict) -> str:
     memory = results["memory"]
     streams = {r["target"]: r for r in results["streaming"]["rows"] if r["streams"] > 1}
     rows = []
-    for name in ("ours", MORE_THREADS_NAME, "naive", "nginx", "bare-falcon"):
-        if name == MORE_THREADS_NAME and name not in streams:
-            continue  # a run from before the variant existed
+    for name in ("ours", "previous", "naive", "nginx", "bare-falcon"):
+        if name not in memory["idle_start"]:
+            continue  # a run from before the target existed
         idle = memory["idle_start"].get(name)
         with_streams = streams.get(name, {})
         peak, before = with_streams.get("peak_mib"), with_streams.get("baseline_mib")
@@ -207,6 +253,26 @@ def table_memory(results: dict) -> str:
     header = ["target", "workers", "idle RSS at start (MiB/worker)",
               "with 100 streams (peak MiB/worker)", "growth MiB", "upstream streams open (max)",
               "client connections by worker", "idle after the run"]
+    return table(header, rows)
+
+
+def table_many(section: dict) -> str:
+    rows = []
+    for r in section["rows"]:
+        direct = find(section["rows"], target="direct")
+        is_direct = r["target"] == "direct"
+        rows.append([
+            r["target"], f"{r['sampled'] - r['errors']}/{r['sampled']}", r["ttfb_p50_ms"],
+            r["ttfb_p99_ms"], r["chunk_p50_ms"], r["chunk_p99_ms"], r["chunk_max_ms"],
+            "" if is_direct else r["chunk_p99_ms"] - direct["chunk_p99_ms"],
+            r.get("upstream_open_max") or "", _by_worker(r), _mib_list(r["baseline_mib"]),
+            _mib_list(r["peak_mib"]), r["growth_kib_per_stream"], r.get("first_error") or "",
+            r["load1"], r["others"],
+        ])
+    header = ["path", "complete", "TTFB p50 ms", "TTFB p99 ms", "chunk delay p50 ms",
+              "p99 ms", "max ms", "added p99 ms", "upstream streams open (max)",
+              "client connections by worker", "RSS before (MiB/worker)", "RSS peak",
+              "growth KiB a stream", "first error", "load1", "others (cores)"]
     return table(header, rows)
 
 
@@ -286,7 +352,7 @@ def before_after(before: dict, after: dict) -> str:
     rows = []
     for a in after["streaming"]["rows"]:
         b = find(before["streaming"]["rows"], target=a["target"], streams=a["streams"])
-        if a["target"] not in ("ours", MORE_THREADS_NAME) or a["streams"] == 1:
+        if a["target"] != "ours" or a["streams"] == 1:
             continue
         rows.append([
             a["target"], a["streams"],
@@ -329,13 +395,16 @@ def markdown(results: dict, before: dict | None = None) -> str:
     fast, fwd, large = results["503"], results["forward"], results["large"]
     sizes = fwd["sizes"]
     sections = [
-        "# Benchmarks (issue 8)\n",
+        "# Benchmarks (issues 8 and 14)\n",
         f"`{meta['command']}` on {meta['date']}, {meta['minutes']:.1f} minutes"
         f"{' (quick run)' if meta['quick'] else ''}. Figures, not assertions: the machine is "
         "shared with other engineers' test runs, so each run carries `load1` (the 1-minute "
         "load average as it started, this bench included) and `others` (cores busy with "
         "processes that are not this bench's, averaged over the run). Ratios between rows are "
-        "steadier than absolute figures. Raw figures: `bench/out/results.json`.\n",
+        "steadier than absolute figures. Raw figures: `bench/out/results.json`. `previous`: "
+        f"the proxy before issue 14 (gthread workers, its own HTTP/1.1 client), commit "
+        f"`{results.get('previous', {}).get('commit', '?')}`, run from its own checkout and "
+        "venv with an upstream of its own (the same program), in this same run.\n",
         "## Machine\n", "| | |\n|---|---|\n" + machine + "\n",
         "## Goals\n", table(["goal", "figure", "verdict"], goals(results)) + "\n",
         "An added figure is the path's percentile minus direct's in the same run; when direct's "
@@ -368,9 +437,8 @@ def markdown(results: dict, before: dict | None = None) -> str:
         "the 100 ms in which the other streams of the burst are still being set up (in a "
         "Python proxy each set-up costs CPU that delays the streams already running). "
         "Spread: (last − first arrival) / (last − first emission), 1.0 when "
-        "chunks arrive as they are written and near 0 if held back to the end. "
-        f"`{MORE_THREADS_NAME}`: a second proxy with 2 × 64 threads and an upstream of its own "
-        "(the same program); its added figures are against the first upstream's direct row.\n",
+        "chunks arrive as they are written and near 0 if held back to the end. The previous "
+        "proxy's added figures are against the first upstream's direct row.\n",
         table_streaming(results["streaming"]) + "\n",
         "## 4. Large bodies\n",
         f"{large['bytes'] / 2**30:g} GiB: a blob upload (`POST /api/blobs/sha256:…`, "
@@ -380,18 +448,26 @@ def markdown(results: dict, before: dict | None = None) -> str:
         table_large(large) + "\n",
         "## 5. Memory\n",
         "VmRSS per worker: idle after warm-up, the peak with "
-        f"{plan['concurrent_streams']} streams open (scenario 3), idle after the run. Under "
-        "the shipped settings a gunicorn server has 2 workers × 32 threads: a 65th concurrent "
-        "request waits for a thread (the proxy's worker accepts only while it has a free "
-        "thread, so the rest wait in the listen backlog and its count stops at 32 + 32; "
-        f"`{MORE_THREADS_NAME}` has a thread for every stream). Client connections by worker: "
-        "the established "
+        f"{plan['concurrent_streams']} streams open (scenario 3), idle after the run. Ours: 2 "
+        "workers, one event loop each, a stream holds a connection; previous: 2 workers × 32 "
+        "threads, streams moved by its worker's poller after their head. Client connections "
+        "by worker: the established "
         "connections to the server's port each worker held (from /proc/net/tcp and its fds, "
         "every 100 ms) at the fullest moment of the 100-stream run; gunicorn's workers each "
-        "accept from the shared socket, so one may queue streams its threads cannot serve yet "
-        "while the other has threads free.\n",
+        "accept from the shared socket.\n",
         table_memory(results) + "\n",
     ]
+    if results.get("streams_1000"):
+        many = results["streams_1000"]
+        count = find(many["rows"], target="ours").get("streams")
+        sections += [
+            f"## 6. {count} streams at once (issue 14)\n",
+            f"{count} `POST /api/generate` streams of {many['chunks']} NDJSON chunks, started "
+            "together (one client thread each), through the shipped 2 workers; direct for "
+            "reference. Chunk delay as in section 3; memory: the workers' summed RSS growth "
+            "over their RSS before, divided by the streams.\n",
+            table_many(many) + "\n",
+        ]
     if results.get("profiles"):
         sections += ["## Profiles (extra runs, py-spy --gil)\n", profiles(results)]
     return "\n".join(sections)

@@ -1,8 +1,8 @@
 """`python -m bench.run [--quick] [--profile]`: every scenario against every target, one run.
 
-Starts the fake upstream (through the proxy), nginx, the proxy and the reference apps on
-127.0.0.1, measures, writes RESULTS.md and results.png, and stops every process it started,
-on an error or Ctrl-C too.
+Starts the fake upstream (through the proxy), nginx, the proxy, the previous proxy (from its
+own checkout, bench/previous.py) and the reference apps on 127.0.0.1, measures, writes
+RESULTS.md and results.png, and stops every process it started, on an error or Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import machine, scenarios, targets
+from . import machine, previous, scenarios, targets
 from .plot import write_plot
 from .procs import REPO, Processes
 from .profile import Profiler
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also profile the proxy's workers with py-spy in extra runs")
     parser.add_argument("--results", type=Path,
                         help="where RESULTS.md and results.png go (default: bench/)")
+    parser.add_argument("--previous", metavar="REF",
+                        help="the previous proxy's commit (default: see bench/previous.py)")
     parser.add_argument("--before", type=Path, default=BEFORE,
                         help="an earlier run's results.json for a before/after section "
                         "(default: bench/before.json, when it exists)")
@@ -52,28 +54,36 @@ def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def run_all(plan: scenarios.Plan, workdir: Path, profile: bool) -> dict:
-    results: dict = {}
+def run_all(plan: scenarios.Plan, workdir: Path, profile: bool, previous_ref: str | None
+            ) -> dict:
+    tree, python, previous_label = previous.checkout(previous_ref, log)
+    previous_build = targets.Build(str(python), tree)
+    results: dict = {"previous": {"commit": previous_label}}
     with Processes(OUT / "logs") as procs:
         log("starting the proxy (and through it the fake upstream), nginx, naive")
         ours, direct = targets.start_ours(procs, workdir)
         found = {"ours": ours, "direct": direct}
         found["nginx"] = targets.start_nginx(procs, workdir, direct)
         found["naive"] = targets.start_app(procs, workdir, "naive", "bench.naive:create()",
-                                           {"BENCH_UPSTREAM": direct.url})
+                                           {"BENCH_UPSTREAM": direct.url}, wsgi=True)
+        log(f"starting the previous proxy ({previous_label})")
+        found["previous"], found["previous-direct"] = targets.start_ours(
+            procs, workdir, "previous", build=previous_build)
         profiler = Profiler(OUT) if profile and Profiler.available() else None
         ctx = scenarios.Context(plan, procs, workdir, machine.CpuMeter(procs.sessions), found,
-                                profiler)
-        idle_start = scenarios.idle_rss(ctx, ("ours", "naive", "nginx"))
+                                profiler, previous_build)
+        idle_start = scenarios.idle_rss(ctx, ("ours", "previous", "naive", "nginx"))
         steps = (("503", scenarios.fast_503), ("forward", scenarios.forward),
-                 ("streaming", scenarios.streaming), ("large", scenarios.large))
+                 ("streaming", scenarios.streaming), ("large", scenarios.large),
+                 ("streams_1000", scenarios.many_streams))
         for name, step in steps:
             log(f"scenario {name} (load {machine.load_text()})")
             results[name] = step(ctx)
             scenarios.settle()
         idle_start["bare-falcon"] = results["503"].pop("bare_idle_mib")
         results["memory"] = {"idle_start": idle_start,
-                             "idle_end": scenarios.idle_rss(ctx, ("ours", "naive", "nginx"))}
+                             "idle_end": scenarios.idle_rss(ctx, ("ours", "previous", "naive",
+                                                                  "nginx"))}
         if profiler:
             results["profiles"] = profiler.results
     return results
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     info = machine.describe()
     try:
-        results = run_all(plan, workdir, args.profile)
+        results = run_all(plan, workdir, args.profile, args.previous)
     except KeyboardInterrupt:
         log("interrupted: every process the bench started is stopped")
         return 130

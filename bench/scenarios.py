@@ -1,4 +1,5 @@
-"""The five scenarios of issue 8, each returning plain rows for the report.
+"""The five scenarios of issue 8 and issue 14's 1,000 streams, each returning plain rows for
+the report.
 
 Every measured run carries the machine's load next to its figures (`load1`, and `others`: the
 cores other people's work took during that run), as the machine is shared.
@@ -43,6 +44,7 @@ class Plan:
     clients_forward: tuple[int, ...] = (1, 16, 64)
     sequential_streams: int = 10
     concurrent_streams: int = 100
+    many_streams: int = 1000  # issue 14: all at once through the shipped 2 workers
     stream_chunks: int = 50
     large_bytes: int = 1 << 30
 
@@ -50,7 +52,7 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(wrk_seconds=2, warmup_seconds=1, rounds=1, clients_503=(1, 64),
                    clients_forward=(1, 64), sequential_streams=5, stream_chunks=25,
-                   large_bytes=256 << 20)
+                   many_streams=300, large_bytes=256 << 20)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Context:
     meter: CpuMeter
     targets: dict[str, Target]
     profiler: Profiler | None = None
+    previous: targets.Build | None = None  # the previous proxy's checkout
 
 
 def measured(ctx: Context, run: Callable[[], Any]) -> tuple[Any, dict]:
@@ -110,8 +113,11 @@ def _median_row(runs: list[tuple[wrk.WrkResult, dict]]) -> dict:
 
 
 def fast_503(ctx: Context) -> dict:
-    """ours (a proxy still provisioning) vs bare-falcon, the same 503 body, by clients."""
+    """ours and the previous proxy (each still provisioning) vs bare-falcon, the same 503 body,
+    by clients."""
     ours = targets.start_ours_503(ctx.procs, ctx.workdir)
+    previous = targets.start_ours_503(ctx.procs, ctx.workdir, name="previous",
+                                      build=ctx.previous)
     sample = requests.post(ours.url + "/api/chat", json=CHAT, timeout=10)
     bare = targets.start_app(ctx.procs, ctx.workdir, "bare-falcon", "bench.bare_falcon:create()",
                              {"BENCH_503_BODY": sample.text,
@@ -123,9 +129,12 @@ def fast_503(ctx: Context) -> dict:
         for clients in ctx.plan.clients_503:
             if rows:  # a fresh proxy, still within its 60 s of `provisioning`
                 ctx.procs.stop("ours-503")
+                ctx.procs.stop("previous-503")
                 ours = targets.start_ours_503(ctx.procs, ctx.workdir, f"-{clients}")
+                previous = targets.start_ours_503(ctx.procs, ctx.workdir, f"-{clients}",
+                                                  "previous", ctx.previous)
             before = targets.phase(ours)
-            rows += _wrk_rows(ctx, [ours, bare], "/api/chat", clients, body)
+            rows += _wrk_rows(ctx, [ours, previous, bare], "/api/chat", clients, body)
             phases.append(f"{before} → {targets.phase(ours)}")
             if ctx.profiler and clients == 64:
                 url = ours.url + "/api/chat"
@@ -142,12 +151,13 @@ def fast_503(ctx: Context) -> dict:
     finally:
         ctx.procs.stop("bare-falcon")
         ctx.procs.stop("ours-503")
+        ctx.procs.stop("previous-503")
 
 
 # -- 2. non-streaming forward ------------------------------------------------------------------
 
 
-FORWARD_PATHS = ("direct", "nginx", "ours", "naive")
+FORWARD_PATHS = ("direct", "nginx", "ours", "previous", "naive")
 
 
 def forward(ctx: Context) -> dict:
@@ -176,23 +186,11 @@ def _sizes(direct: Target, path: str, body: dict) -> dict[str, int]:
 # -- 3. streaming, and 5. memory with 100 open streams -----------------------------------------
 
 
-MORE_THREADS = {"PROXY_THREADS": "64"}  # a variant of ours: 2 × 64 threads for 100 streams
-MORE_THREADS_NAME = "ours, PROXY_THREADS=64"
-
-
 def streaming(ctx: Context) -> dict:
-    """One stream at a time, then many at once, through each path; memory during the latter.
-
-    Then the same through a second proxy with more threads than streams, and its own upstream.
-    """
+    """One stream at a time, then many at once, through each path; memory during the latter."""
     rows = []
     for name in FORWARD_PATHS:
-        rows += _stream_rows(ctx, ctx.targets[name], ctx.targets["direct"])
-    more, its_upstream = targets.start_ours(ctx.procs, ctx.workdir, "ours-64", MORE_THREADS)
-    try:
-        rows += _stream_rows(ctx, more, its_upstream, MORE_THREADS_NAME)
-    finally:
-        ctx.procs.stop("ours-64")
+        rows += _stream_rows(ctx, ctx.targets[name], _upstream_of(ctx, name))
     if ctx.profiler:
         ours, plan = ctx.targets["ours"], ctx.plan
         ctx.profiler.record(f"{plan.concurrent_streams} streams at once", ours,
@@ -202,26 +200,55 @@ def streaming(ctx: Context) -> dict:
             "interval_ms": CHUNK_INTERVAL * 1e3}
 
 
-def _stream_rows(ctx: Context, target: Target, direct: Target,
-                 name: str | None = None) -> list[dict]:
+def _upstream_of(ctx: Context, name: str) -> Target:
+    """The upstream a path streams from (the previous proxy has one of its own)."""
+    return ctx.targets["previous-direct" if name == "previous" else "direct"]
+
+
+def _stream_rows(ctx: Context, target: Target, direct: Target, name: str | None = None,
+                 count: int | None = None, single: bool = True) -> list[dict]:
     plan, name = ctx.plan, name or target.name
     host, port = target.host_port
-    records, busy = measured(ctx, lambda: [
-        streams.one_stream(host, port, plan.stream_chunks)
-        for _ in range(plan.sequential_streams)
-    ])
-    single = {"target": name, "streams": 1,
-              **streams.summarize(records, CHUNK_INTERVAL), **busy}
+    count = count or plan.concurrent_streams
+    rows = []
+    if single:
+        records, busy = measured(ctx, lambda: [
+            streams.one_stream(host, port, plan.stream_chunks)
+            for _ in range(plan.sequential_streams)
+        ])
+        rows.append({"target": name, "streams": 1,
+                     **streams.summarize(records, CHUNK_INTERVAL), **busy})
     workers = target.workers()
     with RssSampler(workers) as rss, MaxPoller(lambda: _open_streams(direct)) as up, \
             ConnectionSampler(workers, port) as spread:
         records, busy = measured(ctx, lambda: streams.concurrent_streams(
-            host, port, plan.concurrent_streams, plan.stream_chunks))
-    many = {"target": name, "streams": plan.concurrent_streams,
-            **streams.summarize(records, CHUNK_INTERVAL), **busy,
-            "upstream_open_max": up.highest, "connections_by_worker": spread.counts,
-            **rss.summary()}
-    return [single, many]
+            host, port, count, plan.stream_chunks, timeout=60))
+    rows.append({"target": name, "streams": count,
+                 **streams.summarize(records, CHUNK_INTERVAL), **busy,
+                 "upstream_open_max": up.highest, "connections_by_worker": spread.counts,
+                 **rss.summary()})
+    return rows
+
+
+# -- 6. 1,000 streams at once (issue 14) ---------------------------------------------------------
+
+
+MANY_PATHS = ("direct", "ours", "previous")
+
+
+def many_streams(ctx: Context) -> dict:
+    """`many_streams` streams started together through each path (2 workers for the proxies):
+    whether all complete, their added chunk delay, and the workers' memory per stream."""
+    rows = []
+    for name in MANY_PATHS:
+        row, = _stream_rows(ctx, ctx.targets[name], _upstream_of(ctx, name),
+                            count=ctx.plan.many_streams, single=False)
+        growth_kib = sum(p - b for p, b in zip(row["peak_mib"], row["baseline_mib"],
+                                               strict=True)) * 1024
+        row["growth_kib_per_stream"] = growth_kib / ctx.plan.many_streams
+        rows.append(row)
+        settle()
+    return {"rows": rows, "chunks": ctx.plan.stream_chunks}
 
 
 def _open_streams(direct: Target) -> float | None:

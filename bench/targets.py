@@ -5,6 +5,8 @@
 - direct: that very upstream process, at PROXY_LOCAL_ADDR.
 - nginx: Debian's nginx in front of the same upstream (config from bench/nginx.py).
 - ours-503: a second proxy whose upstream never listens, so it answers 503 while provisioning.
+- previous, previous-503: the same two for the proxy before issue 14 (its own checkout and
+  venv, bench/previous.py), with an upstream of its own (the same program).
 - bare-falcon, naive: the reference apps in bench/, under the proxy's gunicorn settings.
 """
 
@@ -25,6 +27,23 @@ MODELS = "llama3.2,nomic-embed-text"
 CHUNK_INTERVAL = 0.02  # seconds between the upstream's stream chunks
 GUNICORN_CONF = "proxy/gunicorn_conf.py"
 TICK = 0.25  # the proxy's default PROXY_TICK: how often a worker syncs its state
+
+
+@dataclass(frozen=True)
+class Build:
+    """Which proxy code a target runs: a python and the checkout it runs from."""
+
+    python: str = PYTHON
+    cwd: Path | None = None  # None: this checkout
+
+    def serve(self) -> list[str]:
+        return [self.python, "-m", "proxy.cli", "serve"]
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.cwd)} if self.cwd else {}
+
+
+THIS = Build()
 
 
 @dataclass(frozen=True)
@@ -64,10 +83,12 @@ def _proxy_env(port: int, state_dir: Path, command: str, local_port: int) -> dic
 
 
 def _start_server(
-    procs: Processes, name: str, port: int, argv: list[str], env: dict[str, str]
+    procs: Processes, name: str, port: int, argv: list[str], env: dict[str, str],
+    build: Build = THIS,
 ) -> Target:
     url = f"http://127.0.0.1:{port}"
-    process = procs.start(name, argv, env)
+    process = procs.start(name, argv, {**env, **build.env()},
+                          **({"cwd": build.cwd} if build.cwd else {}))
 
     def up() -> bool:
         if process.poll() is not None:
@@ -79,16 +100,17 @@ def _start_server(
 
 
 def start_ours(procs: Processes, workdir: Path, name: str = "ours",
-               settings: dict[str, str] | None = None) -> tuple[Target, Target]:
+               settings: dict[str, str] | None = None, build: Build = THIS
+               ) -> tuple[Target, Target]:
     """The proxy, warmed up to ready, and its upstream (the `direct` target).
 
-    `settings`: PROXY_* variables over the shipped defaults, for a variant such as more threads.
+    `settings`: PROXY_* variables over the shipped defaults; `build`: another checkout's proxy.
     """
     port, upstream_port = free_port(), free_port()
     state = workdir / name
     env = {**_proxy_env(port, state, upstream_command(), upstream_port), **(settings or {})}
     procs.adopt_pid_file(state / "local-upstream.json")
-    ours = _start_server(procs, name, port, [PYTHON, "-m", "proxy.cli", "serve"], env)
+    ours = _start_server(procs, name, port, build.serve(), env, build)
     requests.post(ours.url + "/admin/up", timeout=10).raise_for_status()
     wait_until(lambda: phase(ours) == "ready", 60, "the proxy to be ready")
     time.sleep(4 * TICK)  # every worker syncs once a tick: let both see `ready`
@@ -96,32 +118,35 @@ def start_ours(procs: Processes, workdir: Path, name: str = "ours",
     return ours, direct
 
 
-def start_ours_503(procs: Processes, workdir: Path, label: str = "") -> Target:
+def start_ours_503(procs: Processes, workdir: Path, label: str = "", name: str = "ours",
+                   build: Build = THIS) -> Target:
     """A proxy in `provisioning`: its upstream sleeps before it listens, so every demand is 503.
 
     The local provisioner gives up after 60 s (then `error`): start one per measurement.
     """
     port, never_port = free_port(), free_port()
-    state = workdir / f"ours-503{label}"  # a state of its own: no earlier sleeper is adopted
+    state = workdir / f"{name}-503{label}"  # a state of its own: no earlier sleeper is adopted
     command = upstream_command("--startup-delay", "100000")
     procs.adopt_pid_file(state / "local-upstream.json")
     target = _start_server(
-        procs, "ours-503", port, [PYTHON, "-m", "proxy.cli", "serve"],
-        _proxy_env(port, state, command, never_port),
+        procs, f"{name}-503", port, build.serve(),
+        _proxy_env(port, state, command, never_port), build,
     )
     requests.post(target.url + "/admin/up", timeout=10).raise_for_status()
-    wait_until(lambda: phase(target) == "provisioning", 30, "ours-503 to be provisioning")
+    wait_until(lambda: phase(target) == "provisioning", 30, f"{name}-503 to be provisioning")
     time.sleep(4 * TICK)
-    return Target("ours", target.url, target.master)
+    return Target(name, target.url, target.master)
 
 
 def start_app(procs: Processes, workdir: Path, name: str, factory: str,
-              env: dict[str, str] | None = None) -> Target:
-    """A reference app from bench/ under the proxy's own gunicorn settings."""
+              env: dict[str, str] | None = None, wsgi: bool = False) -> Target:
+    """A reference app from bench/ under the proxy's own gunicorn settings (a WSGI one under
+    gthread's worker, 32 threads)."""
     port = free_port()
     env = {"PROXY_BIND": f"127.0.0.1:{port}", "PROXY_STATE_DIR": str(workdir / name),
            **(env or {})}
-    argv = [PYTHON, "-m", "gunicorn", "-c", GUNICORN_CONF, factory]
+    worker = ["-k", "gthread", "--threads", "32"] if wsgi else []
+    argv = [PYTHON, "-m", "gunicorn", "-c", GUNICORN_CONF, *worker, factory]
     return _start_server(procs, name, port, argv, env)
 
 

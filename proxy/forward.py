@@ -248,7 +248,10 @@ class Forwarder:
             on_close()
             if whole:
                 resp.data = whole
-            elif req.method != "HEAD" and upstream.status not in BODILESS:
+            elif req.method == "HEAD":
+                if framed is not None:  # the length a GET would have
+                    resp.set_header("Content-Length", str(framed))
+            elif upstream.status not in BODILESS:
                 resp.data = b""
             return
         if framed is not None:
