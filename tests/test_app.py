@@ -305,3 +305,27 @@ def test_a_method_ollama_does_not_use_gets_405_and_does_not_wake_the_gpu(proxy, 
     assert v1.status_code == 405 and v1.json["error"]["message"]
     time.sleep(0.2)
     assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+
+
+def test_retry_after_stays_at_least_10_s_once_a_cold_start_is_overdue(proxy, tmp_path):
+    """Counting down to 1 would let the OpenAI SDKs spend both their retries in a second."""
+    seed(tmp_path, {"phase": "idle", "cold_starts": [0.5]})
+    client, life, provisioner = proxy()
+    first = client.simulate_post("/api/chat", json={})
+    assert first.status_code == 503
+    wait_until(lambda: life.snapshot().phase == "provisioning", 5, what="provisioning")
+    time.sleep(1)  # the typical cold start (0.5 s) has passed: the bring-up is overdue
+    for _ in range(3):
+        answer = client.simulate_post("/api/chat", json={})
+        assert answer.status_code == 503
+        assert 10 <= int(answer.headers["Retry-After"]) <= 60
+    assert 10 <= client.simulate_get("/status").json["retry_after"] <= 60
+
+
+@pytest.mark.parametrize("prefer", ["wait=" + "9" * 5000, "wait=99999999999999999999",
+                                    "wait=" + "1" * 4301 + ", respond-async"])
+def test_a_huge_prefer_wait_is_read_as_the_longest_hold_allowed(proxy, prefer):
+    client, life, provisioner = proxy(max_hold=0.3)
+    answer = client.simulate_post("/api/chat", json={}, headers={"Prefer": prefer})
+    assert answer.status_code == 503
+    assert answer.headers.get("Preference-Applied") == "wait=0.3"
