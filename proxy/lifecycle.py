@@ -26,6 +26,7 @@ from typing import Any
 
 from . import gputime
 from .config import Config
+from .decide import Phase
 from .provisioner import Endpoint, Provisioner
 from .reconciler import Reconciler, live_inflight
 from .store import Store, StoreError, WorkerReport
@@ -33,7 +34,7 @@ from .upstream import Sessions
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
-PHASES = ("idle", "provisioning", "starting", "ready", "destroying", "error")
+PHASES = tuple(phase.value for phase in Phase)
 HEARTBEAT = 1.0
 RETRY_AFTER_MAX = 60  # the OpenAI SDKs honour Retry-After only up to 60 s
 # Once a cold start is overdue, clients are told to wait at least this long: the OpenAI SDKs
