@@ -268,6 +268,19 @@ def test_script_lets_ollama_through_only_once_every_model_is_pulled(user_data):
     assert main.index("pull_models") < main.index("mark_ready")
     assert 'touch "$READY"' in script[script.index("mark_ready() {"):]
     assert "-p 127.0.0.1:11434:11434" in script  # Ollama itself on loopback only
+
+
+def test_script_says_ready_in_the_progress_before_it_opens_the_gate(user_data, tmp_path):
+    """The proxy reads the phases' times as soon as the front lets it through: by then the
+    document must say `ready`, the pull's time summed in (it read the pull's phase before)."""
+    script = written(user_data)[SCRIPT]["content"]
+    ready = tmp_path / "ready"
+    stubs = (f"READY={ready}\nPORT=1\nMODELS=(m)\nlog() {{ :; }}\n"
+             'say() { if [ -e "$READY" ]; then echo "gate already open"; fi; echo "say $1"; }\n')
+    shown = run(need("bash", "bash"), "-c",
+                stubs + function_of(script, "mark_ready") + "mark_ready")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["say ready"] and ready.exists()
     assert "--gpus=all" in script and "--restart unless-stopped" in script
     assert "local models=ollama" in script and '-v "$models:/root/.ollama"' in script
     assert "MODEL_VOLUME=0" in script  # no volume unless asked for
