@@ -101,7 +101,7 @@ def test_doctor_for_local_refuses_a_program_that_is_not_executable(tmp_path):
 
 def test_doctor_for_local_refuses_an_address_another_program_listens_on(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as other:
-        addr = "127.0.0.1:%d" % other.getsockname()[1]
+        addr = f"127.0.0.1:{other.getsockname()[1]}"
         env = local_env(tmp_path, PROXY_LOCAL_COMMAND=fake_ollama_command(),
                         PROXY_LOCAL_ADDR=addr)
 
