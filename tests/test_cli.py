@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 
-from proxy.cli import format_status
+from proxy.cli import _nothing_coming, format_status
 from tests.harness import fake_ollama_command, free_port
 from tests.standin_pulumi.harness import ROOT, base_env
 
@@ -120,3 +122,33 @@ def test_doctor_for_local_refuses_an_address_not_of_this_host(tmp_path):
 
     assert result.returncode == 1
     assert "FAIL  local address: cannot listen on 192.0.2.1:11435" in result.stdout
+
+
+def idle_status(**extra) -> dict:
+    return {"provisioning_status": "idle", "warm_windows": {"timezone": "Europe/Vienna",
+                                                            "next_start": None}, **extra}
+
+
+def test_wait_waits_for_a_warm_window_that_starts_before_its_timeout():
+    soon = datetime.fromtimestamp(time.time() + 600, timezone.utc).isoformat(timespec="minutes")
+    status = idle_status(warm_windows={"timezone": "UTC", "next_start": soon})
+
+    assert _nothing_coming(status, left=1800, asked=False) == ""
+    assert "wait --up" in _nothing_coming(status, left=60, asked=False)  # too late for us
+
+
+def test_wait_says_an_idle_proxy_gets_no_server_from_wait_itself_and_offers_up():
+    why = _nothing_coming(idle_status(), left=1800, asked=False)
+
+    assert why.startswith("the GPU server is idle and no request asks for it")
+    assert "`ollama-exoscale wait --up` (admin key)" in why
+    assert _nothing_coming(idle_status(), left=1800, asked=True) == ""  # `--up`: we asked
+    assert _nothing_coming({"provisioning_status": "starting"}, 1800, asked=False) == ""
+
+
+def test_wait_says_a_used_up_budget_starts_nothing_even_when_asked():
+    status = idle_status(gpu={"budget_used_up": True})
+
+    why = _nothing_coming(status, left=1800, asked=True)
+
+    assert "daily GPU budget is used up" in why and "midnight (Europe/Vienna)" in why
