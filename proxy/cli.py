@@ -155,9 +155,9 @@ def _ask(args: argparse.Namespace, path: str, said: str, goal: str) -> int:
 
 
 def wait_command(args: argparse.Namespace) -> int:
-    if args.up:
-        return _ask(argparse.Namespace(**{**vars(args), "wait": True}), "/admin/up",
-                    "provisioning requested", goal="ready")
+    if args.up:  # `wait --up` is `up --wait`
+        args.wait = True
+        return _ask(args, "/admin/up", "provisioning requested", goal="ready")
     return follow(args, goal="ready")
 
 
