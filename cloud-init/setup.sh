@@ -188,8 +188,9 @@ open_front() {
 }
 
 mark_ready() {
-  touch "$READY"
+  # The document first: the proxy reads the phases' times once the front lets it through.
   say ready "ready"
+  touch "$READY"
   log "ready: Ollama answers on port $PORT (TLS, bearer token) with ${MODELS[*]}"
 }
 

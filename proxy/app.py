@@ -27,6 +27,7 @@ from .failures import FailureLimit
 from .forward import Forwarder, UpstreamError
 from .lifecycle import Lifecycle, Snapshot, Ticket
 from .metrics import HELD, Counting, MetricsResource
+from .paths import CanonicalPath
 from .upstream import normalise_model
 
 SERVICE = "ollama-exoscale"
@@ -35,6 +36,7 @@ LOCAL_VERSION = "0.12.6"  # answered by /api/version before any upstream told us
 # seconds): a burst of demand while provisioning would otherwise redo it for every request.
 ANSWER_TTL = 0.25
 _PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
+PREFER_DIGITS = 9  # a longer `wait=` is more than any PROXY_MAX_HOLD: read as "as long as allowed"
 
 
 def is_openai(path: str) -> bool:
@@ -54,8 +56,9 @@ def _iso(timestamp: float) -> str | None:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-# Routes that can fill the disk, change or remove models: admin keys only.
-ADMIN_ROUTES = re.compile(r"^/api/(pull|push|create|copy|delete|blobs/.*)$|^/admin/")
+# Routes that can fill the disk, change or remove models, or the GPU server: admin keys only.
+# Matched on the canonical path (proxy/paths.py); a trailing slash is the same route upstream.
+ADMIN_ROUTES = re.compile(r"^/api/(pull|push|create|copy|delete)/?$|^/api/blobs(/|$)|^/admin(/|$)")
 
 
 class Auth:
@@ -63,6 +66,8 @@ class Auth:
     (installed only when keys are configured).
 
     Management routes (pull, push, create, copy, delete, blobs, /admin/*) need an admin key.
+    Only an offered wrong key counts toward the per-address limit: a request without a key (a
+    /ui tab left open) gets 401 and counts nothing, and a valid key is never answered 429.
     """
 
     def __init__(self, config: Config):
@@ -76,13 +81,6 @@ class Auth:
     async def process_request(self, req, resp) -> None:
         if _public(req):
             return
-        blocked_for = self.failures.blocked_for(req.remote_addr)
-        if blocked_for:
-            raise falcon.HTTPTooManyRequests(
-                description="too many requests with a wrong API key from this address; "
-                f"retry in {blocked_for} s",
-                retry_after=blocked_for,
-            )
         scheme, _, offered = (req.get_header("Authorization") or "").partition(" ")
         offered_bytes = offered.strip().encode()
         match = None
@@ -90,22 +88,34 @@ class Auth:
             if hmac.compare_digest(key, offered_bytes) and scheme.lower() == "bearer":
                 match = (key.decode(), admin)
         if match is None:
-            await asyncio.to_thread(self.failures.record, req.remote_addr)  # a file lock
-            self.log.warning("401 for %s %s from %s: %s", req.method, req.path, req.remote_addr,
-                             "no bearer key" if not offered else "unknown key")
-            raise falcon.HTTPUnauthorized(
-                description="a valid API key is required: send Authorization: Bearer <key>",
-                challenges=["Bearer"],
-            )
+            await self._refuse(req, offered_bytes)
         key, admin = match
         req.context.key_name = self.names.get(key, "key")
         if not admin and ADMIN_ROUTES.match(req.path):
             self.log.warning("403 for %s %s: key %s is not an admin key", req.method, req.path,
                              req.context.key_name)
             raise falcon.HTTPForbidden(
-                description=f"{req.path} changes the server's models: it needs an admin key "
-                "(PROXY_ADMIN_KEYS)"
+                description=f"{req.path} changes the server or its models: it needs an admin "
+                "key (PROXY_ADMIN_KEYS)"
             )
+
+    async def _refuse(self, req, offered: bytes) -> None:
+        """401 for a missing or wrong key; 429 once an address has offered too many wrong ones."""
+        if offered:
+            blocked_for = self.failures.blocked_for(req.remote_addr)
+            if blocked_for:
+                raise falcon.HTTPTooManyRequests(
+                    description="too many requests with a wrong API key from this address; "
+                    f"retry in {blocked_for} s",
+                    retry_after=blocked_for,
+                )
+            await asyncio.to_thread(self.failures.record, req.remote_addr)  # a file lock
+        self.log.warning("401 for %s %s from %s: %s", req.method, req.path, req.remote_addr,
+                         "unknown key" if offered else "no bearer key")
+        raise falcon.HTTPUnauthorized(
+            description="a valid API key is required: send Authorization: Bearer <key>",
+            challenges=["Bearer"],
+        )
 
 
 def _public(req) -> bool:
@@ -335,8 +345,6 @@ class Demand:
             raise falcon.HTTPMethodNotAllowed(
                 sorted(FORWARDED_METHODS), description=f"{req.method} is not an Ollama method"
             )
-        if "/." in req.path and any(part in (".", "..") for part in req.path.split("/")):
-            raise falcon.HTTPBadRequest(description="dot segments are not allowed in the path")
         limit = self.forwarder.body_limit(req.path, self.config.max_body, self.config.max_blob)
         if limit and (req.content_length or 0) > limit:  # refused before it wakes the GPU
             raise falcon.HTTPContentTooLarge(
@@ -344,6 +352,9 @@ class Demand:
                 f"limit of {limit} bytes (PROXY_MAX_BODY_MB, PROXY_MAX_BLOB_GB)"
             )
         ticket = self.lifecycle.admit()
+        # Another worker may know it is ready; the store is read in a thread, off the loop.
+        if ticket is None and await asyncio.to_thread(self.lifecycle.refresh):
+            ticket = self.lifecycle.admit()
         if ticket is None:
             ticket = await self._hold(req, resp)
         if ticket is None:
@@ -356,7 +367,9 @@ class Demand:
         if self.config.max_hold <= 0:
             return None  # holding is off (the default)
         match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
-        seconds = min(int(match.group(1)), self.config.max_hold) if match else 0
+        digits = match.group(1) if match else "0"
+        asked = int(digits) if len(digits) <= PREFER_DIGITS else self.config.max_hold
+        seconds = min(asked, self.config.max_hold)
         if seconds <= 0 or self.lifecycle.budget_used_up() or not self.lifecycle.try_hold_slot():
             return None  # no server will come today: no point holding
         HELD.inc()
@@ -368,7 +381,7 @@ class Demand:
         resp.set_header("Preference-Applied", f"wait={seconds:g}")
         return self.lifecycle.admit()
 
-    def _unavailable(self, req: falcon.Request, resp: falcon.Response) -> None:
+    def _unavailable(self, req, resp) -> None:
         openai = is_openai(req.path)
         snapshot = self.lifecycle.snapshot()
         now = time.monotonic()
@@ -490,7 +503,8 @@ async def handle_unexpected(req, resp, exc, params, **_: Any) -> None:
 
 def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.asgi.App:
     # Without keys there is nothing to check: no middleware on the hot path for it.
-    app = falcon.asgi.App(middleware=[Counting()] + ([Auth(config)] if config.auth_enabled else []))
+    middleware = [Counting(), CanonicalPath()] + ([Auth(config)] if config.auth_enabled else [])
+    app = falcon.asgi.App(middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.req_options.strip_url_path_trailing_slash = False

@@ -90,10 +90,11 @@ class RequestBody:
     aiohttp wraps what its body writer raises into a connection error: the failure is kept
     here too, for the client's answer (413, 408)."""
 
-    def __init__(self, stream, limit: int, timeout: float):
+    def __init__(self, stream, limit: int, timeout: float, watch: Any = None):
         self._pieces = stream.__aiter__()
         self._limit = limit
         self._timeout = timeout
+        self._watch = watch
         self._sent = 0
         self.failure: Exception | None = None
 
@@ -106,6 +107,13 @@ class RequestBody:
         except asyncio.TimeoutError:
             self.failure = BodyStalled()
             raise self.failure from None
+        except StopAsyncIteration:
+            # falcon ends the body when the client goes (or the server refused a malformed
+            # chunk): a cut body must not reach the upstream as a complete one.
+            if self._watch is not None and self._watch.gone:
+                self.failure = ClientGone()
+                raise self.failure from None
+            raise
         self._sent += len(piece)
         if self._limit and self._sent > self._limit:
             self.failure = BodyTooLarge()
@@ -223,6 +231,8 @@ class Forwarder:
     ) -> None:
         """Send `req` upstream and set `resp` to the answer; on_close runs exactly once.
 
+        strip_authorization: the client's Authorization header is a proxy key (keys are set).
+
         on_broken runs when the upstream's answer breaks off after its head was sent.
         """
         watch = watch_of(req)
@@ -266,7 +276,9 @@ class Forwarder:
         target = quote(req.path, safe=PATH_SAFE)
         if req.query_string:
             target += "?" + req.query_string
-        headers = upstream_headers(req.headers, strip_authorization)
+        # The upstream gets its own credential, never the client's: a token-guarded front
+        # answers 400 to two Authorization headers (nginx), and a proxy key is ours to keep.
+        headers = upstream_headers(req.headers, strip_authorization or bool(endpoint.token))
         if endpoint.token:
             headers.append(("Authorization", f"Bearer {endpoint.token}"))
         body: Any = None
@@ -274,11 +286,11 @@ class Forwarder:
             length = req.content_length
             if length is not None:
                 headers.append(("Content-Length", str(length)))
-                body = RequestBody(req.stream, 0, self.body_timeout)
+                body = RequestBody(req.stream, 0, self.body_timeout, watch)
                 if length <= WHOLE:  # read whole: sent with the head in one write
                     body = await body.read() if length else None
             elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
-                body = RequestBody(req.stream, limit, self.body_timeout)  # sent chunked
+                body = RequestBody(req.stream, limit, self.body_timeout, watch)  # sent chunked
             request = client.session.request(
                 req.method, URL(client.base + target, encoded=True), headers=headers,
                 data=body, allow_redirects=False, timeout=self.timeout, ssl=client.ssl,

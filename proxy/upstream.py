@@ -42,6 +42,16 @@ class _PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
 
 
+class _NoRedirects(requests.Session):
+    """A probe asks the one upstream it was given: a 3xx is that upstream's answer, never a
+    reason to fetch another URL (an upstream answering `302 Location: http://elsewhere/`
+    would otherwise have the proxy poll elsewhere every second and take it for the GPU)."""
+
+    def request(self, *args, **kwargs) -> requests.Response:
+        kwargs["allow_redirects"] = False
+        return super().request(*args, **kwargs)
+
+
 class Exchange:
     """One forwarded request's upstream connection (its protocol), for the verdict on its
     framing once the answer has ended (proxy/forward.py): set by StrictConnector.connect."""
@@ -150,7 +160,7 @@ class Sessions:
 
     def _make(self, endpoint: Endpoint) -> requests.Session:
         register_secrets([endpoint.token])
-        session = requests.Session()
+        session = _NoRedirects()
         session.headers.clear()  # forward the client's headers, not requests' defaults
         session.trust_env = False  # never route upstream traffic through an env proxy
         adapter = _PinnedAdapter(

@@ -165,7 +165,7 @@ class Options:
     request_log: str | os.PathLike | None = None
     tls_cert: str | os.PathLike | None = None
     tls_key: str | os.PathLike | None = None
-    setup_status: bool = False  # also serve the GPU server front's /ollama-exoscale/status
+    pull_seconds: float = 0.0  # a streamed pull's progress lines spread over this long
     verbose: bool = False
 
     def model_names(self) -> list[str]:
@@ -559,7 +559,6 @@ ROUTES = {
     ("POST", "/v1/embeddings"): "openai_embeddings",
     ("GET", "/__download"): "download",
     ("GET", "/__stats"): "stats",
-    ("GET", "/ollama-exoscale/status"): "setup_status",
 }
 
 
@@ -687,6 +686,7 @@ class Handler(BaseHTTPRequestHandler):
             "path": urlsplit(self.path).path,
             "query": self.query,
             "headers": dict(self.headers.items()),
+            "header_lines": [list(item) for item in self.headers.items()],  # repeats included
             "body_length": body.length if body else 0,
             "body_sha256": (body.sha256 if body else hashlib.sha256()).hexdigest(),
             "status": self.status,
@@ -981,7 +981,9 @@ class Handler(BaseHTTPRequestHandler):
             self.server.state.add_model(name)
             self.respond_json(200, {"status": "success"})
             return
-        stream = self.start_stream("application/x-ndjson")
+        steps = max(1, self.server.state.options.chunks) + 5  # the lines _pull_progress yields
+        pace = self.server.state.options.pull_seconds / steps or None  # None: X-Fake-Interval
+        stream = self.start_stream("application/x-ndjson", interval=pace)
         for status in self._pull_progress(normalise_model(name)):
             if status["status"] == "success":
                 self.server.state.add_model(name)
@@ -1000,24 +1002,6 @@ class Handler(BaseHTTPRequestHandler):
         yield {"status": "verifying sha256 digest"}
         yield {"status": "writing manifest"}
         yield {"status": "success"}
-
-    def setup_status(self) -> None:
-        """cloud-init/progress.py's document: the model pull's percent until tags list it."""
-        state = self.server.state
-        if not state.options.setup_status:
-            self.respond(404, b"404 page not found", "text/plain")
-            return
-        delay = state.options.tags_delay
-        left = state.tags_ready_at - time.monotonic()
-        model = (state.options.model_names() or ["llama3.2"])[0].removesuffix(":latest")
-        if left > 0:
-            percent = int(100 * (1 - left / delay))
-            doc = {"phase": "pulling", "detail": f"pulling {model}: {percent}%",
-                   "percent": percent, "durations": {"packages": 0.0}}
-        else:
-            doc = {"phase": "ready", "detail": "ready", "percent": None,
-                   "durations": {"packages": 0.0, "pulling": round(delay, 1)}}
-        self.respond_json(200, doc)
 
     def copy(self) -> None:
         request = self.read_json()
@@ -1173,6 +1157,7 @@ class Handler(BaseHTTPRequestHandler):
             "path": urlsplit(self.path).path,
             "query": self.query,
             "headers": dict(self.headers.items()),
+            "header_lines": [list(item) for item in self.headers.items()],  # repeats included
             "body_length": self.body.length,
             "body_sha256": self.body.sha256.hexdigest(),
             "body_head": bytes(head).decode("latin-1"),
@@ -1394,8 +1379,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--request-log", help="append one JSON line per request here")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    parser.add_argument("--setup-status", action="store_true",
-                        help="serve the bring-up progress the GPU server's front serves")
+    parser.add_argument("--pull-seconds", type=float, default=0.0,
+                        help="spread a streamed pull's progress over this many seconds")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     host, port = parse_listen(args.listen or os.environ.get("OLLAMA_HOST"))
@@ -1403,7 +1388,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         host=host, port=port, models=args.models, chunk_interval=args.chunk_interval,
         chunks=args.chunks, token=args.token, startup_delay=args.startup_delay,
         tags_delay=args.tags_delay, starts_file=args.starts_file, request_log=args.request_log,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, setup_status=args.setup_status,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, pull_seconds=args.pull_seconds,
         verbose=args.verbose,
     )
 

@@ -22,7 +22,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
@@ -34,6 +33,7 @@ import yaml
 
 from infra.cloudinit import TLS_SERVER_NAME, fill, render_user_data, template_dir
 from infra.settings import Settings
+from tests.nginx_front import Front, make_disk, on_disk, write_files
 
 TOKEN = "b7Qm2Lx9" * 6
 SCRIPT = "/usr/local/sbin/ollama-exoscale-setup"
@@ -268,6 +268,19 @@ def test_script_lets_ollama_through_only_once_every_model_is_pulled(user_data):
     assert main.index("pull_models") < main.index("mark_ready")
     assert 'touch "$READY"' in script[script.index("mark_ready() {"):]
     assert "-p 127.0.0.1:11434:11434" in script  # Ollama itself on loopback only
+
+
+def test_script_says_ready_in_the_progress_before_it_opens_the_gate(user_data, tmp_path):
+    """The proxy reads the phases' times as soon as the front lets it through: by then the
+    document must say `ready`, the pull's time summed in (it read the pull's phase before)."""
+    script = written(user_data)[SCRIPT]["content"]
+    ready = tmp_path / "ready"
+    stubs = (f"READY={ready}\nPORT=1\nMODELS=(m)\nlog() {{ :; }}\n"
+             'say() { if [ -e "$READY" ]; then echo "gate already open"; fi; echo "say $1"; }\n')
+    shown = run(need("bash", "bash"), "-c",
+                stubs + function_of(script, "mark_ready") + "mark_ready")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["say ready"] and ready.exists()
     assert "--gpus=all" in script and "--restart unless-stopped" in script
     assert "local models=ollama" in script and '-v "$models:/root/.ollama"' in script
     assert "MODEL_VOLUME=0" in script  # no volume unless asked for
@@ -375,43 +388,31 @@ def free_port() -> int:
 
 @pytest.fixture
 def front(tls, tmp_path):
-    """A real nginx with the rendered site on a free port, in front of a stand-in Ollama."""
-    nginx = need("nginx", "nginx")
+    """A real nginx with the rendered site on a free port, in front of a stand-in Ollama: the
+    user data's files on a stand-in disk, started as setup.sh starts it (tests/nginx_front.py)."""
+    need("nginx", "nginx")
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandInOllama)
     StandInOllama.seen = []
     StandInOllama.release = threading.Event()
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port = free_port()
-    tmp_path.chmod(0o755)  # nginx's workers may run as another user
-    # nginx's workers (another user) must reach the state dir: not under pytest's 0700 dirs.
-    state = Path(tempfile.mkdtemp(prefix="ollama-exoscale-state-"))
+    disk = make_disk()  # nginx's workers (www-data) must reach it: not under pytest's 0700 dirs
+    write_files(render(tls, port=port), disk)
+    state = on_disk(disk, "/var/lib/ollama-exoscale")
+    state.mkdir(parents=True)
     state.chmod(0o755)
-    main = nginx_files(render(tls, port=port), tls, tmp_path, upstream.server_address[1], state)
-    process = subprocess.Popen(
-        [nginx, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    server = Front(disk, upstream.server_address[1], port)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"nginx did not start: {process.stderr.read().decode()}"
-                                f"{(tmp_path / 'error.log').read_text()}")
-                time.sleep(0.05)
+        server.start()
         (state / "ready").touch()  # the bring-up is done (tests may undo it)
         yield types.SimpleNamespace(port=port, cert=tls.cert, seen=StandInOllama.seen,
                                     release=StandInOllama.release, state=state)
     finally:
         StandInOllama.release.set()
-        process.terminate()
-        process.wait(10)
+        server.stop()
         upstream.shutdown()
         upstream.server_close()
-        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
 
 
 def connect(front) -> http.client.HTTPConnection:
@@ -462,6 +463,22 @@ def test_front_forwards_with_the_token_as_ollama_wants(front):
     assert (method, path) == ("GET", "/api/tags?x=1")
     assert headers["Host"] == "localhost:11434"
     assert "Authorization" not in headers  # the token stops at the front
+
+
+def test_front_answers_400_to_two_authorization_headers(front):
+    """Why the proxy must send the GPU server exactly one `Authorization` (issue 13, item 2)."""
+    for second in (f"Bearer {TOKEN}", "Bearer sk-the-clients-own-key"):
+        connection = connect(front)
+        connection.putrequest("GET", "/api/tags")
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.putheader("Authorization", second)
+        connection.endheaders()
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 400
+    assert front.seen == []
+    response, body = request(front, "GET", "/api/tags", {"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200 and json.loads(body)["models"]  # one right token passes
 
 
 def test_front_streams_responses_as_they_come(front):

@@ -6,18 +6,19 @@ this instead: select it with `PulumiCommand(root="tests/standin_pulumi")` (the S
 `LanguageRuntime.Run` at `--client`, serves the `ResourceMonitor` and `Engine` the program talks
 to, and streams engine events to `--event-log`. Resources are "created" in a simulated cloud
 kept next to the state, in the `file://` backend directory (`standin-cloud.json`); a compute
-instance "boots" by starting `python -m tests.fake_ollama` with the stack's TLS certificate and
-token, and is stopped when destroyed.
+instance boots from its user data (`server`): the files cloud-init writes, then the bring-up,
+whose public front is Debian's nginx with the rendered site in front of `tests.fake_ollama`;
+it is stopped when destroyed.
 
 Modules: `__main__` (the command line), `backend` (workspace, file backend, locks, plugins),
-`engine` (up/refresh/destroy, the gRPC services, events), `cloud` (the simulated providers);
-`harness` and `crash` help the tests that use it.
+`engine` (up/refresh/destroy, the gRPC services, events), `cloud` (the simulated providers),
+`server` (a simulated GPU server); `harness` and `crash` help the tests that use it.
 
 Knobs (environment of the CLI process):
   STANDIN_PULUMI_VERSION  what `pulumi version` says (default 3.272.0, see cli.VERSION)
-  STANDIN_BOOT_DELAY      seconds before a new instance's Ollama listens (default 0)
-  STANDIN_TAGS_DELAY      seconds more before it lists its models (default 0)
-  STANDIN_MODELS          the models it lists (default llama3.2)
+  STANDIN_BOOT_DELAY      seconds before a booting instance's front listens (default 0)
+  STANDIN_PULL_SECONDS    seconds each model its user data names takes to pull (default 0);
+                          none when its disk (or attached volume) has the model already
   STANDIN_INSTANCE_PORT   the port it serves on (default: the non-SSH port its firewall opens)
   STANDIN_FAIL_UP         make `up` fail creating the compute instance with this provider error
   STANDIN_FAIL_UP_FILE    the same, with the error read from this file while it exists

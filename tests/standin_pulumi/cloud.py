@@ -1,11 +1,13 @@
 """The clouds behind the stand-in's providers: Exoscale (simulated), random, tls.
 
 Exoscale objects live in `standin-cloud.json` in the backend directory, so a test can count the
-instances that exist whatever Pulumi's state says. A compute instance "boots" by starting
-`python -m tests.fake_ollama` in its own session, serving HTTPS with the certificate and token
-the program created (what cloud-init does on a real server); deleting it stops that process.
-`random` and `tls` resources exist only in the state, as with the real providers; their keys and
-certificates are real (made with the `openssl` command).
+instances that exist whatever Pulumi's state says. A compute instance boots from its user data:
+`python -m tests.standin_pulumi.server` (in a session of its own) writes the user data's files
+on a folder standing for its disk and runs the bring-up, so its public front is Debian's nginx
+with the site the program rendered (TLS with the stack's certificate, the bearer token, the
+503-until-ready gate, the progress route) in front of the test Ollama; deleting or stopping the
+instance stops that process group. `random` and `tls` resources exist only in the state, as
+with the real providers; their keys and certificates are real (made with the `openssl` command).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import string
 import subprocess
@@ -29,6 +32,8 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from tests.nginx_front import make_disk
 
 from .backend import CliError, now_text, reveal, secret
 
@@ -42,6 +47,8 @@ PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 CERT = "tls:index/selfSignedCert:SelfSignedCert"
 EXOSCALE_OBJECTS = {INSTANCE: "instances", SECURITY_GROUP: "groups", SECURITY_GROUP_RULE: "rules",
                     VOLUME: "volumes"}
+# What the simulated machine keeps in an instance's record, not the provider's outputs.
+MACHINE = ("pid", "port", "disk", "models_dir")
 # Inputs whose change the Exoscale provider applies in place; any other change replaces.
 IN_PLACE = {INSTANCE: {"type", "diskSize", "labels", "name", "state", "securityGroupIds"}}
 
@@ -127,8 +134,8 @@ class Cloud:
             return
         with self.objects() as data:
             found = data[EXOSCALE_OBJECTS[type_]].pop(object_id, None)
-        if type_ == INSTANCE and found and found.get("pid"):
-            _stop(found["pid"])
+        if type_ == INSTANCE and found:
+            stop_server(found)
 
     def invoke(self, token: str, args: dict) -> dict:
         if token == "exoscale:index/getTemplate:getTemplate":
@@ -164,29 +171,30 @@ class Cloud:
         if failure:
             raise StepError(f"creating Compute instance: {failure}")
         object_id = str(uuid.uuid4())
-        folder = self.files / object_id
-        folder.mkdir(parents=True)
+        disk = make_disk(prefix=f"standin-{object_id[:8]}-")
+        (disk / "user-data").write_text(plain.get("userData") or "")
         record = {
             **plain,
             "publicIpAddress": "127.0.0.1",
             "port": self._port(plain, stack),
+            "disk": str(disk),
             "createdAt": now_text(),
             "state": plain.get("state") or "running",
         }
-        with self.objects() as data:  # a kept volume already holds the models: no pull
-            attached = plain.get("blockStorageVolumeIds") or []
-            volumes = [data["volumes"][v] for v in attached if v in data["volumes"]]
-            pulled = any(v.get("models") for v in volumes)
-            for volume in volumes:
-                volume["models"] = self.env.get("STANDIN_MODELS") or "llama3.2"
-        record["models_on_volume"] = pulled
-        record["pid"] = self._boot(folder, record["port"], stack, pull=not pulled)
+        # Ollama's models: on an attached volume if there is one (a kept one already has them).
+        models_dir = disk / "var/lib/docker/volumes/ollama"
+        for volume_id in plain.get("blockStorageVolumeIds") or []:
+            models_dir = self.files / f"volume-{volume_id}"
+        record["models_on_volume"] = (models_dir / "pulled").exists()
+        record["models_dir"] = str(models_dir)
+        if record["state"] == "running":
+            record["pid"] = self._boot(object_id, record)
         with self.objects() as data:
             data["instances"][object_id] = record
         return object_id, {**inputs, **_instance_outputs(record)}
 
     def _set_state(self, object_id: str, was: str, stack: list[dict]) -> None:
-        """A stopped instance's Ollama stops; started again, it boots on its own disk."""
+        """A stopped instance's server stops; started again, it boots on its own disk."""
         with self.objects() as data:
             record = data["instances"][object_id]
             state = record.get("state") or "running"
@@ -196,8 +204,7 @@ class Cloud:
             if state == "stopped":
                 record["pid"] = None
             else:
-                record["pid"] = self._boot(  # its own disk keeps what it pulled
-                    self.files / object_id, record["port"], stack, pull=False)
+                record["pid"] = self._boot(object_id, record)
         if state == "stopped" and pid:
             _stop(pid)
 
@@ -213,41 +220,31 @@ class Cloud:
                     return port
         raise StepError("the stand-in cannot tell the instance's port: open it in a rule")
 
-    def _boot(self, folder: Path, port: int, stack: list[dict], pull: bool = True) -> int:
-        """Start the instance's Ollama: HTTPS with the stack's certificate, the token required.
+    def _boot(self, object_id: str, record: dict) -> int:
+        """Start the instance's server (tests/standin_pulumi/server.py) on its disk.
 
-        `pull`: the models are not on its disk yet, so they take STANDIN_TAGS_DELAY to appear.
+        Its front listens once STANDIN_BOOT_DELAY has passed; each model it lacks takes
+        STANDIN_PULL_SECONDS to pull (none when its disk or volume has it already).
         """
-        argv = [
-            sys.executable, "-m", "tests.fake_ollama",
-            "--listen", f"127.0.0.1:{port}",
-            "--models", self.env.get("STANDIN_MODELS") or "llama3.2",
-            "--startup-delay", self.env.get("STANDIN_BOOT_DELAY") or "0",
-            "--tags-delay", (self.env.get("STANDIN_TAGS_DELAY") or "0") if pull else "0",
-            "--starts-file", str(folder.parent / "starts"),
-            "--setup-status",  # like the real front: the bring-up's progress, token-guarded
-        ]
-        token = _last_output(stack, PASSWORD, "result")
-        if token:
-            argv += ["--token", token]
-        cert = _last_output(stack, CERT, "certPem")
-        key = _last_input(stack, CERT, "privateKeyPem")
-        if cert and key:
-            (folder / "cert.pem").write_text(cert)
-            (folder / "key.pem").write_text(key)
-            (folder / "key.pem").chmod(0o600)
-            argv += ["--tls-cert", str(folder / "cert.pem"), "--tls-key", str(folder / "key.pem")]
-        with open(folder / "ollama.log", "ab") as log:
+        disk = Path(record["disk"])
+        (disk / "boot.json").write_text(json.dumps({
+            "port": record["port"],
+            "boot_delay": float(self.env.get("STANDIN_BOOT_DELAY") or 0),
+            "pull_seconds": float(self.env.get("STANDIN_PULL_SECONDS") or 0),
+            "models_dir": record["models_dir"],
+        }))
+        with open(self.files / f"{object_id}.log", "ab") as log:
             process = subprocess.Popen(
-                argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                [sys.executable, "-m", "tests.standin_pulumi.server", str(disk)],
+                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # the "server" outlives the CLI, like a real one
+                start_new_session=True,  # the server outlives the CLI, like a real one
             )
         return process.pid
 
 
 def _instance_outputs(record: dict) -> dict:
-    keep = {k: v for k, v in record.items() if k not in ("pid", "port")}
+    keep = {k: v for k, v in record.items() if k not in MACHINE}
     return {**keep, "ipv6": False, "ipv6Address": "", "privateNetworkIds": [], "reverseDns": ""}
 
 
@@ -260,18 +257,12 @@ def _matches(pattern: str | None, value: str | None) -> bool:
     return pattern == value
 
 
-def _last_output(stack: list[dict], type_: str, key: str) -> str | None:
-    for resource in reversed(stack):
-        if resource["type"] == type_:
-            return reveal((resource.get("outputs") or {}).get(key))
-    return None
-
-
-def _last_input(stack: list[dict], type_: str, key: str) -> str | None:
-    for resource in reversed(stack):
-        if resource["type"] == type_:
-            return reveal((resource.get("inputs") or {}).get(key))
-    return None
+def stop_server(record: dict) -> None:
+    """The instance is gone: its server stopped, its disk removed."""
+    if record.get("pid"):
+        _stop(record["pid"])
+    if record.get("disk"):
+        shutil.rmtree(record["disk"], ignore_errors=True)
 
 
 def _stop(pid: int) -> None:

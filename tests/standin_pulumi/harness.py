@@ -2,7 +2,9 @@
 
 `standin_world(tmp_path)` gives a state dir, an environment for the runner (plugins installed in
 a private PULUMI_HOME, fake Exoscale credentials) and a free port for the simulated instance,
-and stops every simulated instance at the end.
+and stops every simulated instance at the end. A simulated instance's front is the real nginx
+with the rendered site (tests/standin_pulumi/server.py): `get_tags` talks to it as the proxy
+does (TLS pinned to the stack's certificate, the stack's token).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -54,7 +57,7 @@ class Standin:
 
     def stop_instances(self) -> None:
         for record in self.instances().values():
-            stop_process_group(record.get("pid"))
+            stop_instance(record)
 
 
 def install_plugins(pulumi_home: Path, skip: tuple[str, ...] = ()) -> None:
@@ -95,6 +98,13 @@ def standin_world(tmp_path: Path) -> Iterator[Standin]:
         world.stop_instances()
 
 
+def stop_instance(record: dict) -> None:
+    """A simulated instance killed (its server's process group, nginx included), its disk gone."""
+    stop_process_group(record.get("pid"))
+    if record.get("disk"):
+        shutil.rmtree(record["disk"], ignore_errors=True)
+
+
 def stop_process_group(pid: int | None) -> None:
     if not pid:
         return
@@ -105,30 +115,35 @@ def stop_process_group(pid: int | None) -> None:
 
 
 def get_tags(url: str, token: str, ca_cert: str, server_name: str, timeout: float = 15.0) -> dict:
-    """GET {url}/api/tags over TLS, trusting only `ca_cert` for `server_name`, with the token."""
-    host, port = url.removeprefix("https://").rsplit(":", 1)
-    context = ssl.create_default_context(cadata=ca_cert)
+    """GET {url}/api/tags over TLS, trusting only `ca_cert` for `server_name`, with the token;
+    waited for while nothing listens yet or the front answers 503 (the bring-up is not done)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host, int(port)), timeout=5) as raw:
-                with context.wrap_socket(raw, server_hostname=server_name) as tls:
-                    tls.sendall(
-                        f"GET /api/tags HTTP/1.1\r\nHost: {server_name}\r\n"
-                        f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode()
-                    )
-                    answer = b""
-                    while chunk := tls.recv(65536):
-                        answer += chunk
-            break
+            status, head, body = _get_tags(url, token, ca_cert, server_name)
         except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            status, head, body = 0, b"connection refused", b""
+        if status == 200:
+            return json.loads(body)
+        if status not in (0, 503) or time.monotonic() > deadline:
+            raise AssertionError(head.decode(errors="replace"))
+        time.sleep(0.1)
+
+
+def _get_tags(url: str, token: str, ca_cert: str, server_name: str) -> tuple[int, bytes, bytes]:
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    context = ssl.create_default_context(cadata=ca_cert)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            tls.sendall(
+                f"GET /api/tags HTTP/1.1\r\nHost: {server_name}\r\n"
+                f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    assert status == 200, head.decode(errors="replace")
-    return json.loads(body)
+    return int(head.split()[1]), head, body
 
 
 def settings_for(port: int, **overrides) -> Settings:
