@@ -178,7 +178,7 @@ class ResponseStream:
         """The upstream's answer broke off after its head was forwarded: the last bytes for the
         client (Ollama's clients read a last {"error"} line), or a cut connection when the
         client was promised a length."""
-        log.warning("upstream answer on %s broke off: %s", self._path, _reason(exc))
+        log.warning("upstream stream broke on %s: %s", self._path, _reason(exc))
         self.upstream.close()
         if self._on_broken is not None:
             self._on_broken()
@@ -435,12 +435,13 @@ def upstream_headers(
     headers: Mapping[str, str], strip_authorization: bool
 ) -> list[tuple[str, str]]:
     """The client's headers (falcon's `req.headers`: names lower-cased, repeats joined) minus
-    hop-by-hop ones and those its Connection header lists."""
+    hop-by-hop ones and those its Connection header lists; names in title case, as clients
+    send them (the server lower-cased them; names are case-insensitive either way)."""
     drop = HOP_BY_HOP_AND_AUTHORIZATION if strip_authorization else HOP_BY_HOP
     listed = headers.get("connection")
     if listed:
         drop = drop | {token.strip().lower() for token in listed.split(",")}
-    return [(name, value) for name, value in headers.items() if name not in drop]
+    return [(name.title(), value) for name, value in headers.items() if name not in drop]
 
 
 def _timed_out(seconds: float) -> UpstreamError:
