@@ -350,3 +350,34 @@ def test_api_keys_work_with_the_real_clients_and_stop_everyone_else(tmp_path, mo
             model="llama3.2", messages=[{"role": "user", "content": "hi"}])
         assert chat.done
         assert key not in proxy.logs()
+
+
+def test_sigterm_lets_a_running_stream_finish_and_hands_the_lease_over(tmp_path):
+    import signal
+
+    from proxy.store import SqliteStore
+
+    # A lease of a minute: taken at once afterwards only if it was given up, not expired.
+    env = upstream_env(tmp_path, "--chunk-interval", "0.2", "--chunks", "15",
+                       PROXY_LEASE_TTL="60")
+    proxy = Proxy(tmp_path, **env).start()
+    try:
+        requests.post(proxy.url + "/admin/up", timeout=5)
+        proxy.wait_phase("ready")
+        with requests.post(proxy.url + "/api/chat", json=CHAT, stream=True,
+                           timeout=30) as answer:
+            lines = answer.iter_lines()
+            first = json.loads(next(lines))
+            proxy.process.send_signal(signal.SIGTERM)  # 3 s of stream still to come
+            rest = [json.loads(line) for line in lines]
+        assert proxy.process.wait(timeout=40) == 0
+    finally:
+        proxy.stop()
+        proxy.kill_upstream()
+    assert first["done"] is False and rest[-1]["done"] is True and len(rest) == 15  # whole
+    store = SqliteStore(tmp_path / "state.db")
+    try:
+        assert store.acquire("the-next-proxy", 60)  # given up on the way out
+    finally:
+        store.close()
+    assert "WORKER TIMEOUT" not in proxy.logs()
