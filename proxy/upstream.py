@@ -146,6 +146,9 @@ class Sessions:
                 cafile=None if endpoint.ca_cert else default_ca_bundle(),  # as the probes
                 cadata=endpoint.ca_cert or None,
             )
+        # aiohttp sends a request again on a new connection only when a kept one turned out
+        # closed, and only for idempotent methods with a body it still holds (never a POST,
+        # never a streamed body): what Ollama is asked to generate is asked once.
         session = aiohttp.ClientSession(
             connector=StrictConnector(limit=0, ssl=tls),  # bounded by the client connections
             auto_decompress=False,  # bodies pass through untouched, encoded or not
