@@ -130,9 +130,10 @@ class ResponseStream:
 
     def __init__(self, upstream: aiohttp.ClientResponse, protocol: Any,
                  on_close: Callable[[], None], on_broken: Callable[[], None] | None, watch: Any,
-                 path: str, framed_length: bool):
+                 path: str, framed_length: bool, detach: Callable[[], None]):
         self.upstream = upstream
         self._protocol = protocol
+        self._detach = detach
         self._on_close = on_close
         self._on_broken = on_broken
         self._watch = watch
@@ -193,6 +194,7 @@ class ResponseStream:
             return
         self._closed = True
         try:
+            self._detach()
             if self._watch is not None:
                 self._watch.on_gone(None)
             if not self._done:
@@ -243,17 +245,19 @@ class Forwarder:
                 upstream = await self._send(req, endpoint, strip_authorization, body_limit, watch)
             finally:
                 EXCHANGE.reset(token)
+            detach = _end_with_connection(upstream, exchange.protocol)
             try:
-                _end_with_connection(upstream, exchange.protocol)
                 framed = self._head(upstream, resp)
                 whole = await self._whole_body(req, upstream, framed, exchange.protocol)
             except BaseException:
+                detach()
                 upstream.close()  # a connection whose answer was refused is never reused
                 raise
         except BaseException:
             on_close()
             raise
         if whole is not None:
+            detach()
             upstream.release()
             on_close()
             if whole:
@@ -267,7 +271,7 @@ class Forwarder:
         if framed is not None:
             resp.set_header("Content-Length", str(framed))
         resp.stream = ResponseStream(upstream, exchange.protocol, on_close, on_broken, watch,
-                                     req.path, framed is not None)
+                                     req.path, framed is not None, detach)
 
     async def _send(self, req: falcon.asgi.Request, endpoint: Endpoint,
                     strip_authorization: bool, limit: int, watch: Any
@@ -380,13 +384,15 @@ class Forwarder:
         return body
 
 
-def _end_with_connection(upstream: aiohttp.ClientResponse, protocol: Any) -> None:
+def _end_with_connection(upstream: aiohttp.ClientResponse, protocol: Any
+                         ) -> Callable[[], None]:
     """Have the body fail when its connection closes before the body ended: when llhttp
     refuses a piece of a body (a chunk size of -2), aiohttp 3.14 closes the connection but
-    leaves the body waiting, for the read timeout (tests/test_framing.py)."""
+    leaves the body waiting, for the read timeout (tests/test_framing.py). Returns what
+    undoes it once the answer is over (a kept connection carries many answers)."""
     payload = upstream.content
     if protocol is None or payload.is_eof():
-        return
+        return _nothing
 
     def closed(future: asyncio.Future | None = None) -> None:
         if future is not None and not future.cancelled():
@@ -397,8 +403,13 @@ def _end_with_connection(upstream: aiohttp.ClientResponse, protocol: Any) -> Non
     future = protocol.closed
     if future is None:
         closed()  # closed already
-    else:
-        future.add_done_callback(closed)
+        return _nothing
+    future.add_done_callback(closed)
+    return lambda: future.remove_done_callback(closed)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _beyond_framing(upstream: aiohttp.ClientResponse, protocol: Any) -> bool:
