@@ -133,9 +133,9 @@ def test_many_workers_and_concurrent_cold_requests_start_one_upstream(tmp_path):
         assert starts(tmp_path) == 1
 
 
-def test_a_burst_of_streams_spreads_over_the_workers_free_threads(tmp_path):
-    """6 streams at once on 2 workers × 3 threads: all 6 run, none queues behind a busy worker."""
-    env = upstream_env(tmp_path, PROXY_WORKERS="2", PROXY_THREADS="3")
+def test_a_burst_of_streams_all_run_at_once(tmp_path):
+    """6 streams at once on 2 workers: all 6 run, none queues behind another."""
+    env = upstream_env(tmp_path, PROXY_WORKERS="2")
     with Proxy(tmp_path, **env) as proxy:
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
         proxy.wait_phase("ready")

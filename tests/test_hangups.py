@@ -1,8 +1,7 @@
 """A client that hangs up is let go at once with its upstream, through a real gunicorn: while
 the upstream works on the answer (a model loading, a whole answer generated for stream:
-false: the request's thread waits for the head), and mid-stream while the upstream is silent
-(the relay). Ollama stops working on a request whose connection closed; until the proxy
-closes its side, the GPU works on for nobody."""
+false), and mid-stream while the upstream is silent. Ollama stops working on a request whose
+connection closed; until the proxy closes its side, the GPU works on for nobody."""
 
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def ready(tmp_path):
-    """A ready proxy (1 worker, 2 threads) whose read timeout, a minute, ends nothing here."""
-    env = upstream_env(tmp_path, PROXY_WORKERS="1", PROXY_THREADS="2", PROXY_READ_TIMEOUT="60")
+    """A ready proxy (1 worker) whose read timeout, a minute, ends nothing here."""
+    env = upstream_env(tmp_path, PROXY_WORKERS="1", PROXY_READ_TIMEOUT="60")
     with Proxy(tmp_path, **env) as proxy:
         requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()
         proxy.wait_phase("ready")
@@ -65,3 +64,6 @@ def test_a_client_hanging_up_while_the_stream_is_silent_ends_it_at_once(ready):
         wait_until(lambda: ready.status()["in_flight"] == 1, 5, what="the stream in flight")
     # Within 20 s: before the upstream's next chunk, which is what ended it until now.
     wait_until(lambda: ready.status()["in_flight"] == 0, 20, what="the stream ended")
+    assert "499 /api/chat: the client hung up mid-answer" in ready.logs()
+    metrics = requests.get(ready.url + "/metrics", timeout=5).text
+    assert 'ollama_exoscale_client_hangups_total{route="/api/chat"} 1.0' in metrics

@@ -78,7 +78,7 @@ def assert_no_tracebacks(*proxies: Proxy) -> None:
 
 
 def test_500_cold_requests_on_two_proxies_start_one_server(tmp_path, store_env, start):
-    env = upstream_env(tmp_path, store_env, "--startup-delay", "0.3", PROXY_THREADS="40")
+    env = upstream_env(tmp_path, store_env, "--startup-delay", "0.3")
     a, b = start(**env, PROXY_WORKERS="4"), start(**env)
     urls = [a.url, b.url]
 
