@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -84,6 +85,16 @@ def watch_of(req: falcon.asgi.Request) -> Any:
     return extensions.get(WATCH) if extensions else None
 
 
+if sys.version_info >= (3, 11):
+    async def _within(seconds: float, awaitable):
+        """`await awaitable`, TimeoutError after `seconds` (a timer, not a task per read)."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    async def _within(seconds: float, awaitable):
+        return await asyncio.wait_for(awaitable, seconds)
+
+
 class RequestBody:
     """The request body as it arrives, each piece within `timeout`, at most `limit` bytes.
 
@@ -91,7 +102,8 @@ class RequestBody:
     here too, for the client's answer (413, 408)."""
 
     def __init__(self, stream, limit: int, timeout: float, watch: Any = None):
-        self._pieces = stream.__aiter__()
+        self._stream = stream
+        self._pieces = None  # falcon's iterator over the pieces, once streaming began
         self._limit = limit
         self._timeout = timeout
         self._watch = watch
@@ -102,8 +114,10 @@ class RequestBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._pieces is None:
+            self._pieces = self._stream.__aiter__()
         try:
-            piece = await asyncio.wait_for(self._pieces.__anext__(), self._timeout)
+            piece = await _within(self._timeout, self._pieces.__anext__())
         except asyncio.TimeoutError:
             self.failure = BodyStalled()
             raise self.failure from None
@@ -121,7 +135,16 @@ class RequestBody:
         return piece
 
     async def read(self) -> bytes:
-        return b"".join([piece async for piece in self])
+        """The whole (small) body, within one `timeout`."""
+        try:
+            body = await _within(self._timeout, self._stream.read())
+        except asyncio.TimeoutError:
+            self.failure = BodyStalled()
+            raise self.failure from None
+        if self._watch is not None and self._watch.gone:
+            self.failure = ClientGone()
+            raise self.failure
+        return body
 
 
 class ResponseStream:
@@ -338,30 +361,30 @@ class Forwarder:
         status = upstream.status
         if status == 101:
             raise _malformed("it switched protocols unasked (101)")
-        raw = upstream.raw_headers
         listed: set[str] = set()
         length: int | None = None
         chunked = False
-        for name, value in raw:
+        headers = []
+        for name, value in upstream.raw_headers:
             if _BAD_HEADER_BYTE.search(value) or not _TOKEN.match(name):
                 raise _malformed("a header holds a control byte")
-            lowered = name.decode("latin-1").lower()
-            if lowered == "connection":
+            lowered = name.lower()
+            if lowered == b"connection":
                 listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
-            elif lowered == "content-length":
+            elif lowered == b"content-length":
                 length = int(value)  # llhttp accepted it: digits only, one value
-            elif lowered == "transfer-encoding":
+            elif lowered == b"transfer-encoding":
                 chunked = True
+            headers.append((lowered.decode("latin-1"), name, value))
         if status in BODILESS and (chunked or length):
             raise _malformed(f"a {status} answer declares a body")
         if chunked and length is not None:
             raise _malformed("it has both Transfer-Encoding and Content-Length")
         resp.status = status
-        drop = RESPONSE_DROP | listed
-        for name, value in raw:
-            text = name.decode("latin-1")
-            if text.lower() not in drop:
-                resp.append_header(text, value.decode("latin-1"))
+        drop = RESPONSE_DROP | listed if listed else RESPONSE_DROP
+        for lowered, name, value in headers:
+            if lowered not in drop:
+                resp.append_header(name.decode("latin-1"), value.decode("latin-1"))
         return None if chunked else length
 
     @staticmethod
@@ -422,19 +445,21 @@ def _beyond_framing(upstream: aiohttp.ClientResponse, protocol: Any) -> bool:
 
 
 async def _unless_gone(request, watch: Any):
-    """Await the upstream's answer unless the client hangs up first (then ClientGone)."""
-    task = asyncio.ensure_future(request)
-    gone = asyncio.get_running_loop().create_future()
-    watch.on_gone(lambda: gone.done() or gone.set_result(None))
+    """Await the upstream's answer unless the client hangs up first (then ClientGone): the
+    hang-up cancels this task's wait, and aiohttp closes the upstream connection, so the
+    upstream stops working. (No second task: this is every forwarded request's path.)"""
+    task = asyncio.current_task()
+    watch.on_gone(task.cancel)
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        return await request
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise  # cancelled for another reason (the worker shutting down)
+        if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled here
+            task.uncancel()
+        raise ClientGone() from None
     finally:
         watch.on_gone(None)
-        if not task.done():
-            task.cancel()  # the upstream connection is closed: the upstream stops working
-    if not task.done() or task.cancelled():
-        raise ClientGone()
-    return task.result()
 
 
 def _hung_up(path: str, when: str) -> None:

@@ -231,5 +231,8 @@ class Worker(UvicornWorker):
         "lifespan": "on",
         "server_header": False,  # the upstream's own Server and Date headers pass through
         "date_header": False,
+        # The client's address is the socket's, as under gunicorn before: an X-Forwarded-For
+        # from a local client must not choose whose wrong-key count a request adds to.
+        "proxy_headers": False,
         "timeout_graceful_shutdown": STREAM_GRACE,
     }

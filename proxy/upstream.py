@@ -109,6 +109,7 @@ class Sessions:
         self._cert_dir = Path(cert_dir or tempfile.gettempdir())
         self._sessions: dict[tuple, requests.Session] = {}
         self._clients: dict[tuple, Client] = {}
+        self._last: tuple | None = None  # (endpoint, loop, client) of the last call
         self._lock = threading.Lock()
 
     @staticmethod
@@ -127,10 +128,15 @@ class Sessions:
     def client(self, endpoint: Endpoint) -> Client:
         """The endpoint's aiohttp client on the running event loop (made on first use)."""
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0] is endpoint and last[1] is loop and \
+                not last[2].session.closed:
+            return last[2]  # the same endpoint object as the last request: most requests
         key = (*self._key(endpoint), id(loop))
         found = self._clients.get(key)
         if found is None or found.session.closed:
             found = self._clients[key] = self._make_client(endpoint)
+        self._last = (endpoint, loop, found)
         return found
 
     def _make_client(self, endpoint: Endpoint) -> Client:
@@ -186,6 +192,7 @@ class Sessions:
     async def aclose(self) -> None:
         """Close this event loop's aiohttp clients (their idle connections)."""
         loop_id = id(asyncio.get_running_loop())
+        self._last = None
         for key, client in list(self._clients.items()):
             if key[-1] == loop_id:
                 del self._clients[key]
