@@ -148,10 +148,10 @@ def test_a_restart_adopts_the_server_that_exists(make, upstream):
 def test_the_lease_moves_when_its_holder_closes(make, upstream):
     provisioner = GatedProvisioner(Endpoint(upstream.url))
     a = make(provisioner)
-    wait_until(lambda: a.reconciler.doc is not None, 5, what="a holds the lease")
+    wait_until(lambda: a.reconciler.reconciling, 5, what="a holds the lease")
     b = make(provisioner)
     a.close(timeout=5)
-    wait_until(lambda: b.reconciler.doc is not None, 5, what="b takes the lease")
+    wait_until(lambda: b.reconciler.reconciling, 5, what="b takes the lease")
     b.want()
     wait_until(lambda: phase_of(b) == "ready", 5, what="ready through b")
 
