@@ -396,12 +396,25 @@ class StackRunner:
         return [str(i) for i in (ids.value if ids else None) or []]
 
     def adopt(self, pending: PendingCreate, object_id: str) -> None:
-        """Record that `pending` did create `object_id`: what `--import-pending-creates` does.
+        """Record that `pending` did create `object_id`, for the next refresh to import.
 
-        The Python SDK does not offer that flag, so the state is edited through `stack export`
-        and `stack import`, as Pulumi's troubleshooting guide describes; a refresh then reads
-        the object's outputs.
+        The resource goes into the state with the provider's import ID, `<ID>@<ZONE>`
+        (terraform-provider-exoscale pkg/utils/utils.go `ZonedStateContextFunc`), and no
+        outputs: a refresh reads a resource with empty state as an import (pulumi-terraform-
+        bridge pkg/tfbridge/provider.go `Read` runs the importer), which sets the bare ID and
+        every output. With the bare ID that import fails ("expected format <ID>@<ZONE>").
+
+        Not `refresh --import-pending-creates URN ID` (pulumi/pulumi
+        pkg/cmd/pulumi/operations/refresh.go), though the low-level `pulumi.automation.
+        interface` API passes it: it only turns the pending create into a pending `importing`
+        operation, and the refresh that follows refreshes the state's resources alone
+        (pkg/resource/deploy/deployment_executor.go) and carries only pending creates into
+        the new state (pkg/backend/journal.go): the instance would be forgotten, and the next
+        `up` would create a second one. The state is edited through `stack export` and
+        `stack import` instead, as Pulumi's troubleshooting guide describes.
         """
+        if not pending.zone:
+            raise UpdateFailed(f"cannot adopt {object_id}: the interrupted create names no zone")
         stack = self._stack()
         try:
             exported = stack.export_stack()
@@ -412,7 +425,9 @@ class StackRunner:
                 return
             deployment["pending_operations"] = [op for op in operations if op not in match]
             resources = [r for r in deployment.get("resources") or [] if _urn(r) != pending.urn]
-            resources.append({**match[0]["resource"], "id": object_id})
+            adopted = {**match[0]["resource"], "id": f"{object_id}@{pending.zone}"}
+            adopted.pop("outputs", None)  # empty state: the refresh imports it
+            resources.append(adopted)
             deployment["resources"] = resources
             stack.import_stack(auto.Deployment(version=exported.version, deployment=deployment))
         except CommandError as exc:

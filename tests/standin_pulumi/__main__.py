@@ -24,6 +24,8 @@ FLAGS = {
     "--diff", "--refresh", "--suppress-outputs", "--suppress-progress", "--debug",
     "--preserve-config", "--expect-no-changes", "--continue-on-error",
 }
+# Flags the CLI declares as string arrays (cobra's StringArray): each use adds one value.
+REPEATED = {"--import-pending-creates", "--target", "--exclude", "--replace", "--config"}
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
@@ -46,7 +48,10 @@ def parse(argv: list[str]) -> tuple[list[str], dict]:
                     if index >= len(argv):
                         raise CliError(f"flag needs an argument: {name}")
                     value = argv[index]
-                options[name] = value
+                if name in REPEATED:
+                    options.setdefault(name, []).append(value)
+                else:
+                    options[name] = value
         else:
             positional.append(arg)
         index += 1

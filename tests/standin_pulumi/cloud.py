@@ -117,17 +117,30 @@ class Cloud:
                 self._set_state(object_id, was, stack)
         return {**outputs, **inputs}
 
-    def read(self, type_: str, object_id: str, outputs: dict) -> dict | None:
-        """The object's outputs now, None if it is gone (state-only resources never are)."""
+    def read(self, type_: str, object_id: str, outputs: dict) -> tuple[str, dict] | None:
+        """The object's ID and outputs now; None if it is gone (state-only resources never are).
+
+        With no outputs it is an import: the Terraform bridge runs the provider's importer
+        (pulumi-terraform-bridge pkg/tfbridge/provider.go `Read`), and a compute instance's
+        importer takes only `<ID>@<ZONE>` (terraform-provider-exoscale 0.66.0
+        pkg/utils/utils.go `ZonedStateContextFunc`, the "Import" section of its compute
+        instance docs), then reads the instance by its bare ID.
+        """
         if type_ not in EXOSCALE_OBJECTS:
-            return outputs
+            return object_id, outputs
+        zone = None
+        if type_ == INSTANCE and not outputs:
+            object_id, at, zone = object_id.partition("@")
+            if not at or not object_id or not zone:
+                raise StepError(f'invalid ID "{object_id}{at}{zone}", expected format '
+                                '"<ID>@<ZONE>"')
         with self.objects() as data:
             found = data[EXOSCALE_OBJECTS[type_]].get(object_id)
-        if found is None:
+        if found is None or (zone is not None and found.get("zone") != zone):
             return None
         if type_ == INSTANCE:
-            return {**outputs, **_instance_outputs(found)}
-        return {**outputs, **{k: v for k, v in found.items() if k in outputs}}
+            return object_id, {**outputs, **_instance_outputs(found)}
+        return object_id, {**outputs, **{k: v for k, v in found.items() if k in outputs}}
 
     def delete(self, type_: str, object_id: str) -> None:
         if type_ not in EXOSCALE_OBJECTS:

@@ -464,35 +464,75 @@ def up(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
 
 
 def refresh(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
-    """Read every cloud object back; drop pending creates with --clear-pending-creates."""
+    """`pulumi refresh`, as pulumi/pulumi's pkg/cmd/pulumi/operations/refresh.go and the engine
+    run it: first the state edits the flags ask for, saved before the refresh starts:
+    `--import-pending-creates URN ID ...` (pairs; each matching pending create becomes a pending
+    `importing` operation with that ID), then `--clear-pending-creates` (the remaining pending
+    creates are dropped). Then a refresh step per resource of the state
+    (pkg/resource/deploy/deployment_executor.go `refresh`: `prev.Resources` only); at the end
+    only pending creates are carried into the new state (pkg/backend/journal.go
+    `GenerateDeployment`), so a pending import is dropped, not turned into a resource.
+    A resource with no outputs is read as an import (pulumi-terraform-bridge
+    pkg/tfbridge/provider.go `Read`: empty state runs the Terraform importer), which for
+    Exoscale's zoned resources needs the ID `<ID>@<ZONE>` (see `Cloud.read`).
+    """
     ws.require_passphrase()
     lock = ws.backend.lock(stack)
     events = Events(options.get("--event-log"))
     operation = Operation(ws, stack, "refresh", events, env)
     events.emit("preludeEvent", {"config": {}})
     try:
+        _edit_pending_creates(operation, options)
         for resource in list(operation.resources):
             if not resource.get("custom") or resource["type"].startswith("pulumi:providers:"):
                 continue
             metadata = operation.step("refresh", resource["urn"], resource["type"], resource, None)
             operation.pre(metadata)
-            outputs = operation.cloud.read(
-                resource["type"], resource.get("id", ""), resource.get("outputs") or {}
-            )
-            if outputs is None:
+            try:
+                found = operation.cloud.read(
+                    resource["type"], resource.get("id", ""), resource.get("outputs") or {}
+                )
+            except StepError as exc:
+                operation.fail(metadata, str(exc))
+                continue
+            if found is None:
                 operation.drop(resource["urn"])
                 operation.changes["delete"] += 1
-            elif outputs != resource.get("outputs"):
-                operation.put({**resource, "outputs": outputs})
+            elif found != (resource.get("id"), resource.get("outputs")):
+                object_id, outputs = found
+                operation.put({**resource, "id": object_id, "outputs": outputs})
                 operation.changes["update"] += 1
             else:
                 operation.changes["same"] += 1
             operation.done({**metadata, "new": state_metadata(operation.find(resource["urn"]))})
-        keep = "creating" if not options.get("--clear-pending-creates") else None
-        operation.pending = [p for p in operation.pending if p["type"] == keep]
+        operation.pending = [p for p in operation.pending if p["type"] == "creating"]
     finally:
         operation.finish(lock)
+    if operation.failure:
+        print("error: refresh failed", file=sys.stderr)
+        return 255
     return 0
+
+
+def _edit_pending_creates(operation: Operation, options: dict) -> None:
+    """The state edits refresh.go makes before it refreshes (`pendingCreatesToImports`, then
+    `filterMapPendingCreates` for --clear-pending-creates), saved at once."""
+    pairs = options.get("--import-pending-creates") or []
+    if len(pairs) % 2:
+        raise CliError("each URN must be followed by an ID: found an odd number of entries")
+    imports = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    edited = []
+    for op in operation.pending:
+        urn = op["resource"]["urn"]
+        if op["type"] == "creating" and urn in imports:
+            op = {"resource": {**op["resource"], "id": imports.pop(urn)}, "type": "importing"}
+        elif op["type"] == "creating" and options.get("--clear-pending-creates"):
+            continue
+        edited.append(op)
+    for urn in imports:
+        print(f'warning: "{urn}" did not correspond to a pending create', file=sys.stderr)
+    operation.pending = edited
+    operation.save()
 
 
 def destroy(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
