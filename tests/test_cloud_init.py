@@ -207,7 +207,7 @@ def test_script_passes_bash_n(user_data, tmp_path):
 
 
 def test_with_a_model_volume_the_script_mounts_it_before_ollama_starts(tls, tmp_path):
-    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    script = written(render(tls, zone="de-fra-1", model_volume_gb=50))[SCRIPT]["content"]
     assert "MODEL_VOLUME=1" in script
     main = script[script.index("\nmain() {"):]
     assert main.index("mount_models") < main.index("start_ollama")
@@ -228,7 +228,7 @@ def function_of(script: str, name: str) -> str:
 @pytest.mark.parametrize("disks, found", [("vda disk\nvdb disk\n", "/dev/vdb"),
                                           ("sr0 rom\nvda disk\n", None)])
 def test_the_model_volume_is_the_disk_that_is_not_the_root_disk(tls, tmp_path, disks, found):
-    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    script = written(render(tls, zone="de-fra-1", model_volume_gb=50))[SCRIPT]["content"]
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "findmnt").write_text("#!/bin/sh\necho /dev/vda1\n")

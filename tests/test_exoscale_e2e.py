@@ -171,7 +171,8 @@ def test_idle_action_stop_stops_the_instance_and_demand_starts_the_same_one(worl
 
 
 def test_a_kept_model_volume_outlives_the_instance_and_spares_the_next_pull(world):
-    w = world(PROXY_IDLE_TIMEOUT="2", PROXY_MODEL_VOLUME_GB="50", STANDIN_PULL_SECONDS="2")
+    w = world(PROXY_IDLE_TIMEOUT="2", PROXY_MODEL_VOLUME_GB="50", EXOSCALE_ZONE="de-fra-1",
+              STANDIN_PULL_SECONDS="2")
     with w.proxy() as proxy:
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
         first = proxy.wait_phase("ready", timeout=90)
