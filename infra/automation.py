@@ -288,13 +288,18 @@ class StackRunner:
         """Create or update the GPU server, running or stopped; returns what the program exports.
 
         `absent` removes the instance but keeps the rest (the model volume): returns None.
+        Declaring `running` or `stopped` refreshes first (`up --refresh`): the pinned provider
+        (terraform-provider-exoscale 0.66.0) stops an instance without reading its state, and
+        Exoscale refuses to stop one that is stopped already; with the state read back, an
+        instance that is already as declared is left alone.
         """
         self._require_credentials()
         stack = self._stack()
         narrator = _Narrator("up", progress, self.scrub, self._expected_count())
         self._instance_state = instance_state
         try:
-            result = stack.up(on_event=narrator, color="never")
+            result = stack.up(on_event=narrator, color="never",
+                              refresh=instance_state in ("running", "stopped"))
         except CommandError as exc:
             raise self._failure(exc, "up", narrator) from None
         finally:
@@ -628,6 +633,8 @@ class _Narrator:
     def _step(self, metadata: Any) -> None:
         if metadata.type == "pulumi:pulumi:Stack" or metadata.type.startswith("pulumi:providers:"):
             return
+        if metadata.op == OpType.REFRESH and self.verb != "refresh":
+            return  # an update's own refresh: the steps that follow are the news
         self.resources += 1
         self.changes[metadata.op.value] += 1
         if metadata.op == OpType.SAME:

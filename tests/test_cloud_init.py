@@ -11,6 +11,7 @@ fails the test with its name; nothing is skipped.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import json
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.cloudinit import TLS_SERVER_NAME, fill, render_user_data, template_dir
+from infra.cloudinit import TLS_SERVER_NAME, encoded_size, fill, render_user_data, template_dir
 from infra.settings import Settings
 from tests.nginx_front import Front, make_disk, on_disk, write_files
 
@@ -176,7 +177,18 @@ def test_unit_passes_systemd_analyze_verify(user_data, tmp_path):
 
 def test_user_data_fits_what_exoscale_accepts(tls):
     many = tuple(f"model{i}:latest" for i in range(50))
-    assert len(render(tls, models=many).encode()) < 32 * 1024
+    user_data = render(tls, models=many)
+    assert len(base64.b64encode(user_data.encode())) == encoded_size(user_data) < 32768
+
+
+def test_user_data_whose_base64_reaches_the_providers_limit_is_refused_naming_the_models(tls):
+    """The provider refuses >= 32768 bytes *encoded*: 26 KB of cloud-config passes a raw check."""
+    many = tuple(f"hf.co/some-user/model-number-{i:03d}-of-a-long-list:Q4_K_M" for i in range(150))
+    with pytest.raises(ValueError) as caught:
+        render(tls, models=many)
+    message = str(caught.value)
+    assert "base64" in message and "32768" in message
+    assert "OLLAMA_MODEL" in message and "150 names" in message
 
 
 def test_a_token_that_could_break_the_config_is_refused(tls):

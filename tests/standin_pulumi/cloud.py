@@ -47,6 +47,11 @@ PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 CERT = "tls:index/selfSignedCert:SelfSignedCert"
 EXOSCALE_OBJECTS = {INSTANCE: "instances", SECURITY_GROUP: "groups", SECURITY_GROUP_RULE: "rules",
                     VOLUME: "volumes"}
+# The provider's zones (terraform-provider-exoscale 0.66.0 pkg/config/config.go `Zones`) and
+# its user data limit (`ComputeMaxUserDataLength`).
+PROVIDER_ZONES = ["ch-gva-2", "ch-dk-2", "at-vie-1", "at-vie-2", "de-fra-1", "bg-sof-1",
+                  "de-muc-1", "hr-zag-1"]
+MAX_USER_DATA = 32768
 # What the simulated machine keeps in an instance's record, not the provider's outputs.
 MACHINE = ("pid", "port", "disk", "models_dir")
 # Inputs whose change the Exoscale provider applies in place; any other change replaces.
@@ -106,15 +111,30 @@ class Cloud:
             return object_id, dict(inputs)
         return str(uuid.uuid4()), dict(inputs)
 
-    def update(self, type_: str, object_id: str, inputs: dict, outputs: dict,
+    def check_inputs(self, type_: str, inputs: dict) -> None:
+        """The provider's checks of a compute instance's inputs, before any API call
+        (terraform-provider-exoscale 0.66.0 pkg/resources/instance/resource.go, its
+        validators in pkg/utils/utils.go)."""
+        if type_ != INSTANCE:
+            return
+        plain = reveal(inputs)
+        zone, kind = plain.get("zone"), plain.get("type") or ""
+        if zone not in PROVIDER_ZONES:  # validation.StringInSlice(config.Zones)
+            raise StepError(f"expected zone to be one of {json.dumps(PROVIDER_ZONES)}, "
+                            f"got {zone}")
+        if "." not in kind:  # ValidateComputeInstanceType
+            raise StepError(f'invalid value "{kind}", expected format "FAMILY.SIZE"')
+        if int(plain.get("diskSize") or 0) < 10:  # validation.IntAtLeast(10)
+            raise StepError(f"expected disk_size to be at least (10), got {plain.get('diskSize')}")
+        _check_user_data(plain.get("userData") or "")
+
+    def update(self, type_: str, object_id: str, old_inputs: dict, inputs: dict, outputs: dict,
                stack: list[dict]) -> dict:
-        if type_ in EXOSCALE_OBJECTS:
+        if type_ == INSTANCE:
+            self._update_instance(object_id, reveal(old_inputs), reveal(inputs))
+        elif type_ in EXOSCALE_OBJECTS:
             with self.objects() as data:
-                record = data[EXOSCALE_OBJECTS[type_]].setdefault(object_id, {})
-                was = record.get("state") or "running"
-                record.update(reveal(inputs))
-            if type_ == INSTANCE:
-                self._set_state(object_id, was, stack)
+                data[EXOSCALE_OBJECTS[type_]].setdefault(object_id, {}).update(reveal(inputs))
         return {**outputs, **inputs}
 
     def read(self, type_: str, object_id: str, outputs: dict) -> tuple[str, dict] | None:
@@ -206,19 +226,27 @@ class Cloud:
             data["instances"][object_id] = record
         return object_id, {**inputs, **_instance_outputs(record)}
 
-    def _set_state(self, object_id: str, was: str, stack: list[dict]) -> None:
-        """A stopped instance's server stops; started again, it boots on its own disk."""
+    def _update_instance(self, object_id: str, old: dict, new: dict) -> None:
+        """The provider's update of `state`, `diskSize` and `type` (0.66.0 resource.go,
+        `rUpdate`): it stops the instance without reading its state first, so the API refuses
+        when it is stopped already (fixed only in the Terraform provider 0.69.3); then it
+        starts it if `running` is declared. A stopped instance's server stops; started
+        again, it boots on its own disk."""
+        changed = {k for k in ("state", "diskSize", "type") if old.get(k) != new.get(k)}
+        stop = bool(changed) and (new.get("state") == "stopped" or bool(changed - {"state"}))
         with self.objects() as data:
             record = data["instances"][object_id]
-            state = record.get("state") or "running"
-            pid = record.get("pid")
-            if state == was:
-                return
-            if state == "stopped":
-                record["pid"] = None
-            else:
-                record["pid"] = self._boot(object_id, record)
-        if state == "stopped" and pid:
+            actual, pid = record.get("state") or "running", record.get("pid")
+            if stop and actual != "running":
+                raise StepError("unable to stop instance: Only running instances can be stopped")
+            record.update(new)
+            if stop:
+                record["state"], record["pid"], actual = "stopped", None, "stopped"
+            start = bool(changed) and new.get("state", "running") == "running"
+            if start and actual == "stopped":
+                record["state"] = "running"
+                record["pid"] = self._boot(object_id, record)  # its disk keeps what it pulled
+        if stop and pid:
             _stop(pid)
 
     def _port(self, plain: dict, stack: list[dict]) -> int:
@@ -254,6 +282,22 @@ class Cloud:
                 start_new_session=True,  # the server outlives the CLI, like a real one
             )
         return process.pid
+
+
+def _check_user_data(user_data: str) -> None:
+    """The provider's `EncodeUserData` (0.66.0 pkg/utils/utils.go): gzip is refused, base64 is
+    sent as it is, anything else is base64-encoded and refused at `ComputeMaxUserDataLength`."""
+    raw = user_data.encode()
+    if raw[:2] == b"\x1f\x8b":
+        raise StepError("user_data appears to be gzipped: it should be left raw, or also be "
+                        "base64 encoded")
+    try:
+        base64.b64decode(raw, validate=True)
+        return
+    except ValueError:
+        pass
+    if len(base64.b64encode(raw)) >= MAX_USER_DATA:
+        raise StepError(f"user-data maximum allowed length is {MAX_USER_DATA} bytes")
 
 
 def _instance_outputs(record: dict) -> dict:

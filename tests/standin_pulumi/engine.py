@@ -160,6 +160,38 @@ class Operation:
             body["urn"] = urn
         self.events.emit("diagnosticEvent", body)
 
+    def refresh_resources(self) -> None:
+        """A refresh step per resource of the state, then only pending creates kept (see
+        `refresh`). A compute instance's `state` input follows the cloud's, as the bridge's
+        `Read` returns inputs extracted from the refreshed state."""
+        for resource in list(self.resources):
+            if not resource.get("custom") or resource["type"].startswith("pulumi:providers:"):
+                continue
+            metadata = self.step("refresh", resource["urn"], resource["type"], resource, None)
+            self.pre(metadata)
+            try:
+                found = self.cloud.read(
+                    resource["type"], resource.get("id", ""), resource.get("outputs") or {}
+                )
+            except StepError as exc:
+                self.fail(metadata, str(exc))
+                continue
+            if found is None:
+                self.drop(resource["urn"])
+                self.changes["delete"] += 1
+            elif found != (resource.get("id"), resource.get("outputs")):
+                object_id, outputs = found
+                inputs = dict(resource.get("inputs") or {})
+                if resource["type"] == INSTANCE and "state" in inputs and outputs.get("state"):
+                    inputs["state"] = outputs["state"]
+                self.put({**resource, "id": object_id, "inputs": inputs, "outputs": outputs})
+                self.changes["update"] += 1
+            else:
+                self.changes["same"] += 1
+            self.done({**metadata, "new": state_metadata(self.find(resource["urn"]))})
+        self.pending = [p for p in self.pending if p["type"] == "creating"]
+        self.save()
+
     def finish(self, lock: Path) -> None:
         """Record the operation, close the event stream and release the lock."""
         result = "failed" if self.failure else "succeeded"
@@ -328,13 +360,16 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
         op = _operation(old, new)
         metadata = self.step(op, new["urn"], new["type"], old, new)
         self.pre(metadata)
+        if new["custom"] and op != "same":
+            self.cloud.check_inputs(new["type"], new["inputs"])  # the provider's Check
         if op == "same":
             new = {**new, "id": old.get("id", ""), "outputs": old.get("outputs") or {}}
         elif not new["custom"]:
             new = {**new, "outputs": (old or {}).get("outputs") or {}}
         elif op == "update":
             outputs = self.cloud.update(
-                new["type"], old["id"], new["inputs"], old["outputs"], self.resources
+                new["type"], old["id"], old["inputs"], new["inputs"], old["outputs"],
+                self.resources,
             )
             new = {**new, "id": old["id"], "outputs": outputs}
         else:
@@ -442,7 +477,10 @@ def up(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
     deployment = Deployment(ws, stack, events, env)
     events.emit("preludeEvent", {"config": {}})
     print(f"Updating ({stack}):")
-    if deployment.pending:
+    if options.get("--refresh"):  # the engine refreshes first (deployment_executor.go)
+        deployment.refresh_resources()
+        deployment.old = {r["urn"]: r for r in deployment.resources}
+    elif deployment.pending:
         # The real CLI warns and carries on: a pending create may be an orphan in the cloud.
         urns = ", ".join(p["resource"]["urn"] for p in deployment.pending)
         message = (
@@ -483,29 +521,7 @@ def refresh(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> in
     events.emit("preludeEvent", {"config": {}})
     try:
         _edit_pending_creates(operation, options)
-        for resource in list(operation.resources):
-            if not resource.get("custom") or resource["type"].startswith("pulumi:providers:"):
-                continue
-            metadata = operation.step("refresh", resource["urn"], resource["type"], resource, None)
-            operation.pre(metadata)
-            try:
-                found = operation.cloud.read(
-                    resource["type"], resource.get("id", ""), resource.get("outputs") or {}
-                )
-            except StepError as exc:
-                operation.fail(metadata, str(exc))
-                continue
-            if found is None:
-                operation.drop(resource["urn"])
-                operation.changes["delete"] += 1
-            elif found != (resource.get("id"), resource.get("outputs")):
-                object_id, outputs = found
-                operation.put({**resource, "id": object_id, "outputs": outputs})
-                operation.changes["update"] += 1
-            else:
-                operation.changes["same"] += 1
-            operation.done({**metadata, "new": state_metadata(operation.find(resource["urn"]))})
-        operation.pending = [p for p in operation.pending if p["type"] == "creating"]
+        operation.refresh_resources()
     finally:
         operation.finish(lock)
     if operation.failure:
