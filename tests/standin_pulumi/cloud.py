@@ -272,6 +272,7 @@ class Cloud:
             "port": record["port"],
             "boot_delay": float(self.env.get("STANDIN_BOOT_DELAY") or 0),
             "pull_seconds": float(self.env.get("STANDIN_PULL_SECONDS") or 0),
+            "gives_up": self.env.get("STANDIN_GIVES_UP") or "",
             "models_dir": record["models_dir"],
         }))
         with open(self.files / f"{object_id}.log", "ab") as log:
