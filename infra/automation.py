@@ -321,6 +321,22 @@ class StackRunner:
         except CommandError as exc:
             raise self._failure(exc, "destroy", narrator) from None
 
+    def preview(self, progress: Progress) -> dict[str, int]:
+        """What `up` would do now, done by nothing: a `pulumi preview` of the program against
+        the real provider. The template is looked up in the zone with these credentials and
+        the provider checks every input (the instance type's `family.size` form among them);
+        each planned step reaches `progress` ("would create exoscale:ComputeInstance gpu").
+        Returns the count of each planned operation on the program's resources (the stack and
+        its providers left out); a provider error raises UpdateFailed."""
+        self._require_credentials()
+        stack = self._stack()
+        narrator = _Narrator("preview", progress, self.scrub, self._expected_count())
+        try:
+            stack.preview(on_event=narrator, color="never")
+        except CommandError as exc:
+            raise self._failure(exc, "preview", narrator) from None
+        return dict(narrator.changes)
+
     def refresh(self, progress: Progress, *, clear_pending_creates: bool = False) -> None:
         """Read every resource back from the cloud; optionally drop creates that never finished."""
         self._require_credentials()
@@ -639,6 +655,10 @@ class _Narrator:
         self.changes[metadata.op.value] += 1
         if metadata.op == OpType.SAME:
             return
+        if self.verb == "preview":
+            self._say(f"would {metadata.op.value} {_short_type(metadata.type)} "
+                      f"{_name(metadata.urn)}")
+            return
         count = f"{self.resources}/{self.total}" if self.total else f"{self.resources}"
         elapsed = int(time.monotonic() - self.started)
         verb = _VERBS.get(metadata.op, str(metadata.op.value))
@@ -659,9 +679,15 @@ class _Narrator:
 
     def _summary(self) -> None:
         elapsed = int(time.monotonic() - self.started)
-        parts = [f"{n} {_DONE.get(op, op)}" for op, n in sorted(self.changes.items())]
+        parts = [f"{n} {self._counted(op)}" for op, n in sorted(self.changes.items())]
         done = ", ".join(parts) or "nothing to do"
         self._say(f"pulumi {self.verb} finished in {elapsed} s: {done}")
+
+    def _counted(self, op: str) -> str:
+        """'created', or 'to create' for a preview, whose counts are plans."""
+        if self.verb == "preview" and op != "same":
+            return f"to {op}"
+        return _DONE.get(op, op)
 
     def _say(self, sentence: str, level: int = logging.INFO) -> None:
         sentence = self.scrub(sentence)

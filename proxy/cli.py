@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor", help="check the prerequisites of the exoscale provisioner, and say how to fix"
     )
+    doctor.add_argument("--preview", action="store_true",
+                        help="then a `pulumi preview` against Exoscale (creates nothing)")
     doctor.set_defaults(run=doctor_command)
     return parser
 
@@ -192,12 +194,30 @@ def doctor_command(args: argparse.Namespace) -> int:
         if not check.ok and check.fix:
             print(f"      fix: {check.fix}")
     try:
-        Settings.from_env(config.env)
+        settings = Settings.from_env(config.env)
         print("ok    settings: the Exoscale settings are valid")
     except SettingsError as exc:
         failed.append(exc)
         print(f"FAIL  settings: {exc}")
+    if getattr(args, "preview", False):
+        failed += _preview(settings if not failed else None, config)
     return FAILED if failed else OK
+
+
+def _preview(settings: Any, config: Config) -> list[object]:
+    """`doctor --preview`: what `pulumi up` would do, or the provider's error (a failure)."""
+    if settings is None:
+        print("FAIL  preview: not run; fix the failures above first")
+        return ["preview"]
+    from infra.doctor import run_preview
+
+    check, planned = run_preview(settings, config.env, config.state_dir)
+    print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+    for step in planned:
+        print(f"      {step}")
+    if not check.ok:
+        print(f"      fix: {check.fix}")
+    return [] if check.ok else [check]
 
 
 def _client(args: argparse.Namespace) -> tuple[str, dict[str, str]]:

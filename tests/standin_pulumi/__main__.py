@@ -85,6 +85,7 @@ def main(argv: list[str]) -> int:
         "config set": lambda: config_set(ws, stack, positional[2], positional[3], options),
         "config": lambda: config_show(ws, stack, options),
         "up": lambda: engine().up(ws, stack, options, env),
+        "preview": lambda: engine().preview(ws, stack, options, env),
         "refresh": lambda: engine().refresh(ws, stack, options, env),
         "destroy": lambda: engine().destroy(ws, stack, options, env),
         "cancel": lambda: ws.backend.cancel(stack) or 0,

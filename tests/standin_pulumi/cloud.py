@@ -52,6 +52,9 @@ EXOSCALE_OBJECTS = {INSTANCE: "instances", SECURITY_GROUP: "groups", SECURITY_GR
 PROVIDER_ZONES = ["ch-gva-2", "ch-dk-2", "at-vie-1", "at-vie-2", "de-fra-1", "bg-sof-1",
                   "de-muc-1", "hr-zag-1"]
 MAX_USER_DATA = 32768
+# The public templates `getTemplate` finds by name (STANDIN_TEMPLATES: others, comma-separated).
+PUBLIC_TEMPLATES = ",".join(("Linux Ubuntu 24.04 LTS 64-bit", "Linux Ubuntu 22.04 LTS 64-bit",
+                             "Linux Debian 12 (Bookworm) 64-bit"))
 # What the simulated machine keeps in an instance's record, not the provider's outputs.
 MACHINE = ("pid", "port", "disk", "models_dir")
 # Inputs whose change the Exoscale provider applies in place; any other change replaces.
@@ -173,6 +176,10 @@ class Cloud:
     def invoke(self, token: str, args: dict) -> dict:
         if token == "exoscale:index/getTemplate:getTemplate":
             name = args.get("name") or "Linux Ubuntu 24.04 LTS 64-bit"
+            known = (self.env.get("STANDIN_TEMPLATES") or PUBLIC_TEMPLATES).split(",")
+            if name not in known:  # egoscale v2 GetTemplateByName finds none: ErrNotFound
+                raise StepError("invoking exoscale:index/getTemplate:getTemplate: resource "
+                                "not found")
             template_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{args.get('zone')}/{name}"))
             return {
                 "id": template_id, "name": name, "zone": args.get("zone"),

@@ -111,6 +111,7 @@ class Operation:
         self.start_text = now_text()
         self.failure: str | None = None
         self.lock = threading.RLock()
+        self.dry_run = False  # a preview: nothing reaches the cloud or the state
 
     def find(self, urn: str) -> dict | None:
         return next((r for r in self.resources if r["urn"] == urn), None)
@@ -129,6 +130,8 @@ class Operation:
         self.save()
 
     def save(self) -> None:
+        if self.dry_run:
+            return
         deployment = {"resources": self.resources, "pending_operations": self.pending}
         self.backend.save(self.stack, deployment)
 
@@ -139,10 +142,10 @@ class Operation:
         }
 
     def pre(self, metadata: dict) -> None:
-        self.events.emit("resourcePreEvent", {"metadata": metadata, "planning": False})
+        self.events.emit("resourcePreEvent", {"metadata": metadata, "planning": self.dry_run})
 
     def done(self, metadata: dict) -> None:
-        self.events.emit("resOutputsEvent", {"metadata": metadata, "planning": False})
+        self.events.emit("resOutputsEvent", {"metadata": metadata, "planning": self.dry_run})
         if metadata["op"] != "same":
             print(f" {metadata['op']:>8}  {metadata['type']}  {metadata['urn'].split('::')[-1]}")
 
@@ -221,8 +224,10 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
                  engine_pb2_grpc.EngineServicer):
     """`up`: the ResourceMonitor and Engine the SDK's program talks to."""
 
-    def __init__(self, ws: Workspace, stack: str, events: Events, env: dict[str, str]):
+    def __init__(self, ws: Workspace, stack: str, events: Events, env: dict[str, str],
+                 dry_run: bool = False):
         super().__init__(ws, stack, "update", events, env)
+        self.dry_run = dry_run
         self.old = {r["urn"]: r for r in self.resources}
         self.registered: set[str] = set()
         self.root_urn = ""
@@ -246,7 +251,8 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
             project=self.ws.project, stack=self.stack, pwd=str(self.ws.cwd), program=".",
             args=[address], config={k: v for k, (v, _) in config.items()},
             configSecretKeys=[k for k, (_, is_secret) in config.items() if is_secret],
-            dryRun=False, parallel=16, monitor_address=address, organization="organization",
+            dryRun=self.dry_run, parallel=16, monitor_address=address,
+            organization="organization",
         )
         try:
             with grpc.insecure_channel(client) as channel:
@@ -268,7 +274,7 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
                 continue
             metadata = self.step("delete", resource["urn"], resource["type"], resource, None)
             self.pre(metadata)
-            if resource.get("custom"):
+            if resource.get("custom") and not self.dry_run:
                 self.cloud.delete(resource["type"], resource.get("id", ""))
             self.drop(resource["urn"])
             self.changes["delete"] += 1
@@ -362,7 +368,11 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
         self.pre(metadata)
         if new["custom"] and op != "same":
             self.cloud.check_inputs(new["type"], new["inputs"])  # the provider's Check
-        if op == "same":
+        if self.dry_run and op != "same":
+            # A preview: what is known now; the outputs the cloud would make stay unknown.
+            new = {**new, "id": (old or {}).get("id", ""),
+                   "outputs": {**((old or {}).get("outputs") or {}), **new["inputs"]}}
+        elif op == "same":
             new = {**new, "id": old.get("id", ""), "outputs": old.get("outputs") or {}}
         elif not new["custom"]:
             new = {**new, "outputs": (old or {}).get("outputs") or {}}
@@ -497,6 +507,35 @@ def up(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
         deployment.finish(lock)
     if deployment.failure:
         print("error: update failed", file=sys.stderr)
+        return 255
+    return 0
+
+
+def preview(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
+    """`pulumi preview`: the program runs as for `up` (`dryRun` set in its RunRequest), every
+    step is planned and the provider checks every input, functions such as `getTemplate` are
+    invoked for real, and nothing is created or saved: no lock, no history."""
+    ws.require_passphrase()
+    ws.backend.require(stack)
+    events = Events(options.get("--event-log"))
+    deployment = Deployment(ws, stack, events, env, dry_run=True)
+    events.emit("preludeEvent", {"config": {}})
+    print(f"Previewing update ({stack}):")
+    try:
+        if not options.get("--client"):
+            raise CliError("the stand-in runs only inline programs (--client)")
+        deployment.run(options["--client"])
+    finally:
+        events.emit("summaryEvent", {
+            "maybeCorrupt": False, "durationSeconds": int(time.time() - deployment.started),
+            "resourceChanges": dict(deployment.changes), "PolicyPacks": {},
+        })
+        events.close()
+    print("Resources:")
+    for op, count in sorted(deployment.changes.items()):
+        print(f"    {count} to {op}")
+    if deployment.failure:
+        print("error: preview failed", file=sys.stderr)
         return 255
     return 0
 
