@@ -66,7 +66,7 @@ def run_checks(
         cli_check,
         *_check_plugins(command, env),
         _check_credentials(env),
-        _check_state_dir(state_dir),
+        check_state_dir(state_dir),
         _check_backend(command, env, state_dir),
     ]
 
@@ -158,7 +158,7 @@ def _check_credentials(env: Mapping[str, str]) -> Check:
     return Check("Exoscale credentials", True, "EXOSCALE_API_KEY and EXOSCALE_API_SECRET are set")
 
 
-def _check_state_dir(state_dir: Path) -> Check:
+def check_state_dir(state_dir: Path) -> Check:  # also `local`'s (proxy/local_checks.py)
     problem = _writable(state_dir)
     if problem:
         return Check("state dir", False, f"{state_dir} is not writable: {problem}",

@@ -20,6 +20,7 @@ from .failures import FailureLimit
 from .forward import Forwarder, UpstreamError
 from .lifecycle import Lifecycle, Snapshot, Ticket
 from .metrics import HELD, Counting, MetricsResource
+from .paths import CanonicalPath
 from .upstream import normalise_model
 
 SERVICE = "ollama-exoscale"
@@ -28,6 +29,7 @@ LOCAL_VERSION = "0.12.6"  # answered by /api/version before any upstream told us
 # seconds): a burst of demand while provisioning would otherwise redo it for every request.
 ANSWER_TTL = 0.25
 _PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
+PREFER_DIGITS = 9  # a longer `wait=` is more than any PROXY_MAX_HOLD: read as "as long as allowed"
 
 
 def is_openai(path: str) -> bool:
@@ -47,8 +49,9 @@ def _iso(timestamp: float) -> str | None:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-# Routes that can fill the disk, change or remove models: admin keys only.
-ADMIN_ROUTES = re.compile(r"^/api/(pull|push|create|copy|delete|blobs/.*)$|^/admin/")
+# Routes that can fill the disk, change or remove models, or the GPU server: admin keys only.
+# Matched on the canonical path (proxy/paths.py); a trailing slash is the same route upstream.
+ADMIN_ROUTES = re.compile(r"^/api/(pull|push|create|copy|delete)/?$|^/api/blobs(/|$)|^/admin(/|$)")
 
 
 class Auth:
@@ -56,6 +59,8 @@ class Auth:
     (installed only when keys are configured).
 
     Management routes (pull, push, create, copy, delete, blobs, /admin/*) need an admin key.
+    Only an offered wrong key counts toward the per-address limit: a request without a key (a
+    /ui tab left open) gets 401 and counts nothing, and a valid key is never answered 429.
     """
 
     def __init__(self, config: Config):
@@ -69,13 +74,6 @@ class Auth:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if _public(req):
             return
-        blocked_for = self.failures.blocked_for(req.remote_addr)
-        if blocked_for:
-            raise falcon.HTTPTooManyRequests(
-                description="too many requests with a wrong API key from this address; "
-                f"retry in {blocked_for} s",
-                retry_after=blocked_for,
-            )
         scheme, _, offered = (req.get_header("Authorization") or "").partition(" ")
         offered_bytes = offered.strip().encode()
         match = None
@@ -83,22 +81,34 @@ class Auth:
             if hmac.compare_digest(key, offered_bytes) and scheme.lower() == "bearer":
                 match = (key.decode(), admin)
         if match is None:
-            self.failures.record(req.remote_addr)
-            self.log.warning("401 for %s %s from %s: %s", req.method, req.path, req.remote_addr,
-                             "no bearer key" if not offered else "unknown key")
-            raise falcon.HTTPUnauthorized(
-                description="a valid API key is required: send Authorization: Bearer <key>",
-                challenges=["Bearer"],
-            )
+            self._refuse(req, offered_bytes)
         key, admin = match
         req.context.key_name = self.names.get(key, "key")
         if not admin and ADMIN_ROUTES.match(req.path):
             self.log.warning("403 for %s %s: key %s is not an admin key", req.method, req.path,
                              req.context.key_name)
             raise falcon.HTTPForbidden(
-                description=f"{req.path} changes the server's models: it needs an admin key "
-                "(PROXY_ADMIN_KEYS)"
+                description=f"{req.path} changes the server or its models: it needs an admin "
+                "key (PROXY_ADMIN_KEYS)"
             )
+
+    def _refuse(self, req: falcon.Request, offered: bytes) -> None:
+        """401 for a missing or wrong key; 429 once an address has offered too many wrong ones."""
+        if offered:
+            blocked_for = self.failures.blocked_for(req.remote_addr)
+            if blocked_for:
+                raise falcon.HTTPTooManyRequests(
+                    description="too many requests with a wrong API key from this address; "
+                    f"retry in {blocked_for} s",
+                    retry_after=blocked_for,
+                )
+            self.failures.record(req.remote_addr)
+        self.log.warning("401 for %s %s from %s: %s", req.method, req.path, req.remote_addr,
+                         "unknown key" if offered else "no bearer key")
+        raise falcon.HTTPUnauthorized(
+            description="a valid API key is required: send Authorization: Bearer <key>",
+            challenges=["Bearer"],
+        )
 
 
 def _public(req: falcon.Request) -> bool:
@@ -328,8 +338,6 @@ class Demand:
             raise falcon.HTTPMethodNotAllowed(
                 sorted(FORWARDED_METHODS), description=f"{req.method} is not an Ollama method"
             )
-        if "/." in req.path and any(part in (".", "..") for part in req.path.split("/")):
-            raise falcon.HTTPBadRequest(description="dot segments are not allowed in the path")
         limit = self.forwarder.body_limit(req.path, self.config.max_body, self.config.max_blob)
         if limit and (req.content_length or 0) > limit:  # refused before it wakes the GPU
             raise falcon.HTTPContentTooLarge(
@@ -337,6 +345,8 @@ class Demand:
                 f"limit of {limit} bytes (PROXY_MAX_BODY_MB, PROXY_MAX_BLOB_GB)"
             )
         ticket = self.lifecycle.admit()
+        if ticket is None and self.lifecycle.refresh():  # another worker may know it is ready
+            ticket = self.lifecycle.admit()
         if ticket is None:
             ticket = self._hold(req, resp)
         if ticket is None:
@@ -349,7 +359,9 @@ class Demand:
         if self.config.max_hold <= 0:
             return None  # holding is off (the default)
         match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
-        seconds = min(int(match.group(1)), self.config.max_hold) if match else 0
+        digits = match.group(1) if match else "0"
+        asked = int(digits) if len(digits) <= PREFER_DIGITS else self.config.max_hold
+        seconds = min(asked, self.config.max_hold)
         if seconds <= 0 or self.lifecycle.budget_used_up() or not self.lifecycle.try_hold_slot():
             return None  # no server will come today: no point holding
         HELD.inc()
@@ -468,7 +480,8 @@ def handle_unexpected(req, resp, exc, params) -> None:
 
 def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> falcon.App:
     # Without keys there is nothing to check: no middleware on the hot path for it.
-    app = falcon.App(middleware=[Counting()] + ([Auth(config)] if config.auth_enabled else []))
+    middleware = [Counting(), CanonicalPath()] + ([Auth(config)] if config.auth_enabled else [])
+    app = falcon.App(middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.req_options.strip_url_path_trailing_slash = False

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,11 @@ import requests
 from .config import Config, ConfigError
 
 # Exit codes a script can rely on.
-OK, FAILED, USAGE, UNREACHABLE, TIMEOUT = 0, 1, 2, 3, 4
+OK, FAILED, USAGE, UNREACHABLE, TIMEOUT, NOTHING_COMING = 0, 1, 2, 3, 4, 5
+PIPE_CLOSED = 128 + signal.SIGPIPE  # what a shell reports for a tool its reader left
+# How long `wait` watches an idle proxy that nobody asked for a server: long enough for a
+# request sent just before to reach the reconciler (a few ticks), short enough to be "at once".
+IDLE_GRACE = 10.0
 
 SERVE_FLAGS = {
     "bind": "PROXY_BIND",
@@ -36,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return USAGE
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that left shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # `status | head -3`: the reader has all it wanted; stop quietly, as CLI tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return PIPE_CLOSED
     except ConfigError as exc:
         print(f"ollama-exoscale: {exc}", file=sys.stderr)
         return USAGE
@@ -83,11 +95,14 @@ def _parser() -> argparse.ArgumentParser:
 
     wait = commands.add_parser("wait", help="block until the GPU server is ready")
     _client_flags(wait)
+    wait.add_argument("--up", action="store_true",
+                      help="ask for the GPU server first (as `up`; an admin key when keys are set)")
     wait.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
     wait.set_defaults(run=wait_command)
 
     doctor = commands.add_parser(
-        "doctor", help="check the prerequisites of the exoscale provisioner, and say how to fix"
+        "doctor", help="check what the chosen provisioner (PROXY_PROVISIONER) needs, and say "
+        "how to fix it"
     )
     doctor.add_argument("--preview", action="store_true",
                         help="then a `pulumi preview` against Exoscale (creates nothing)")
@@ -138,19 +153,24 @@ def _ask(args: argparse.Namespace, path: str, said: str, goal: str) -> int:
         return OK
     if goal == "idle":
         time.sleep(1.0)  # the reconciler takes the removal on its next tick
-    return follow(args, goal=goal)
+    return follow(args, goal=goal, asked=True)
 
 
 def wait_command(args: argparse.Namespace) -> int:
+    if args.up:  # `wait --up` is `up --wait`
+        args.wait = True
+        return _ask(args, "/admin/up", "provisioning requested", goal="ready")
     return follow(args, goal="ready")
 
 
-def follow(args: argparse.Namespace, goal: str) -> int:
-    """Show each phase and every progress step until `goal` (0), error (1) or timeout (4)."""
+def follow(args: argparse.Namespace, goal: str, asked: bool = False) -> int:
+    """Show each phase and every progress step until `goal` (0), error (1), timeout (4) or,
+    waiting for `ready` on an idle proxy that nothing will start, a few seconds (5)."""
     started = time.monotonic()
     seen: set[tuple[str, str]] = set()  # steps printed, by (at, text)
     last: tuple[str, str] | None = None  # the (phase, sentence) printed last
     estimated = False
+    idle_since: float | None = None  # when `wait` found the proxy idle with nothing coming
     while True:
         status = fetch_status(args)
         if isinstance(status, int):
@@ -174,6 +194,18 @@ def follow(args: argparse.Namespace, goal: str) -> int:
         if phase == "error":
             print(f"ollama-exoscale: {status.get('last_error')}", file=sys.stderr)
             return FAILED
+        why = _nothing_coming(status, started + args.timeout - time.monotonic(), asked) \
+            if goal == "ready" else ""
+        if not why:
+            idle_since = None
+        elif idle_since is None:  # said at once, then a few seconds for a request on its way
+            idle_since = time.monotonic()
+            print(f"ollama-exoscale: {why}; giving up in {IDLE_GRACE:g} s unless something "
+                  "starts it", file=sys.stderr, flush=True)
+        elif time.monotonic() - idle_since >= IDLE_GRACE:
+            print(f"ollama-exoscale: still {phase} after {IDLE_GRACE:g} s: nothing started the "
+                  "GPU server", file=sys.stderr)
+            return NOTHING_COMING
         if time.monotonic() - started > args.timeout:
             print(f"ollama-exoscale: not {goal} after {args.timeout:g} s (phase {phase})",
                   file=sys.stderr)
@@ -181,18 +213,39 @@ def follow(args: argparse.Namespace, goal: str) -> int:
         time.sleep(1.0)
 
 
+def _nothing_coming(status: dict[str, Any], left: float, asked: bool) -> str:
+    """Why nothing will start the GPU server in the `left` seconds, or "" when something may:
+    it is not idle, a warm window starts it in time, or we asked for it ourselves."""
+    if status.get("provisioning_status") != "idle":
+        return ""
+    warm = status.get("warm_windows") or {}
+    if (status.get("gpu") or {}).get("budget_used_up"):
+        return ("the daily GPU budget is used up (PROXY_DAILY_GPU_HOURS): no request starts "
+                f"the GPU server before midnight ({warm.get('timezone') or 'UTC'})")
+    if asked:
+        return ""
+    try:
+        starts_in = datetime.fromisoformat(warm["next_start"]).timestamp() - time.time()
+    except (KeyError, TypeError, ValueError):
+        starts_in = None
+    if starts_in is not None and starts_in <= left:
+        return ""
+    return ("the GPU server is idle and no request asks for it: `wait` only watches; ask for "
+            "the server with `ollama-exoscale wait --up` (admin key) or send a request")
+
+
 def doctor_command(args: argparse.Namespace) -> int:
-    """Each prerequisite on a line: ok or FAIL, what was found, and the fix."""
+    """Each prerequisite of the chosen provisioner on a line: ok or FAIL, what was found, and
+    the fix."""
+    config = Config.from_env()
+    if config.provisioner == "local":  # no Pulumi, no cloud: a program and an address
+        from .local_checks import run_local_checks
+
+        return FAILED if _show_checks(run_local_checks(config)) else OK
     from infra.doctor import run_checks
     from infra.settings import Settings, SettingsError
 
-    config = Config.from_env()
-    checks = run_checks(config.env, config.state_dir)
-    failed = [check for check in checks if not check.ok]
-    for check in checks:
-        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
-        if not check.ok and check.fix:
-            print(f"      fix: {check.fix}")
+    failed = _show_checks(run_checks(config.env, config.state_dir))
     try:
         settings = Settings.from_env(config.env)
         print("ok    settings: the Exoscale settings are valid")
@@ -204,6 +257,15 @@ def doctor_command(args: argparse.Namespace) -> int:
     return FAILED if failed else OK
 
 
+def _show_checks(checks: list) -> list:
+    """Print each check (and the fix of a failed one); the failed ones."""
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            print(f"      fix: {check.fix}")
+    return [check for check in checks if not check.ok]
+
+
 def _preview(settings: Any, config: Config) -> list[object]:
     """`doctor --preview`: what `pulumi up` would do, or the provider's error (a failure)."""
     if settings is None:
@@ -212,12 +274,10 @@ def _preview(settings: Any, config: Config) -> list[object]:
     from infra.doctor import run_preview
 
     check, planned = run_preview(settings, config.env, config.state_dir)
-    print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+    failed = _show_checks([check])
     for step in planned:
         print(f"      {step}")
-    if not check.ok:
-        print(f"      fix: {check.fix}")
-    return [] if check.ok else [check]
+    return failed
 
 
 def _client(args: argparse.Namespace) -> tuple[str, dict[str, str]]:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import falcon
+from gunicorn.http.errors import ParseException
 
 from . import h1
 from .provisioner import Endpoint
@@ -59,10 +60,20 @@ def _blocks(stream) -> Iterator[bytes]:
         yield block
 
 
+class MalformedBody(Exception):
+    """The client's chunked request body broke its framing (gunicorn de-chunks it as it goes)."""
+
+
 def _chunks(stream, limit: int) -> Iterator[bytes]:
     """A body sent with Transfer-Encoding: chunked (length unknown), block by block."""
     sent = 0
-    while block := stream.read(BODY_BLOCK):
+    while True:
+        try:
+            block = stream.read(BODY_BLOCK)
+        except ParseException as exc:  # a size of -2 or 0x2, a bare LF, a chunk past its size
+            raise MalformedBody(type(exc).__name__) from None
+        if not block:
+            return
         sent += len(block)
         if limit and sent > limit:
             raise BodyTooLarge()
@@ -146,6 +157,8 @@ class Forwarder:
     ) -> None:
         """Send `req` upstream and set `resp` to stream the answer; on_close runs exactly once.
 
+        strip_authorization: the client's Authorization header is a proxy key (keys are set).
+
         on_broken runs when the upstream's answer breaks off after its headers were sent.
         """
         try:
@@ -169,7 +182,9 @@ class Forwarder:
         target = quote(req.path, safe=PATH_SAFE)
         if req.query_string:
             target += "?" + req.query_string
-        headers = upstream_headers(req.env, strip_authorization)
+        # The upstream gets its own credential, never the client's: a token-guarded front
+        # answers 400 to two Authorization headers (nginx), and a proxy key is ours to keep.
+        headers = upstream_headers(req.env, strip_authorization or bool(endpoint.token))
         if endpoint.token:
             headers.append(("Authorization", f"Bearer {endpoint.token}"))
         body, chunked = self._body(req, headers, limit)
@@ -181,6 +196,8 @@ class Forwarder:
             log.info("%s %s: the client hung up before the upstream answered; dropped",
                      req.method, req.path)
             raise UpstreamError(499, "the client closed the connection") from None
+        except MalformedBody as exc:
+            raise UpstreamError(400, f"the chunked request body is malformed ({exc})") from None
         except BodyTooLarge:
             raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
         except (h1.ReadTimeout, h1.ConnectTimeout):

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import gputime
 from .config import Config
+from .decide import Phase
 from .provisioner import Endpoint, Provisioner
 from .reconciler import Reconciler, live_inflight
 from .store import Store, StoreError, WorkerReport
@@ -33,9 +34,12 @@ from .upstream import Sessions
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
-PHASES = ("idle", "provisioning", "starting", "ready", "destroying", "error")
+PHASES = tuple(phase.value for phase in Phase)
 HEARTBEAT = 1.0
 RETRY_AFTER_MAX = 60  # the OpenAI SDKs honour Retry-After only up to 60 s
+# Once a cold start is overdue, clients are told to wait at least this long: the OpenAI SDKs
+# retry only twice, and two retries of 1 s would be spent within a second.
+RETRY_AFTER_OVERDUE = 10
 
 
 def after(now: float, *known: float) -> float:
@@ -151,6 +155,9 @@ class Lifecycle:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._snapshot = Snapshot()
+        self._reports: list[WorkerReport] = []  # as of the last sync, for refresh()
+        self._refresh_lock = threading.Lock()
+        self._refreshed_at = 0.0  # monotonic time the last refresh() read began
         self.store_error: str | None = None
         self._sync()
         self._thread = threading.Thread(target=self._loop, name="lifecycle-sync", daemon=True)
@@ -175,6 +182,30 @@ class Lifecycle:
         if demand:
             self.want()
         return None
+
+    def refresh(self) -> bool:
+        """Read the shared state now, not as of the last tick; True when it says ready.
+
+        Called before a demand request is refused: another worker may already have seen the
+        server ready (and told a client so in /status) while this one's snapshot is a tick old.
+        Concurrent callers share one read that began after they asked. It blocks on the store.
+        """
+        asked = time.monotonic()
+        with self._refresh_lock:
+            if self._refreshed_at < asked:  # no read began since this caller asked: read now
+                self._refreshed_at = time.monotonic()
+                try:
+                    doc = self.store.load()
+                except StoreError:
+                    return False  # the sync loop reports the store's trouble
+                if doc.get("phase") == "ready":  # only then can this request be served
+                    snapshot = Snapshot.build(doc, self._reports, time.time(),
+                                              reconciler=self._snapshot.reconciler)
+                    with self._changed:
+                        self._snapshot = snapshot
+                        self._changed.notify_all()
+        snapshot = self._snapshot
+        return snapshot.phase == "ready" and snapshot.endpoint is not None
 
     def finish(self, ticket: Ticket) -> None:
         """The request or stream has ended (idempotent)."""
@@ -236,8 +267,13 @@ class Lifecycle:
                                    self.config.daily_gpu_hours)
 
     def retry_after(self, snapshot: Snapshot | None = None) -> int:
-        """Whole seconds until it is worth asking again (1 to 60, what the OpenAI SDKs honour)."""
-        return _clamp(self.expected_wait(snapshot))
+        """Whole seconds until it is worth asking again (1 to 60, what the OpenAI SDKs honour);
+        at least RETRY_AFTER_OVERDUE while a bring-up runs past its expected end."""
+        snapshot = snapshot or self._snapshot
+        wait = self.expected_wait(snapshot)
+        if snapshot.phase in ("provisioning", "starting") and wait <= 0:
+            return RETRY_AFTER_OVERDUE
+        return _clamp(wait)
 
     def expected_wait(self, snapshot: Snapshot | None = None) -> float:
         """Seconds until ready (or a retry is allowed), from the phase and past cold starts."""
@@ -288,6 +324,7 @@ class Lifecycle:
                 log.error("state store unavailable: %s", exc)
             self.store_error = str(exc)
             return
+        self._reports = reports
         snapshot = Snapshot.build(
             self.reconciler.doc or doc, reports, now, reconciler=self.reconciler.leader
         )

@@ -44,6 +44,8 @@ class LocalProvisioner:
         self.argv = shlex.split(command)
         if not self.argv:
             raise ConfigError("PROXY_LOCAL_COMMAND is empty; use e.g. 'ollama serve'")
+        # What progress, errors and logs name: the program, never its arguments (a token?).
+        self.program = os.path.basename(self.argv[0])
         self.host, self.port = split_host_port(addr, "PROXY_LOCAL_ADDR")
         self.addr = addr
         self.url = f"http://{self.host}:{self.port}"
@@ -66,7 +68,7 @@ class LocalProvisioner:
                 f"PROXY_LOCAL_ADDR {self.addr} is already in use by another program; stop it or "
                 "choose another address"
             )
-        progress(f"starting `{shlex.join(self.argv)}` on {self.addr}")
+        progress(f"starting `{self.program}` on {self.addr}")
         process = self._spawn()
         deadline = time.monotonic() + self.start_wait
         while time.monotonic() < deadline:
@@ -74,7 +76,7 @@ class LocalProvisioner:
             if code is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise ProvisionError(
-                    f"`{shlex.join(self.argv)}` exited with code {code} before listening on "
+                    f"`{self.program}` exited with code {code} before listening on "
                     f"{self.addr}: {self._log_tail()}"
                 )
             if _accepts(self.host, self.port):
@@ -82,13 +84,13 @@ class LocalProvisioner:
             time.sleep(0.1)
         self._stop(process.pid)
         raise ProvisionError(
-            f"`{shlex.join(self.argv)}` did not listen on {self.addr} within {self.start_wait:g} s"
+            f"`{self.program}` did not listen on {self.addr} within {self.start_wait:g} s"
         )
 
     def tear_down(self, progress: Progress) -> None:
         pid = self._running_pid()
         if pid:
-            progress(f"stopping `{shlex.join(self.argv)}` (pid {pid})")
+            progress(f"stopping `{self.program}` (pid {pid})")
             self._stop(pid)
         self.pid_file.unlink(missing_ok=True)
 
@@ -111,7 +113,7 @@ class LocalProvisioner:
                 )
         except OSError as exc:
             raise ProvisionError(
-                f"cannot start `{shlex.join(self.argv)}`: {exc.strerror}; check "
+                f"cannot start `{self.program}`: {exc.strerror}; check "
                 "PROXY_LOCAL_COMMAND"
             ) from None
         _children[process.pid] = process

@@ -14,21 +14,41 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
 
 from . import gputime, schedule
 from .config import Config
+from .decide import (
+    PROBE_EVERY,
+    AckDown,
+    Action,
+    CheckHealth,
+    Clock,
+    Demand,
+    Memory,
+    Phase,
+    Provision,
+    ResumeAwaitReady,
+    ResumeBringUp,
+    ResumeRemoval,
+    Retire,
+    RetryTearDown,
+    SetAside,
+    TearDownIdle,
+    Wait,
+    decide,
+    live_inflight,
+    probed,
+)
 from .provisioner import Endpoint, Provisioner, ProvisionError
 from .store import Store, StoreError, WorkerReport
 from .upstream import Sessions, load_model, probe, server_progress
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
-HEALTH_EVERY = 15.0  # seconds between probes of a ready upstream
 HEALTH_FAILURES = 3  # failed probes in a row before the upstream is re-examined
-PROBE_EVERY = 1.0  # seconds between readiness probes while starting
 DESTROY_GRACE_TICKS = 4  # ticks to wait after announcing `destroying`, for in-flight reports
 COLD_STARTS_KEPT = 20
 # A cold start's stages, each ending at its mark: the stack update, the boot until Ollama
@@ -36,7 +56,6 @@ COLD_STARTS_KEPT = 20
 STAGES = (("stack_update", "server"), ("boot", "answers"), ("model_pull", "listed"),
           ("model_load", "loaded"))
 STEPS_KEPT = 40  # progress sentences of the current operation kept in the document
-WORKER_TTL = 10.0  # a worker silent this long is dead: its in-flight requests stop counting
 REPORTS_KEPT = 86400.0  # seconds a dead worker's report is kept (its last activity counts)
 
 
@@ -65,11 +84,10 @@ class Reconciler:
         self._lease_renewed = 0.0
         self._operation: threading.Thread | None = None
         self._stop = threading.Event()
-        self._last_health = -HEALTH_EVERY  # time.monotonic() of the last probe: none yet
-        self._health_wish = 0.0  # a worker's wish for a probe newer than this is not answered
-        self._idle_mark = (0.0, 0.0)  # (idle_since, time.monotonic() when first seen)
+        # Changed by decide() on the tick and by operations, never both at once: no decision
+        # is taken while an operation runs.
+        self._memory = Memory()
         self._wanted_seen = 0.0  # the latest demand in the reports, as of the last decision
-        self._health_failures = 0
         self._detail_saved = 0.0
         self._doc_lock = threading.Lock()
 
@@ -117,54 +135,42 @@ class Reconciler:
 
     def _decide(self, reports: list[WorkerReport], now: float) -> None:
         doc = self.doc or {}
-        phase = doc.get("phase", "idle")
-        inflight = live_inflight(reports, now)
-        last_activity = max((r.last_activity for r in reports), default=0.0)
-        wanted_at = max((r.wanted_at for r in reports), default=0.0)
-        down_at = max((r.down_at for r in reports), default=0.0)
-        self._wanted_seen = wanted_at
-        down = down_at > doc.get("down_handled", 0.0)
-        local = datetime.fromtimestamp(now, self.config.tz)
-        warm = schedule.is_warm(self.config.warm_windows, local) and \
-            now >= doc.get("warm_off_until", 0.0)
-        over_budget = gputime.over_budget(doc, now, self.config.tz, self.config.daily_gpu_hours)
-
-        if phase == "idle" and over_budget:
-            if wanted_at > doc.get("demand_cutoff", 0.0):  # no start at midnight for old demand
-                self._commit(demand_cutoff=wanted_at)
-        elif phase == "idle" and (warm or wanted_at > doc.get("demand_cutoff", 0.0)):
-            self._begin_provisioning(now)
-        elif phase == "idle" and down:
-            self._commit(down_handled=down_at, **self._warm_off(local))
-        elif phase == "error" and now >= doc.get("retry_at", 0.0):
-            since = max(doc.get("phase_since", 0.0), doc.get("demand_cutoff", 0.0))
-            if (warm or wanted_at > since) and not over_budget:  # demand since the failure
-                self._begin_provisioning(now)
-            elif doc.get("teardown_pending"):
-                self._start(self._remove, "tear down (retry)")
-        elif phase == "provisioning":
-            self._start(self._bring_up, "bring up (resumed)")
-        elif phase == "starting":
-            self._start(self._await_ready, "await ready (resumed)")
-        elif phase == "destroying":
-            deadline = doc.get("phase_since", now) + self.config.drain_timeout
-            self._start(lambda: self._drain(deadline) and self._remove(), "tear down (resumed)")
-        elif phase == "ready":
-            reason, fresh = self._retire_reason(doc, down, over_budget, now)
-            ended = schedule.last_end(self.config.warm_windows, local)
-            idle_since = max(last_activity, doc.get("ready_since", 0.0),
-                             ended.timestamp() if ended else 0.0)
-            idle_for = self._idle_for(idle_since, now)
-            if reason:
-                stop = self.config.idle_action == "stop" and not fresh
-                self._start(lambda: self._retire(reason, down_at, local, stop), "retire")
-            elif not warm and inflight == 0 and idle_for >= self.config.idle_timeout:
-                self._start(lambda: self._tear_down_idle(idle_since, idle_for), "tear down (idle)")
-            elif self._health_due(wanted_at):
-                self._probed(now)
-                self._start(self._check_health, "health")
+        demand = Demand.of(reports, now)
+        self._wanted_seen = demand.wanted_at
+        action, self._memory = decide(doc, demand, Clock(now, time.monotonic()), self.config,
+                                      self._memory)
+        self._act(action, now)
         if now - doc.get("reports_pruned", 0.0) > 3600:
             self._prune(reports, now)
+
+    def _act(self, action: Action, now: float) -> None:
+        """Run the chosen action: a commit on the tick, or an operation in its thread."""
+        local = datetime.fromtimestamp(now, self.config.tz)
+        match action:
+            case Wait():
+                pass
+            case SetAside(wanted_at):
+                self._commit(demand_cutoff=wanted_at)
+            case Provision():
+                self._begin_provisioning(now)
+            case AckDown(down_at):
+                self._commit(down_handled=down_at, **self._warm_off(local))
+            case RetryTearDown():
+                self._start(self._remove, "tear down (retry)")
+            case ResumeBringUp():
+                self._start(self._bring_up, "bring up (resumed)")
+            case ResumeAwaitReady():
+                self._start(self._await_ready, "await ready (resumed)")
+            case ResumeRemoval(deadline):
+                self._start(lambda: self._drain(deadline) and self._remove(),
+                            "tear down (resumed)")
+            case Retire(reason, down_at, stop):
+                self._start(lambda: self._retire(reason, down_at, local, stop), "retire")
+            case TearDownIdle(idle_since, idle_for):
+                self._start(lambda: self._tear_down_idle(idle_since, idle_for),
+                            "tear down (idle)")
+            case CheckHealth():
+                self._start(self._check_health, "health")
 
     def _cutoff(self, now: float) -> float:
         """The time up to which demand counts as answered: now, or the latest demand seen when
@@ -172,45 +178,14 @@ class Reconciler:
         again the moment this one is gone)."""
         return max(now, self._wanted_seen)
 
-    def _idle_for(self, idle_since: float, now: float) -> float:
-        """Seconds without demand: by the wall clock (shared by every worker), or by how long
-        this reconciler has seen the same last demand, on a clock never stepped: a wall clock
-        stepped back an hour would otherwise keep an idle server (and its bill) that hour."""
-        if self._idle_mark[0] != idle_since:
-            self._idle_mark = (idle_since, time.monotonic())
-        return max(now - idle_since, time.monotonic() - self._idle_mark[1])
-
-    def _retire_reason(self, doc: dict[str, Any], down: bool, over_budget: bool,
-                       now: float) -> tuple[str, bool]:
-        """(why the ready server must go even under demand, "" when it may stay; whether a
-        fresh server is the point, so that stopping this one will not do)."""
-        hours = self.config.max_instance_hours
-        if down:
-            return "an operator asked for it (ollama-exoscale down)", False
-        if over_budget:
-            return f"the daily GPU budget of {self.config.daily_gpu_hours:g} h is used up", False
-        if hours and gputime.instance_seconds(doc, now) >= hours * 3600:
-            return f"it has run for PROXY_MAX_INSTANCE_HOURS={hours:g} h", True
-        return "", False
-
     def _warm_off(self, local: datetime) -> dict[str, Any]:
         """After an operator's `down` inside a warm window, that window no longer warms."""
         end = schedule.current_end(self.config.warm_windows, local)
         return {"warm_off_until": end.timestamp()} if end else {}
 
-    def _health_due(self, wanted_at: float) -> bool:
-        """Probe a ready upstream every HEALTH_EVERY; at once when a request found it failing
-        (a worker's wish since the last probe), and each PROBE_EVERY after a failed probe."""
-        every = PROBE_EVERY if self._health_failures else HEALTH_EVERY
-        return time.monotonic() - self._last_health >= every or wanted_at > self._health_wish
-
-    def _probed(self, now: float) -> None:
-        self._last_health = time.monotonic()
-        self._health_wish = self._cutoff(now)
-
     def _begin_provisioning(self, now: float) -> None:
         self._commit(
-            phase="provisioning",
+            phase=Phase.PROVISIONING,
             phase_since=now,
             provisioning_started_at=now,
             instance_since=now,  # billing may start with the request
@@ -218,7 +193,7 @@ class Reconciler:
             server_stages={},
             demand_cutoff=self._cutoff(now),
             teardown_pending=False,
-            **self._detail("provisioning", "starting the GPU server", now),
+            **self._detail(Phase.PROVISIONING, "starting the GPU server", now),
             last_error=None,
             endpoint=None,
         )
@@ -249,8 +224,8 @@ class Reconciler:
     def _adopt(self) -> None:
         """On taking the lease: make the document agree with what exists."""
         doc = self.doc or {}
-        phase = doc.get("phase", "idle")
-        if phase in ("provisioning", "starting", "destroying"):
+        phase = doc.get("phase", Phase.IDLE)
+        if phase in (Phase.PROVISIONING, Phase.STARTING, Phase.DESTROYING):
             return  # the next tick resumes the interrupted operation
         try:
             endpoint = self.provisioner.observe()
@@ -258,14 +233,14 @@ class Reconciler:
             log.error("could not observe what exists: %s", exc)
             return
         if endpoint is not None and endpoint.instance_status == "stopped":
-            if phase != "idle" or doc.get("instance_status") != "stopped":
+            if phase != Phase.IDLE or doc.get("instance_status") != "stopped":
                 log.info("the GPU server exists, stopped")
                 self._gone(instance_status="stopped")
-        elif endpoint is not None and phase in ("idle", "error", "ready"):
-            if phase != "ready" or doc.get("endpoint") != asdict(endpoint):
+        elif endpoint is not None and phase in (Phase.IDLE, Phase.ERROR, Phase.READY):
+            if phase != Phase.READY or doc.get("endpoint") != asdict(endpoint):
                 log.info("adopting the GPU server that exists at %s", endpoint.url)
                 self._commit(
-                    phase="starting",
+                    phase=Phase.STARTING,
                     phase_since=time.time(),
                     endpoint=asdict(endpoint),
                     provisioning_started_at=0.0,
@@ -273,7 +248,7 @@ class Reconciler:
                     detail="found an existing GPU server; checking its model",
                 )
                 self._await_ready()
-        elif endpoint is None and phase == "ready":
+        elif endpoint is None and phase == Phase.READY:
             log.warning("the GPU server in the state store no longer exists")
             self._gone()
 
@@ -288,7 +263,7 @@ class Reconciler:
             self._fail(f"provisioning failed unexpectedly ({type(exc).__name__}); see the logs")
             return
         self._commit(
-            phase="starting",
+            phase=Phase.STARTING,
             phase_since=time.time(),
             endpoint=asdict(endpoint),
             instance_status=endpoint.instance_status,
@@ -380,7 +355,7 @@ class Reconciler:
                 timeline["on_server"] = doc["server_stages"]  # the server's own phases
             timelines = (timelines + [timeline])[-COLD_STARTS_KEPT:]
         self._commit(
-            phase="ready",
+            phase=Phase.READY,
             phase_since=now,
             ready_since=now,
             detail="ready",
@@ -390,39 +365,40 @@ class Reconciler:
             timelines=timelines,
             upstream_version=version,
         )
-        self._probed(now)
-        self._health_failures = 0
+        self._memory = replace(probed(self._memory, Clock(now, time.monotonic()),
+                                      self._wanted_seen), health_failures=0)
 
     def _check_health(self) -> None:
         endpoint = Endpoint(**(self.doc or {})["endpoint"])
         if probe(self.sessions, endpoint, self.config.models).ready:
-            self._health_failures = 0
+            self._memory = replace(self._memory, health_failures=0)
             return
-        self._health_failures += 1
-        if self._health_failures < HEALTH_FAILURES:
+        failures = self._memory.health_failures + 1
+        if failures < HEALTH_FAILURES:
+            self._memory = replace(self._memory, health_failures=failures)
             return
-        self._health_failures = 0
+        self._memory = replace(self._memory, health_failures=0)
         found = self.provisioner.observe()
         log.warning("the ready upstream stopped answering; it %s", "exists" if found else "is gone")
         if found is None or found.instance_status == "stopped":
             self._gone(instance_status=found.instance_status if found else "absent")
         else:
-            self._commit(phase="starting", phase_since=time.time(), endpoint=asdict(found))
+            self._commit(phase=Phase.STARTING, phase_since=time.time(), endpoint=asdict(found))
             self._await_ready()
 
     def _tear_down_idle(self, idle_since: float, idle_for: float) -> None:
         now = time.time()
         stop = self.config.idle_action == "stop"
         sentence = "idle: stopping the GPU server" if stop else "idle: removing the GPU server"
-        self._commit(phase="destroying", phase_since=now, demand_cutoff=self._cutoff(now),
+        self._commit(phase=Phase.DESTROYING, phase_since=now, demand_cutoff=self._cutoff(now),
                      removal="stop" if stop else "destroy", removal_reason="idle",
-                     **self._detail("destroying", sentence, now))
+                     **self._detail(Phase.DESTROYING, sentence, now))
         # Workers may have admitted requests on a snapshot that still said `ready`:
         # give their reports time to arrive, then look again before removing anything.
         self._stop.wait(DESTROY_GRACE_TICKS * self.config.tick + 0.5)
         if self._activity_since(idle_since):
             log.info("demand arrived while about to remove the GPU server; keeping it")
-            self._commit(phase="ready", phase_since=time.time(), detail="ready")
+            self._commit(phase=Phase.READY, phase_since=time.time(), detail="ready")
             return
         log.info("removing the GPU server: idle for %.0f s", idle_for)
         self._remove()
@@ -432,11 +408,11 @@ class Reconciler:
         now = time.time()
         sentence = f"{'stopping' if stop else 'removing'} the GPU server: {reason}"
         log.warning("%s", sentence)
-        changes = self._detail("destroying", sentence, now)
+        changes = self._detail(Phase.DESTROYING, sentence, now)
         changes["removal_reason"] = reason
         if down_at > (self.doc or {}).get("down_handled", 0.0):
             changes.update(down_handled=down_at, **self._warm_off(local))
-        self._commit(phase="destroying", phase_since=now, removal="stop" if stop else "destroy",
+        self._commit(phase=Phase.DESTROYING, phase_since=now, removal="stop" if stop else "destroy",
                      **changes)
         if self._drain(now + self.config.drain_timeout):
             self._remove(demand_cutoff=self._cutoff(time.time()))  # refused meanwhile: not demand
@@ -478,7 +454,8 @@ class Reconciler:
         changes.setdefault("instance_status", "absent")
         now = time.time()
         booked = gputime.close_interval(self.doc or {}, now, self.config.tz)
-        self._commit(phase="idle", phase_since=now, endpoint=None, detail="", **booked, **changes)
+        self._commit(phase=Phase.IDLE, phase_since=now, endpoint=None, detail="", **booked,
+                     **changes)
 
     @staticmethod
     def _detail(phase: str, sentence: str, now: float) -> dict[str, Any]:
@@ -500,7 +477,7 @@ class Reconciler:
         log.error("provisioning failed (attempt %d, next try in %.0f s): %s", failures, backoff,
                   reason)
         changes: dict[str, Any] = dict(
-            phase="error", phase_since=now, last_error=reason, failures=failures,
+            phase=Phase.ERROR, phase_since=now, last_error=reason, failures=failures,
             retry_at=now + backoff, detail=reason, teardown_pending=teardown,
         )
         if not teardown:  # no server was made, or it is gone with the failed update
@@ -550,11 +527,6 @@ class Reconciler:
             except StoreError:
                 pass
             self._holding = False
-
-
-def live_inflight(reports: list[WorkerReport], now: float) -> int:
-    """Requests in flight on the workers still alive (a dead worker's stop counting)."""
-    return sum(r.inflight for r in reports if now - r.heartbeat < WORKER_TTL)
 
 
 def cold_start_timeline(marks: dict[str, float], started: float) -> dict[str, float]:

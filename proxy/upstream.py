@@ -40,6 +40,16 @@ class _PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
 
 
+class _NoRedirects(requests.Session):
+    """A probe asks the one upstream it was given: a 3xx is that upstream's answer, never a
+    reason to fetch another URL (an upstream answering `302 Location: http://elsewhere/`
+    would otherwise have the proxy poll elsewhere every second and take it for the GPU)."""
+
+    def request(self, *args, **kwargs) -> requests.Response:
+        kwargs["allow_redirects"] = False
+        return super().request(*args, **kwargs)
+
+
 class Sessions:
     """Per endpoint, made on first use and kept: a requests.Session for the probes and a
     connection pool for forwarding (proxy/h1.py), both with the upstream's certificate pinned."""
@@ -87,7 +97,7 @@ class Sessions:
 
     def _make(self, endpoint: Endpoint) -> requests.Session:
         register_secrets([endpoint.token])
-        session = requests.Session()
+        session = _NoRedirects()
         session.headers.clear()  # forward the client's headers, not requests' defaults
         session.trust_env = False  # never route upstream traffic through an env proxy
         adapter = _PinnedAdapter(

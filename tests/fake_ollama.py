@@ -686,6 +686,7 @@ class Handler(BaseHTTPRequestHandler):
             "path": urlsplit(self.path).path,
             "query": self.query,
             "headers": dict(self.headers.items()),
+            "header_lines": [list(item) for item in self.headers.items()],  # repeats included
             "body_length": body.length if body else 0,
             "body_sha256": (body.sha256 if body else hashlib.sha256()).hexdigest(),
             "status": self.status,
@@ -1156,6 +1157,7 @@ class Handler(BaseHTTPRequestHandler):
             "path": urlsplit(self.path).path,
             "query": self.query,
             "headers": dict(self.headers.items()),
+            "header_lines": [list(item) for item in self.headers.items()],  # repeats included
             "body_length": self.body.length,
             "body_sha256": self.body.sha256.hexdigest(),
             "body_head": bytes(head).decode("latin-1"),

@@ -207,17 +207,32 @@ def test_a_body_over_the_limit_gets_413_and_does_not_wake_the_gpu(proxy):
     assert provisioner.bring_ups == 1  # only the blob upload was demand
 
 
-def test_repeated_wrong_keys_from_one_address_get_429_for_a_while(proxy):
+def test_repeated_wrong_keys_from_one_address_get_429_but_a_right_key_passes(proxy):
     client, life, provisioner = proxy(api_keys=("right-key-1",), auth_failures=3)
     wrong = {"Authorization": "Bearer wrong-key"}
     codes = [client.simulate_get("/api/tags", headers=wrong).status_code for _ in range(4)]
     assert codes == [401, 401, 401, 429]
-    blocked = client.simulate_get("/api/tags", headers={"Authorization": "Bearer right-key-1"})
-    assert blocked.status_code == 429
-    assert 1 <= int(blocked.headers["Retry-After"]) <= 61
-    other = client.simulate_get("/api/tags", headers={"Authorization": "Bearer right-key-1"},
-                                remote_addr="10.1.2.3")
-    assert other.status_code == 200
+    assert 1 <= int(client.simulate_get("/api/tags", headers=wrong).headers["Retry-After"]) <= 61
+    right = client.simulate_get("/api/tags", headers={"Authorization": "Bearer right-key-1"})
+    assert right.status_code == 200  # the same address, but this client has the key
+    # Another address is not blocked at all.
+    other = client.simulate_get("/api/tags", headers=wrong, remote_addr="10.1.2.3")
+    assert other.status_code == 401
+
+
+def test_requests_without_a_key_never_lock_an_address_out(proxy):
+    """A /ui tab left open without a key polls /status every 2 s: 401 each, nothing counted."""
+    client, life, provisioner = proxy(api_keys=("right-key-1",), admin_keys=("admin-key-1",),
+                                      auth_failures=3)
+    codes = {client.simulate_get("/status").status_code for _ in range(10)}
+    assert codes == {401}
+    for key in ("right-key-1", "admin-key-1"):
+        answer = client.simulate_get("/status", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200
+    wrong = {"Authorization": "Bearer wrong-key"}
+    # The ten keyless requests counted nothing: the limit is still three wrong keys away.
+    codes = [client.simulate_get("/status", headers=wrong).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]
 
 
 def seed(tmp_path, doc):
@@ -290,3 +305,27 @@ def test_a_method_ollama_does_not_use_gets_405_and_does_not_wake_the_gpu(proxy, 
     assert v1.status_code == 405 and v1.json["error"]["message"]
     time.sleep(0.2)
     assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+
+
+def test_retry_after_stays_at_least_10_s_once_a_cold_start_is_overdue(proxy, tmp_path):
+    """Counting down to 1 would let the OpenAI SDKs spend both their retries in a second."""
+    seed(tmp_path, {"phase": "idle", "cold_starts": [0.5]})
+    client, life, provisioner = proxy()
+    first = client.simulate_post("/api/chat", json={})
+    assert first.status_code == 503
+    wait_until(lambda: life.snapshot().phase == "provisioning", 5, what="provisioning")
+    time.sleep(1)  # the typical cold start (0.5 s) has passed: the bring-up is overdue
+    for _ in range(3):
+        answer = client.simulate_post("/api/chat", json={})
+        assert answer.status_code == 503
+        assert 10 <= int(answer.headers["Retry-After"]) <= 60
+    assert 10 <= client.simulate_get("/status").json["retry_after"] <= 60
+
+
+@pytest.mark.parametrize("prefer", ["wait=" + "9" * 5000, "wait=99999999999999999999",
+                                    "wait=" + "1" * 4301 + ", respond-async"])
+def test_a_huge_prefer_wait_is_read_as_the_longest_hold_allowed(proxy, prefer):
+    client, life, provisioner = proxy(max_hold=0.3)
+    answer = client.simulate_post("/api/chat", json={}, headers={"Prefer": prefer})
+    assert answer.status_code == 503
+    assert answer.headers.get("Preference-Applied") == "wait=0.3"

@@ -296,3 +296,24 @@ def test_a_proxy_killed_mid_up_restarts_without_a_second_instance(world):
         again.wait_phase("ready", timeout=120)
         assert len(w.instances()) == 1
         assert not list((w.state / "pulumi-backend" / ".pulumi" / "locks").rglob("*.json"))
+
+
+def test_the_openai_sdk_without_proxy_keys_passes_the_real_front(world):
+    """Every OpenAI SDK sends `Authorization: Bearer <api_key>`. With no proxy keys the GPU
+    server must still get its own token alone: its nginx front answers 400 to two."""
+    import openai
+
+    w = world(STANDIN_PULL_SECONDS="0.5")
+    with w.proxy() as proxy:
+        requests.post(proxy.url + "/v1/chat/completions", json={}, timeout=5)
+        proxy.wait_phase("ready", timeout=90)
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-any-client-key",
+                               max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        answer = client.chat.completions.create(model="llama3.2", messages=messages)
+        assert answer.choices[0].message.content
+        chunks = list(client.chat.completions.create(model="llama3.2", messages=messages,
+                                                     stream=True))
+        assert len(chunks) > 2
+        assert [m.id for m in client.models.list()] == ["llama3.2:latest"]
+        assert "sk-any-client-key" not in proxy.logs()

@@ -15,14 +15,16 @@ from tests import fake_ollama
 from tests.test_upstream import NAME, make_cert
 
 
-def client_for(sessions: Sessions, endpoint: Endpoint, closed: list) -> falcon.testing.TestClient:
-    """An app whose every route is forwarded to `endpoint`, as the proxy's Demand routes are."""
+def client_for(sessions: Sessions, endpoint: Endpoint, closed: list, *, keys: bool = True
+               ) -> falcon.testing.TestClient:
+    """An app whose every route is forwarded to `endpoint`, as the proxy's Demand routes are;
+    `keys`: the proxy has API keys (the client's Authorization is one of them)."""
     forwarder = Forwarder(sessions, connect_timeout=2, read_timeout=10)
 
     def sink(req: falcon.Request, resp: falcon.Response, **_: object) -> None:
         try:
             forwarder.forward(req, resp, endpoint, lambda: closed.append(req.path),
-                              strip_authorization=True)
+                              strip_authorization=keys)
         except UpstreamError as exc:
             raise falcon.HTTPError(falcon.code_to_http_status(exc.status),
                                    description=str(exc)) from None
@@ -94,3 +96,26 @@ def test_a_certificate_other_than_the_pinned_one_gets_502_without_the_token(tmp_
     assert "TLS certificate did not verify" in answer.json["description"]
     assert "t0k3n" not in answer.text
     assert closed == ["/api/show"]
+
+
+def test_a_token_guarded_upstream_gets_its_token_alone_even_without_proxy_keys(tmp_path):
+    """Every OpenAI SDK sends `Authorization: Bearer <api_key>`; beside the GPU server's own
+    token that would be two Authorization headers, which its nginx front answers with 400."""
+    server = fake_ollama.start_in_thread(models="llama3.2", token="gpu-token")
+    try:
+        client = client_for(Sessions(4, tmp_path), Endpoint(server.url, token="gpu-token"), [],
+                            keys=False)
+        answer = client.simulate_get("/api/__echo/a",
+                                     headers={"Authorization": "Bearer sk-openai-client"})
+        assert answer.status_code == 200
+        lines = [value for name, value in answer.json["header_lines"]
+                 if name.lower() == "authorization"]
+        assert lines == ["Bearer gpu-token"]
+    finally:
+        server.close()
+
+
+def test_an_unguarded_upstream_gets_the_clients_own_authorization(upstream, tmp_path):
+    client = client_for(Sessions(4, tmp_path), Endpoint(upstream.url), [], keys=False)
+    answer = client.simulate_get("/api/__echo/a", headers={"Authorization": "Bearer own-key"})
+    assert answer.json["headers"]["Authorization"] == "Bearer own-key"

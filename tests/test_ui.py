@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 import requests
 from playwright.sync_api import sync_playwright
 
-from tests.harness import Proxy, fake_ollama_command, free_port
+from tests.harness import Proxy, fake_ollama_command, free_port, upstream_env
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +71,116 @@ def test_the_page_goes_from_idle_through_provisioning_to_ready_without_a_reload(
                               headers={"Authorization": "Bearer admin-key-123"}).json()
         assert status["gpu"]["total_seconds"] > 0 and status["instance_status"] == "absent"
         page.close()
+
+
+KEYS = {"PROXY_API_KEYS": "user-key-123", "PROXY_ADMIN_KEYS": "admin-key-123",
+        "PROXY_AUTH_FAILURES": "1000"}  # a page polling with a wrong key is not locked out here
+
+
+def use_key(page, key: str) -> None:
+    page.fill("#key", key)
+    page.dispatch_event("#key", "change")
+
+
+def next_refresh(page) -> None:
+    """Until the page has shown /status once more (`updated` has seconds, refreshes are 2 s)."""
+    before = page.text_content("#updated")
+    page.wait_for_function(f"document.getElementById('updated').textContent !== {before!r}",
+                           timeout=10_000)
+
+
+def test_a_user_keys_403_on_warm_up_and_shut_down_outlives_the_refreshes(tmp_path, browser):
+    with Proxy(tmp_path, **upstream_env(tmp_path), **KEYS) as proxy:
+        page = browser.new_page()
+        page.goto(proxy.url + "/ui")
+        use_key(page, "user-key-123")
+        page.wait_for_function("document.getElementById('phase').textContent === 'idle'")
+        page.click("#up")
+        page.wait_for_selector("text=PROXY_ADMIN_KEYS")  # the 403's reason: an admin key
+        next_refresh(page)
+        next_refresh(page)
+        said = page.inner_text("body")
+        assert "Warm up: /admin/up" in said and "needs an admin key (PROXY_ADMIN_KEYS)" in said
+        page.on("dialog", lambda dialog: dialog.accept())  # "Remove the GPU server now?"
+        page.click("#down")  # acting again: its own answer replaces the first
+        page.wait_for_selector("text=Shut down: /admin/down")
+        next_refresh(page)
+        assert "Warm up:" not in page.inner_text("body")
+        assert "Shut down: /admin/down" in page.inner_text("body")
+        page.wait_for_function(  # some seconds later it goes
+            "!document.body.innerText.includes('PROXY_ADMIN_KEYS')", timeout=30_000)
+        assert page.text_content("#phase") == "idle"
+        assert proxy.status({"Authorization": "Bearer admin-key-123"})[
+            "provisioning_status"] == "idle"
+        page.close()
+
+
+def test_a_wrong_key_clears_the_previous_keys_data_and_says_why(tmp_path, browser):
+    with Proxy(tmp_path, **upstream_env(tmp_path), **KEYS) as proxy:
+        page = browser.new_page()
+        page.goto(proxy.url + "/ui")
+        use_key(page, "admin-key-123")
+        page.wait_for_function("document.getElementById('phase').textContent === 'idle'")
+        assert page.text_content("#model") == "llama3.2"
+        use_key(page, "wrong-key")
+        page.wait_for_selector("text=This API key is not accepted")
+        assert page.text_content("#updated") == "never"
+        assert page.text_content("#phase") == "…"
+        for field in ("model", "provider", "instance", "gpu", "cold", "since"):
+            assert page.text_content(f"#{field}") == "-", field
+        assert "a valid API key is required" in page.text_content("#message")
+        page.close()
+
+
+def test_while_starting_the_page_shows_the_expected_wait(tmp_path, browser):
+    with Proxy(tmp_path, **upstream_env(tmp_path, "--startup-delay", "4")) as proxy:
+        page = browser.new_page()
+        page.goto(proxy.url + "/ui")
+        page.wait_for_function("document.getElementById('phase').textContent === 'idle'")
+        assert page.text_content("#wait") == "-"
+        page.click("#up")
+        shown = page.wait_for_function(
+            """() => {
+              const phase = document.getElementById('phase').textContent;
+              const wait = document.getElementById('wait');
+              return ['provisioning', 'starting'].includes(phase) && wait
+                && wait.textContent.startsWith('about') && wait.textContent;
+            }""", timeout=10_000,
+        ).json_value()
+        assert re.fullmatch(r"about \d+ s more \(no cold start measured yet\)", shown), shown
+        page.wait_for_function(
+            "document.getElementById('phase').textContent === 'ready'", timeout=30_000
+        )
+        assert page.text_content("#wait") == "-"
+        page.close()
+
+
+def test_every_time_on_the_page_is_in_the_proxys_time_zone(tmp_path, browser):
+    vienna = ZoneInfo("Europe/Vienna")
+    later = (datetime.now(vienna).hour + 6) % 24  # a window that is not now: nothing starts
+    env = {**upstream_env(tmp_path), "PROXY_TIMEZONE": "Europe/Vienna",
+           "PROXY_WARM_WINDOWS": f"{later:02d}:00-{later + 1:02d}:00"}
+    with Proxy(tmp_path, **env) as proxy:
+        context = browser.new_context(timezone_id="Asia/Tokyo")  # not the proxy's zone
+        page = context.new_page()
+        page.goto(proxy.url + "/ui")
+        page.click("#up")  # a phase with a start time
+        page.wait_for_function(
+            "document.getElementById('phase').textContent === 'ready'", timeout=30_000
+        )
+        status = proxy.status()
+
+        def local(iso: str, shape: str) -> str:
+            return datetime.fromisoformat(iso).astimezone(vienna).strftime(shape)
+
+        assert page.text_content("#since") == local(status["phase_since"], "%Y-%m-%d %H:%M:%S")
+        next_start = local(status["warm_windows"]["next_start"], "%Y-%m-%d %H:%M")
+        assert page.text_content("#warm") == (
+            f"{status['warm_windows']['windows'][0]}, next {next_start}")
+        shown = datetime.strptime(page.text_content("#updated"), "%H:%M:%S")
+        now = datetime.now(vienna)
+        apart = abs((now.hour * 3600 + now.minute * 60 + now.second)
+                    - (shown.hour * 3600 + shown.minute * 60 + shown.second))
+        assert min(apart, 86400 - apart) < 120  # Vienna's clock, not Tokyo's (8 or 7 h away)
+        assert page.text_content("#zone") == "Europe/Vienna"  # and the page says so
+        context.close()

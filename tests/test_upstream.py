@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from proxy.provisioner import Endpoint
-from proxy.upstream import Sessions, normalise_model, probe
+from proxy.upstream import Sessions, load_model, normalise_model, probe, server_progress
 
 NAME = "ollama-exoscale.invalid"  # the certificate's name; the server is reached by IP
 
@@ -69,3 +69,53 @@ def test_a_forwarding_pool_is_only_made_for_a_url_without_a_path(tmp_path):
     assert sessions.pool(Endpoint("http://127.0.0.1:9"), (1, 5)).port == 9
     with pytest.raises(ValueError, match="scheme://host:port"):
         sessions.pool(Endpoint("http://127.0.0.1:9/ollama"), (1, 5))
+
+
+def test_probes_never_follow_a_redirect(tmp_path):
+    """An upstream answering 302 elsewhere is an upstream that is not ready, and the place it
+    names is never asked (it would be polled every second and taken for the GPU server)."""
+    import http.server
+    import threading
+
+    elsewhere_hits = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            elsewhere_hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"models": [{"name": "llama3.2:latest"}], "detail": "x"}')
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://127.0.0.1:{other.server_address[1]}"
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", target + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (other, redirecting):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = Endpoint(f"http://127.0.0.1:{redirecting.server_address[1]}")
+        sessions = Sessions(2, tmp_path)
+        result = probe(sessions, endpoint, ("llama3.2",))
+        assert not result.ready and "302" in result.reason
+        assert server_progress(sessions, endpoint) is None
+        assert load_model(sessions, endpoint, "llama3.2", 60, 5) is not None
+        assert elsewhere_hits == []
+    finally:
+        for server in (other, redirecting):
+            server.shutdown()
+            server.server_close()

@@ -1,0 +1,232 @@
+"""The reconciler's choice as a pure function: the shared document, the workers' demand, the
+clocks, the config and what the reconciler remembers go in; one action comes out.
+
+Nothing here starts a thread, touches the store or sleeps: `decide` is tested as a table
+(tests/test_decide.py), and the Reconciler only runs the action it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from . import gputime, schedule
+from .config import Config
+from .store import WorkerReport
+
+HEALTH_EVERY = 15.0  # seconds between probes of a ready upstream
+PROBE_EVERY = 1.0  # seconds between probes after a failed one (and while starting)
+WORKER_TTL = 10.0  # a worker silent this long is dead: its in-flight requests stop counting
+
+
+class Phase(str, Enum):
+    """The lifecycle's phases; a str, so the JSON document and old stores read the same."""
+
+    IDLE = "idle"
+    PROVISIONING = "provisioning"
+    STARTING = "starting"
+    READY = "ready"
+    DESTROYING = "destroying"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What the live workers report, summed: requests in flight and the latest stamps."""
+
+    inflight: int = 0
+    last_activity: float = 0.0
+    wanted_at: float = 0.0
+    down_at: float = 0.0
+
+    @classmethod
+    def of(cls, reports: list[WorkerReport], now: float) -> Demand:
+        return cls(
+            inflight=live_inflight(reports, now),
+            last_activity=max((r.last_activity for r in reports), default=0.0),
+            wanted_at=max((r.wanted_at for r in reports), default=0.0),
+            down_at=max((r.down_at for r in reports), default=0.0),
+        )
+
+
+def live_inflight(reports: list[WorkerReport], now: float) -> int:
+    """Requests in flight on the workers still alive (a dead worker's stop counting)."""
+    return sum(r.inflight for r in reports if now - r.heartbeat < WORKER_TTL)
+
+
+@dataclass(frozen=True)
+class Clock:
+    now: float  # the wall clock: shared by every worker and host, but it can be stepped
+    monotonic: float  # this process's clock that is never stepped
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the reconciler remembers between ticks, outside the shared document."""
+
+    idle_mark: tuple[float, float] = (0.0, 0.0)  # (idle_since, monotonic time first seen)
+    last_health: float = -HEALTH_EVERY  # monotonic time of the last health probe: none yet
+    health_wish: float = 0.0  # a worker's wish for a probe newer than this is not answered
+    health_failures: int = 0  # failed health probes in a row
+
+
+# -- the actions: what the reconciler does next --------------------------------------------
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to do this tick."""
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """Demand while the daily budget is used up: answered (503), never a start at midnight."""
+
+    wanted_at: float
+
+
+@dataclass(frozen=True)
+class Provision:
+    """Start a GPU server."""
+
+
+@dataclass(frozen=True)
+class AckDown:
+    """An operator's `down` with no server: noted (and the warm window it falls in is off)."""
+
+    down_at: float
+
+
+@dataclass(frozen=True)
+class RetryTearDown:
+    """A failed removal is tried again."""
+
+
+@dataclass(frozen=True)
+class ResumeBringUp:
+    """An interrupted bring-up (a crash, a lease moved) goes on."""
+
+
+@dataclass(frozen=True)
+class ResumeAwaitReady:
+    """An interrupted wait for the model goes on."""
+
+
+@dataclass(frozen=True)
+class ResumeRemoval:
+    """An interrupted removal goes on: drain until `deadline`, then remove."""
+
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Remove (or stop) the ready server under demand: new requests wait, streams end."""
+
+    reason: str
+    down_at: float
+    stop: bool
+
+
+@dataclass(frozen=True)
+class TearDownIdle:
+    """The ready server has been idle for the idle timeout: remove or stop it."""
+
+    idle_since: float
+    idle_for: float
+
+
+@dataclass(frozen=True)
+class CheckHealth:
+    """Probe the ready upstream (due by time, or a request found it failing)."""
+
+
+Action = (Wait | SetAside | Provision | AckDown | RetryTearDown | ResumeBringUp
+          | ResumeAwaitReady | ResumeRemoval | Retire | TearDownIdle | CheckHealth)
+
+
+def decide(doc: dict[str, Any], demand: Demand, clock: Clock, config: Config,
+           memory: Memory) -> tuple[Action, Memory]:
+    """The one action for this tick, and the reconciler's memory after choosing it."""
+    now = clock.now
+    phase = doc.get("phase", Phase.IDLE)
+    down = demand.down_at > doc.get("down_handled", 0.0)
+    local = datetime.fromtimestamp(now, config.tz)
+    warm = schedule.is_warm(config.warm_windows, local) and now >= doc.get("warm_off_until", 0.0)
+    over_budget = gputime.over_budget(doc, now, config.tz, config.daily_gpu_hours)
+    new_demand = demand.wanted_at > doc.get("demand_cutoff", 0.0)
+
+    if phase == Phase.IDLE:
+        if over_budget:
+            return (SetAside(demand.wanted_at) if new_demand else Wait()), memory
+        if warm or new_demand:
+            return Provision(), memory
+        return (AckDown(demand.down_at) if down else Wait()), memory
+    if phase == Phase.ERROR:
+        if now < doc.get("retry_at", 0.0):
+            return Wait(), memory
+        since = max(doc.get("phase_since", 0.0), doc.get("demand_cutoff", 0.0))
+        if (warm or demand.wanted_at > since) and not over_budget:  # demand since the failure
+            return Provision(), memory
+        return (RetryTearDown() if doc.get("teardown_pending") else Wait()), memory
+    if phase == Phase.PROVISIONING:
+        return ResumeBringUp(), memory
+    if phase == Phase.STARTING:
+        return ResumeAwaitReady(), memory
+    if phase == Phase.DESTROYING:
+        return ResumeRemoval(doc.get("phase_since", now) + config.drain_timeout), memory
+    if phase == Phase.READY:
+        return _decide_ready(doc, demand, clock, config, memory, down, warm, over_budget)
+    return Wait(), memory
+
+
+def _decide_ready(doc: dict[str, Any], demand: Demand, clock: Clock, config: Config,
+                  memory: Memory, down: bool, warm: bool, over_budget: bool
+                  ) -> tuple[Action, Memory]:
+    now = clock.now
+    reason, fresh = retire_reason(doc, down, over_budget, now, config)
+    ended = schedule.last_end(config.warm_windows, datetime.fromtimestamp(now, config.tz))
+    idle_since = max(demand.last_activity, doc.get("ready_since", 0.0),
+                     ended.timestamp() if ended else 0.0)
+    memory, idle_for = _idle_for(memory, idle_since, clock)
+    if reason:
+        return Retire(reason, demand.down_at, config.idle_action == "stop" and not fresh), memory
+    if not warm and demand.inflight == 0 and idle_for >= config.idle_timeout:
+        return TearDownIdle(idle_since, idle_for), memory
+    every = PROBE_EVERY if memory.health_failures else HEALTH_EVERY
+    if clock.monotonic - memory.last_health >= every or demand.wanted_at > memory.health_wish:
+        return CheckHealth(), probed(memory, clock, demand.wanted_at)
+    return Wait(), memory
+
+
+def probed(memory: Memory, clock: Clock, wanted_seen: float) -> Memory:
+    """The memory once the upstream is probed now: wishes up to now are answered (or up to the
+    latest demand seen, when the clock was stepped back behind it)."""
+    return replace(memory, last_health=clock.monotonic, health_wish=max(clock.now, wanted_seen))
+
+
+def _idle_for(memory: Memory, idle_since: float, clock: Clock) -> tuple[Memory, float]:
+    """Seconds without demand: by the wall clock (shared by every worker), or by how long this
+    reconciler has seen the same last demand, on a clock never stepped: a wall clock stepped
+    back an hour would otherwise keep an idle server (and its bill) that hour."""
+    if memory.idle_mark[0] != idle_since:
+        memory = replace(memory, idle_mark=(idle_since, clock.monotonic))
+    return memory, max(clock.now - idle_since, clock.monotonic - memory.idle_mark[1])
+
+
+def retire_reason(doc: dict[str, Any], down: bool, over_budget: bool, now: float,
+                  config: Config) -> tuple[str, bool]:
+    """(why the ready server must go even under demand, "" when it may stay; whether a fresh
+    server is the point, so that stopping this one will not do)."""
+    hours = config.max_instance_hours
+    if down:
+        return "an operator asked for it (ollama-exoscale down)", False
+    if over_budget:
+        return f"the daily GPU budget of {config.daily_gpu_hours:g} h is used up", False
+    if hours and gputime.instance_seconds(doc, now) >= hours * 3600:
+        return f"it has run for PROXY_MAX_INSTANCE_HOURS={hours:g} h", True
+    return "", False
