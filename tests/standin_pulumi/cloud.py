@@ -131,8 +131,8 @@ class Cloud:
             raise StepError(f"expected disk_size to be at least (10), got {plain.get('diskSize')}")
         _check_user_data(plain.get("userData") or "")
 
-    def update(self, type_: str, object_id: str, old_inputs: dict, inputs: dict, outputs: dict,
-               stack: list[dict]) -> dict:
+    def update(self, type_: str, object_id: str, old_inputs: dict, inputs: dict,
+               outputs: dict) -> dict:
         if type_ == INSTANCE:
             self._update_instance(object_id, reveal(old_inputs), reveal(inputs))
         elif type_ in EXOSCALE_OBJECTS:

@@ -378,8 +378,7 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
             new = {**new, "outputs": (old or {}).get("outputs") or {}}
         elif op == "update":
             outputs = self.cloud.update(
-                new["type"], old["id"], old["inputs"], new["inputs"], old["outputs"],
-                self.resources,
+                new["type"], old["id"], old["inputs"], new["inputs"], old["outputs"]
             )
             new = {**new, "id": old["id"], "outputs": outputs}
         else:
