@@ -4,10 +4,12 @@
 Run by the bring-up script on the GPU server (Python 3 ships with Ubuntu):
   ollama-exoscale-progress say PHASE DETAIL   the bring-up entered PHASE ("installing Docker")
   ollama-exoscale-progress pull MODEL         pull MODEL through Ollama's API, saying its percent
+  ollama-exoscale-progress fail REASON        the bring-up gave up: phase "failed", `error` REASON
 
 The proxy reads the document (GET /ollama-exoscale/status, with the bearer token) while it
 waits, so its /status says "pulling llama3.2: 43%" instead of "starting". The document holds
-no secret: {"phase", "detail", "percent", "since", "durations": {phase: seconds}}.
+no secret: {"phase", "detail", "percent", "since", "durations": {phase: seconds}}, and `error`
+when the bring-up gave up (the proxy then removes the server).
 """
 
 import json
@@ -28,7 +30,7 @@ def read() -> dict:
         return {}
 
 
-def say(phase: str, detail: str, percent=None) -> None:
+def say(phase: str, detail: str, percent=None, error=None) -> None:
     """Write the document at once (atomically); the time spent in each phase is summed."""
     doc, now = read(), time.time()
     durations = doc.get("durations") or {}
@@ -38,6 +40,8 @@ def say(phase: str, detail: str, percent=None) -> None:
     since = doc.get("since", now) if doc.get("phase") == phase else now
     doc = {"phase": phase, "detail": detail, "percent": percent, "since": since,
            "durations": durations}
+    if error:
+        doc["error"] = error
     os.makedirs(os.path.dirname(STATUS), exist_ok=True)
     scratch = STATUS + ".tmp"
     with open(scratch, "w") as file:
@@ -78,7 +82,11 @@ def main(argv: list) -> int:
         return 0
     if len(argv) == 2 and argv[0] == "pull":
         return pull(argv[1])
-    print("usage: ollama-exoscale-progress say PHASE DETAIL | pull MODEL", file=sys.stderr)
+    if len(argv) == 2 and argv[0] == "fail":
+        say("failed", argv[1], error=argv[1])
+        return 0
+    print("usage: ollama-exoscale-progress say PHASE DETAIL | pull MODEL | fail REASON",
+          file=sys.stderr)
     return 2
 
 

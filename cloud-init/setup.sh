@@ -20,16 +20,64 @@ export STATUS_FILE=$STATE_DIR/status.json  # where ollama-exoscale-progress writ
 NVIDIA_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
 NVIDIA_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 SITE=/etc/ollama-exoscale/nginx-site.conf
+PROGRESS=/usr/local/sbin/ollama-exoscale-progress
 READY=$STATE_DIR/ready  # the front lets requests through to Ollama only once this exists
+FAILED=$STATE_DIR/failed  # the bring-up gave up: why, for every later run to say again
+GAVE_UP=3  # the exit status the unit does not restart on (RestartPreventExitStatus)
+DRIVER_ATTEMPTS=3  # installs of the NVIDIA driver before the bring-up gives up
+APT_WAIT=1200  # seconds to wait for another apt (unattended-upgrades at first boot)
+DPKG_LOCK=/var/lib/dpkg/lock-frontend  # what every apt and dpkg takes (an fcntl lock)
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "ollama-exoscale-setup: $*" >&2; }
 
 # say PHASE DETAIL: the progress the front serves to the proxy (never fatal).
-say() { /usr/local/sbin/ollama-exoscale-progress say "$@" || log "cannot write the progress"; }
+say() { "$PROGRESS" say "$@" || log "cannot write the progress"; }
 
 # apt waits for another apt (unattended-upgrades at first boot) instead of failing on its lock.
 apt_get() { apt-get -q -o DPkg::Lock::Timeout=1200 "$@"; }
+
+# give_up REASON: a failure that retrying will not fix. The progress document says it, so
+# the proxy shows it and removes this server instead of paying for it; the unit stops here.
+give_up() {
+  local reason="$*"
+  log "giving up: $reason"
+  echo "$reason" >"$FAILED"
+  "$PROGRESS" fail "$reason" || log "cannot write the progress"
+  exit "$GAVE_UP"
+}
+
+# apt_idle: no apt or dpkg holds the dpkg lock now (they take it with fcntl, as tried here).
+apt_idle() {
+  python3 -c 'import fcntl, sys
+with open(sys.argv[1], "a") as lock:
+    fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)' "$DPKG_LOCK" 2>/dev/null
+}
+
+# wait_for_apt: until apt is idle, at most APT_WAIT s. ubuntu-drivers runs apt-get without a
+# lock timeout, and at first boot unattended-upgrades holds the lock for minutes.
+wait_for_apt() {
+  local waited=0
+  until apt_idle; do
+    if [ "$waited" -ge "$APT_WAIT" ]; then
+      log "another apt still holds $DPKG_LOCK after $APT_WAIT s"
+      return 1
+    fi
+    [ "$waited" -eq 0 ] && log "waiting for another apt (unattended-upgrades) to finish"
+    sleep 5
+    waited=$((waited + 5))
+  done
+}
+
+# driver_installed: an NVIDIA driver package is installed, what `ubuntu-drivers install
+# --gpgpu` installs (nvidia-headless-no-dkms-NNN[-server]; a desktop nvidia-driver-NNN too).
+driver_installed() {
+  local listed
+  # shellcheck disable=SC2016 # ${Status} and ${Package} are dpkg-query's fields
+  listed=$(dpkg-query -W -f='${Status} ${Package}\n' 'nvidia-headless-*' 'nvidia-driver-*' \
+    2>/dev/null || true)  # it fails when one pattern matches no package at all
+  grep -q '^install ok installed nvidia-' <<<"$listed"
+}
 
 retry() {  # retry N COMMAND...: downloads fail now and then
   local tries=$1 n=1
@@ -63,17 +111,31 @@ install_packages() {
 
 nvidia_loaded() { [ -e /proc/driver/nvidia/version ]; }
 
+# install_driver: the headless, server-branch driver Ubuntu recommends for this GPU (no X, no
+# desktop), checked by its result: noble's ubuntu-drivers exits 0 when it installed nothing
+# ("No drivers found", a DKMS-only module skipped), so its exit status says nothing.
+install_driver() {
+  local n
+  for n in $(seq 1 "$DRIVER_ATTEMPTS"); do
+    say driver "installing the NVIDIA driver (attempt $n of $DRIVER_ATTEMPTS)"
+    wait_for_apt || true  # then ubuntu-drivers fails on the lock, and this attempt with it
+    ubuntu-drivers install --gpgpu || log "ubuntu-drivers install --gpgpu failed"
+    if driver_installed; then return 0; fi
+    log "no NVIDIA driver package is installed after attempt $n"
+    if [ "$n" -lt "$DRIVER_ATTEMPTS" ]; then sleep $((n * 15)); fi
+  done
+  give_up "the NVIDIA driver could not be installed: ubuntu-drivers install --gpgpu left no" \
+    "nvidia-headless or nvidia-driver package after $DRIVER_ATTEMPTS attempts"
+}
+
 install_nvidia_driver() {
   if nvidia_loaded; then return 0; fi
-  say driver "installing the NVIDIA driver"
-  # The headless, server-branch driver Ubuntu recommends for this GPU (no X, no desktop).
-  retry 3 ubuntu-drivers install --gpgpu
+  if ! driver_installed; then install_driver; fi
   modprobe nvidia || true
   if nvidia_loaded; then return 0; fi
   # Another module (nouveau) holds the GPU until the next boot: reboot once; the unit runs again.
   if [ -e "$STATE_DIR/rebooted-for-driver" ]; then
-    log "the NVIDIA driver does not load, even after a reboot"
-    return 1
+    give_up "the NVIDIA driver is installed but does not load, even after a reboot"
   fi
   touch "$STATE_DIR/rebooted-for-driver"
   log "rebooting to load the NVIDIA driver"
@@ -175,7 +237,7 @@ pull_models() {
     if docker exec ollama ollama show "$model" >/dev/null 2>&1; then continue; fi
     log "pulling model $model"
     # Through Ollama's API on loopback: its percent goes into the progress document.
-    retry 3 /usr/local/sbin/ollama-exoscale-progress pull "$model"
+    retry 3 "$PROGRESS" pull "$model"
   done
 }
 
@@ -197,6 +259,7 @@ mark_ready() {
 main() {
   mkdir -p "$STATE_DIR"
   chmod 0755 "$STATE_DIR"  # the front's workers read the progress document in it
+  if [ -e "$FAILED" ]; then give_up "$(cat "$FAILED")"; fi  # a reboot changes nothing
   if [ -e "$READY" ]; then rm -f "$STATE_DIR/status.json"; fi  # a restart: time this boot only
   say packages "starting the bring-up"
   install_packages

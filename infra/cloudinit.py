@@ -25,8 +25,10 @@ TLS_SERVER_NAME = "ollama-exoscale.invalid"
 OLLAMA_IMAGE = "ollama/ollama"
 STATE_DIR = "/var/lib/ollama-exoscale"  # the setup script's: progress document, ready marker
 HEADER = "#cloud-config\n# ollama-exoscale: rendered by infra/cloudinit.py from cloud-init/\n"
-# What the Exoscale API accepts as user data.
-MAX_USER_DATA_BYTES = 32 * 1024
+# The provider base64-encodes the user data and refuses 32768 encoded bytes or more
+# (terraform-provider-exoscale 0.66.0 pkg/utils/utils.go `EncodeUserData`,
+# `ComputeMaxUserDataLength`): about 24 KB of cloud-config.
+MAX_USER_DATA_BYTES = 32768
 
 _PLACEHOLDER = re.compile(r"\{\{ *([A-Za-z0-9_.-]+) *\}\}")
 # RFC 6750's token68: safe inside nginx's double quotes (no `"`, `$`, `\`, space or `;`).
@@ -65,12 +67,19 @@ def render_user_data(settings: Settings, token: str, tls_cert_pem: str, tls_key_
     rendered = HEADER + yaml.dump(
         config, Dumper=_BlockDumper, sort_keys=False, width=1000, allow_unicode=False
     )
-    if len(rendered.encode()) > MAX_USER_DATA_BYTES:
+    encoded = encoded_size(rendered)
+    if encoded >= MAX_USER_DATA_BYTES:
         raise ValueError(
-            f"the user data is {len(rendered.encode())} bytes; Exoscale accepts at most "
-            f"{MAX_USER_DATA_BYTES}"
+            f"the GPU server's user data is {encoded} bytes base64-encoded, and the Exoscale "
+            f"provider refuses {MAX_USER_DATA_BYTES} or more: the models list (OLLAMA_MODEL, "
+            f"{len(settings.models)} names) makes it too long; list fewer models"
         )
     return rendered
+
+
+def encoded_size(user_data: str) -> int:
+    """The user data's length as the provider sends it: base64 of the UTF-8 bytes."""
+    return 4 * -(-len(user_data.encode()) // 3)
 
 
 def fill(template: str, values: Mapping[str, str]) -> str:

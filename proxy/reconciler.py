@@ -293,6 +293,9 @@ class Reconciler:
                 self._become_ready(result.version)
                 return
             on_server = server_progress(self.sessions, endpoint) if result.answered else None
+            if on_server and on_server.get("error"):
+                self._server_gave_up(str(on_server["error"])[:300])
+                return
             self._progress(f"on the server: {on_server['detail']}" if on_server else result.reason)
             if time.time() > deadline:
                 self._fail(
@@ -301,6 +304,18 @@ class Reconciler:
                 )
                 return
             self._stop.wait(PROBE_EVERY)
+
+    def _server_gave_up(self, error: str) -> None:
+        """The server's bring-up gave up (cloud-init/setup.sh `give_up`): nothing will make it
+        ready, so it is removed rather than billed, and the reason is the error shown."""
+        reason = f"the GPU server's bring-up failed: {error}"
+        self._progress(f"{reason}; removing the GPU server")
+        try:
+            self.provisioner.tear_down(self._progress)
+        except ProvisionError as exc:
+            self._fail(f"{reason}; removing it failed too: {exc}", teardown=True)
+            return
+        self._fail(reason)
 
     def _load_models(self, endpoint: Endpoint) -> None:
         """Load each model once, so the first request does not pay for it (best effort)."""

@@ -11,6 +11,7 @@ fails the test with its name; nothing is skipped.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import json
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.cloudinit import TLS_SERVER_NAME, fill, render_user_data, template_dir
+from infra.cloudinit import TLS_SERVER_NAME, encoded_size, fill, render_user_data, template_dir
 from infra.settings import Settings
 from tests.nginx_front import Front, make_disk, on_disk, write_files
 
@@ -176,7 +177,18 @@ def test_unit_passes_systemd_analyze_verify(user_data, tmp_path):
 
 def test_user_data_fits_what_exoscale_accepts(tls):
     many = tuple(f"model{i}:latest" for i in range(50))
-    assert len(render(tls, models=many).encode()) < 32 * 1024
+    user_data = render(tls, models=many)
+    assert len(base64.b64encode(user_data.encode())) == encoded_size(user_data) < 32768
+
+
+def test_user_data_whose_base64_reaches_the_providers_limit_is_refused_naming_the_models(tls):
+    """The provider refuses >= 32768 bytes *encoded*: 26 KB of cloud-config passes a raw check."""
+    many = tuple(f"hf.co/some-user/model-number-{i:03d}-of-a-long-list:Q4_K_M" for i in range(150))
+    with pytest.raises(ValueError) as caught:
+        render(tls, models=many)
+    message = str(caught.value)
+    assert "base64" in message and "32768" in message
+    assert "OLLAMA_MODEL" in message and "150 names" in message
 
 
 def test_a_token_that_could_break_the_config_is_refused(tls):
@@ -207,7 +219,7 @@ def test_script_passes_bash_n(user_data, tmp_path):
 
 
 def test_with_a_model_volume_the_script_mounts_it_before_ollama_starts(tls, tmp_path):
-    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    script = written(render(tls, zone="de-fra-1", model_volume_gb=50))[SCRIPT]["content"]
     assert "MODEL_VOLUME=1" in script
     main = script[script.index("\nmain() {"):]
     assert main.index("mount_models") < main.index("start_ollama")
@@ -228,7 +240,7 @@ def function_of(script: str, name: str) -> str:
 @pytest.mark.parametrize("disks, found", [("vda disk\nvdb disk\n", "/dev/vdb"),
                                           ("sr0 rom\nvda disk\n", None)])
 def test_the_model_volume_is_the_disk_that_is_not_the_root_disk(tls, tmp_path, disks, found):
-    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    script = written(render(tls, zone="de-fra-1", model_volume_gb=50))[SCRIPT]["content"]
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "findmnt").write_text("#!/bin/sh\necho /dev/vda1\n")
@@ -285,6 +297,128 @@ def test_script_says_ready_in_the_progress_before_it_opens_the_gate(user_data, t
     assert "local models=ollama" in script and '-v "$models:/root/.ollama"' in script
     assert "MODEL_VOLUME=0" in script  # no volume unless asked for
     assert "nvidia-ctk runtime configure --runtime=docker" in script
+
+
+# -- the NVIDIA driver, checked by its result ---------------------------------------------------
+
+
+DRIVER_FUNCTIONS = ("log", "say", "give_up", "apt_idle", "wait_for_apt", "driver_installed",
+                    "install_driver")
+
+
+def run_driver_install(user_data: str, tmp_path: Path, ubuntu_drivers: str, sleep: str = ":"):
+    """The script's `install_driver` with stubbed commands: `ubuntu-drivers` (this shell
+    body), `dpkg-query` (lists the packages named in tmp_path/installed), `sleep`, and the
+    progress command (records its arguments in tmp_path/progress)."""
+    script = written(user_data)[SCRIPT]["content"]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "ubuntu-drivers").write_text(
+        f'#!/bin/bash\necho "$*" >>{tmp_path}/ubuntu-drivers.calls\n{ubuntu_drivers}\n')
+    (stubs / "dpkg-query").write_text(  # dpkg-query -W -f='${Status} ${Package}\n' PATTERN...
+        f"#!/bin/bash\n[ -f {tmp_path}/installed ] || exit 1\n"
+        f"while read -r p; do echo \"install ok installed $p\"; done <{tmp_path}/installed\n")
+    (stubs / "sleep").write_text(f"#!/bin/bash\n{sleep}\n")
+    (stubs / "progress").write_text(f'#!/bin/bash\necho "$*" >>{tmp_path}/progress\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    lock = tmp_path / "dpkg.lock"
+    lock.touch()
+    preamble = (f"set -euo pipefail\nSTATE_DIR={tmp_path}\nFAILED={tmp_path}/failed\n"
+                f"GAVE_UP=3\nDRIVER_ATTEMPTS=3\nAPT_WAIT=60\nDPKG_LOCK={lock}\n"
+                f"PROGRESS={stubs}/progress\n")
+    body = "".join(function_of(script, name) for name in DRIVER_FUNCTIONS)
+    return run(need("bash", "bash"), "-c", preamble + body + "install_driver",
+               env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+
+
+def calls(tmp_path: Path, name: str) -> list[str]:
+    path = tmp_path / name
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_driver_install_that_exits_0_having_installed_nothing_is_retried_then_given_up(
+        user_data, tmp_path):
+    """noble's ubuntu-drivers prints "No drivers found" and exits 0: the package decides."""
+    done = run_driver_install(user_data, tmp_path, 'echo "No drivers found for installation."')
+    assert done.returncode == 3, done.stderr  # the unit's RestartPreventExitStatus
+    assert calls(tmp_path, "ubuntu-drivers.calls") == ["install --gpgpu"] * 3
+    reason = (tmp_path / "failed").read_text().strip()
+    assert "NVIDIA driver could not be installed" in reason and "3 attempts" in reason
+    assert calls(tmp_path, "progress")[-1] == f"fail {reason}"
+    assert "say driver installing the NVIDIA driver (attempt 3 of 3)" in calls(tmp_path,
+                                                                                  "progress")
+
+
+def test_a_driver_that_installs_on_the_second_attempt_passes(user_data, tmp_path):
+    second = (f'if [ "$(wc -l <{tmp_path}/ubuntu-drivers.calls)" -ge 2 ]; then '
+              f"echo nvidia-headless-no-dkms-570-server >{tmp_path}/installed; fi")
+    done = run_driver_install(user_data, tmp_path, second)
+    assert done.returncode == 0, done.stderr
+    assert len(calls(tmp_path, "ubuntu-drivers.calls")) == 2
+    assert not (tmp_path / "failed").exists()
+    assert not any(line.startswith("fail ") for line in calls(tmp_path, "progress"))
+
+
+def test_the_driver_install_waits_for_the_apt_lock_first(user_data, tmp_path):
+    """unattended-upgrades holds the dpkg lock at first boot; ubuntu-drivers' apt-get would
+    fail on it at once. Here a process holds it until the script has waited once."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "lock = open(sys.argv[1], 'a'); fcntl.lockf(lock, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(120)", str(tmp_path / "dpkg.lock")],
+        stdout=subprocess.PIPE, text=True)
+    (tmp_path / "dpkg.lock").touch()
+    try:
+        assert holder.stdout.readline() == "held\n"
+        check_lock = (  # what ubuntu-drivers' apt-get would meet
+            f"python3 -c 'import fcntl, sys; fcntl.lockf(open(sys.argv[1], \"a\"), "
+            f"fcntl.LOCK_EX | fcntl.LOCK_NB)' {tmp_path}/dpkg.lock && echo free >>{tmp_path}/lock"
+            f" || echo held >>{tmp_path}/lock\n"
+            f"echo nvidia-headless-no-dkms-570-server >{tmp_path}/installed")
+        done = run_driver_install(user_data, tmp_path, check_lock, sleep=f"kill {holder.pid}")
+        assert done.returncode == 0, done.stderr
+        assert "waiting for another apt" in done.stderr
+        assert calls(tmp_path, "lock") == ["free"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_driver_that_does_not_load_after_a_reboot_gives_up(user_data, tmp_path):
+    script = written(user_data)[SCRIPT]["content"]
+    (tmp_path / "rebooted-for-driver").touch()
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("dpkg-query", "echo 'install ok installed nvidia-headless-no-dkms-570'"),
+                       ("modprobe", "exit 1"), ("progress", f'echo "$*" >>{tmp_path}/progress')):
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    preamble = (f"set -euo pipefail\nSTATE_DIR={tmp_path}\nFAILED={tmp_path}/failed\n"
+                f"GAVE_UP=3\nPROGRESS={stubs}/progress\n"
+                "nvidia_loaded() { false; }\n")
+    names = ("log", "say", "give_up", "driver_installed", "install_nvidia_driver")
+    body = "".join(function_of(script, name) for name in names)
+    done = run(need("bash", "bash"), "-c", preamble + body + "install_nvidia_driver",
+               env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert done.returncode == 3
+    assert "does not load, even after a reboot" in calls(tmp_path, "progress")[-1]
+
+
+def test_the_unit_does_not_restart_a_bring_up_that_gave_up(user_data):
+    unit = written(user_data)[UNIT]["content"]
+    script = written(user_data)[SCRIPT]["content"]
+    assert "GAVE_UP=3" in script and "RestartPreventExitStatus=3\n" in unit
+    main = script[script.index("\nmain() {"):]
+    assert main.index('give_up "$(cat "$FAILED")"') < main.index("install_packages")
+
+
+def test_progress_fail_writes_the_error_the_proxy_acts_on(tmp_path):
+    assert progress(tmp_path, "say", "driver", "installing the NVIDIA driver").returncode == 0
+    assert progress(tmp_path, "fail", "the NVIDIA driver could not be installed").returncode == 0
+    doc = json.loads((tmp_path / "status.json").read_text())
+    assert doc["phase"] == "failed" and doc["error"] == "the NVIDIA driver could not be installed"
+    assert doc["detail"] == doc["error"] and "driver" in doc["durations"]
 
 
 # -- the front: nginx --------------------------------------------------------------------------
