@@ -293,22 +293,21 @@ class Reconciler:
                 self._become_ready(result.version)
                 return
             on_server = server_progress(self.sessions, endpoint) if result.answered else None
-            if on_server and on_server.get("error"):
-                self._server_gave_up(str(on_server["error"])[:300])
+            if on_server and on_server.get("error"):  # cloud-init/setup.sh `give_up`
+                self._give_up(f"the GPU server's bring-up failed: {on_server['error']}"[:400])
                 return
             self._progress(f"on the server: {on_server['detail']}" if on_server else result.reason)
             if time.time() > deadline:
-                self._fail(
-                    f"the GPU server did not become ready in {self.config.start_timeout:g} s: "
-                    f"{result.reason}"
+                self._give_up(
+                    f"the GPU server did not become ready in {self.config.start_timeout:g} s "
+                    f"(PROXY_START_TIMEOUT): {result.reason}"
                 )
                 return
             self._stop.wait(PROBE_EVERY)
 
-    def _server_gave_up(self, error: str) -> None:
-        """The server's bring-up gave up (cloud-init/setup.sh `give_up`): nothing will make it
-        ready, so it is removed rather than billed, and the reason is the error shown."""
-        reason = f"the GPU server's bring-up failed: {error}"
+    def _give_up(self, reason: str) -> None:
+        """Nothing will make this server ready: it is removed rather than billed, and the
+        reason is the error shown (the next demand after the back-off starts a fresh one)."""
         self._progress(f"{reason}; removing the GPU server")
         try:
             self.provisioner.tear_down(self._progress)

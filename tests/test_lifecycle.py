@@ -305,3 +305,19 @@ def test_a_failed_model_load_still_ends_ready(make, upstream, monkeypatch, caplo
     life.want()
     wait_until(lambda: phase_of(life) == "ready", 10, what="ready")
     assert "loading llama3.2 failed: HTTP 500; the first request will load it" in caplog.text
+
+
+def test_a_server_that_never_becomes_ready_is_removed_not_billed(make):
+    """Past PROXY_START_TIMEOUT the server is torn down: an error phase with the instance still
+    running would bill it until some request came."""
+    silent = fake_ollama.start_in_thread(models="other-model")  # never lists llama3.2
+    try:
+        provisioner = GatedProvisioner(Endpoint(silent.url))
+        life = make(provisioner, start_timeout=0.5)
+        life.want()
+        wait_until(lambda: phase_of(life) == "error", 10, what="error")
+        assert provisioner.tear_downs == 1 and not provisioner.exists
+        assert "did not become ready in 0.5 s" in life.snapshot().last_error
+        assert life.snapshot().instance_since == 0.0  # its GPU time is booked as ended
+    finally:
+        silent.close()
