@@ -25,6 +25,7 @@ READY=$STATE_DIR/ready  # the front lets requests through to Ollama only once th
 FAILED=$STATE_DIR/failed  # the bring-up gave up: why, for every later run to say again
 GAVE_UP=3  # the exit status the unit does not restart on (RestartPreventExitStatus)
 DRIVER_ATTEMPTS=3  # installs of the NVIDIA driver before the bring-up gives up
+PULL_ATTEMPTS=3  # pulls of one model before the bring-up gives up (a misspelt name never pulls)
 APT_WAIT=1200  # seconds to wait for another apt (unattended-upgrades at first boot)
 DPKG_LOCK=/var/lib/dpkg/lock-frontend  # what every apt and dpkg takes (an fcntl lock)
 export DEBIAN_FRONTEND=noninteractive
@@ -231,13 +232,22 @@ start_ollama() {
   wait_for_ollama
 }
 
+pull_model() {  # pull_model MODEL: one try; why it failed is kept in $STATE_DIR/pull-error
+  "$PROGRESS" pull "$1" 2>"$STATE_DIR/pull-error"
+}
+
 pull_models() {
   local model
   for model in "${MODELS[@]}"; do
     if docker exec ollama ollama show "$model" >/dev/null 2>&1; then continue; fi
     log "pulling model $model"
-    # Through Ollama's API on loopback: its percent goes into the progress document.
-    retry 3 "$PROGRESS" pull "$model"
+    # Through Ollama's API on loopback: its percent goes into the progress document. A pull
+    # that fails every time (a name Ollama's library does not have) ends the bring-up, which
+    # the unit would otherwise restart every 30 s for as long as the GPU is billed.
+    if ! retry "$PULL_ATTEMPTS" pull_model "$model"; then
+      give_up "pulling $model failed $PULL_ATTEMPTS times ($(tail -n 1 "$STATE_DIR/pull-error"));" \
+        "check the name in OLLAMA_MODEL"
+    fi
   done
 }
 

@@ -405,6 +405,50 @@ def test_a_driver_that_does_not_load_after_a_reboot_gives_up(user_data, tmp_path
     assert "does not load, even after a reboot" in calls(tmp_path, "progress")[-1]
 
 
+def run_pull_models(user_data: str, tmp_path: Path, pull: str):
+    """The script's `pull_models` with stubbed commands: `docker` (no model is there yet),
+    `sleep`, and the progress command, whose `pull` runs this shell body."""
+    script = written(user_data)[SCRIPT]["content"]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("docker", "exit 1"), ("sleep", ":"), (
+            "progress", f'echo "$*" >>{tmp_path}/progress\nif [ "$1" = pull ]; then {pull}; fi')):
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    preamble = (f"set -euo pipefail\nSTATE_DIR={tmp_path}\nFAILED={tmp_path}/failed\n"
+                f"GAVE_UP=3\nPULL_ATTEMPTS=3\nMODELS=(llama3.2 lama3.3)\n"
+                f"PROGRESS={stubs}/progress\n")
+    names = ("log", "say", "give_up", "retry", "pull_model", "pull_models")
+    body = "".join(function_of(script, name) for name in names)
+    return run(need("bash", "bash"), "-c", preamble + body + "pull_models",
+               env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+
+
+def test_a_model_that_never_pulls_gives_up_with_ollamas_reason(user_data, tmp_path):
+    """A misspelt model fails every pull: after PULL_ATTEMPTS the bring-up gives up (exit 3,
+    not restarted) saying why, instead of the unit pulling again every 30 s for ever."""
+    fail_second = ('if [ "$2" = lama3.3 ]; then echo "pulling lama3.3: pull model manifest:'
+                   ' file does not exist" >&2; exit 1; fi')
+    done = run_pull_models(user_data, tmp_path, fail_second)
+    assert done.returncode == 3, done.stderr
+    pulls = [line for line in calls(tmp_path, "progress") if line.startswith("pull ")]
+    assert pulls == ["pull llama3.2"] + ["pull lama3.3"] * 3
+    reason = (tmp_path / "failed").read_text().strip()
+    assert "pulling lama3.3 failed 3 times" in reason and "file does not exist" in reason
+    assert "OLLAMA_MODEL" in reason
+    assert calls(tmp_path, "progress")[-1] == f"fail {reason}"
+
+
+def test_a_pull_that_fails_once_is_retried_and_goes_on(user_data, tmp_path):
+    once = (f'if [ ! -e {tmp_path}/failed-once ]; then touch {tmp_path}/failed-once; '
+            'echo "connection reset" >&2; exit 1; fi')
+    done = run_pull_models(user_data, tmp_path, once)
+    assert done.returncode == 0, done.stderr
+    pulls = [line for line in calls(tmp_path, "progress") if line.startswith("pull ")]
+    assert pulls == ["pull llama3.2", "pull llama3.2", "pull lama3.3"]
+    assert not (tmp_path / "failed").exists()
+
+
 def test_the_unit_does_not_restart_a_bring_up_that_gave_up(user_data):
     unit = written(user_data)[UNIT]["content"]
     script = written(user_data)[SCRIPT]["content"]
