@@ -7,16 +7,20 @@
 # last one stopped. The front (nginx, on the public port, TLS and the bearer token) starts as
 # soon as it is installed, but serves only the bring-up's progress (/ollama-exoscale/status)
 # until every model is pulled; then it lets Ollama through: "/api/tags lists the model" means
-# ready.
+# ready. The downloads (the Ollama image, the models) need the network and the disk, not the
+# GPU: a CPU-only Ollama container fetches them in the background while the driver installs,
+# and Ollama is started with the GPU only once the driver is loaded.
 set -euo pipefail
 
 MODELS=({{ models }})
 PORT={{ port }}
 OLLAMA_IMAGE={{ ollama_image }}
+FETCHER=ollama-fetch  # the CPU-only container that pulls the models while the driver installs
 MODEL_VOLUME={{ model_volume }}  # 1: the models live on an attached block storage volume
 MODELS_DIR=/var/lib/ollama-models  # where that volume is mounted
 STATE_DIR={{ state_dir }}
 export STATUS_FILE=$STATE_DIR/status.json  # where ollama-exoscale-progress writes
+export PROGRESS_TRACK=main  # the track of this script's stages; the downloads have their own
 NVIDIA_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
 NVIDIA_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 SITE=/etc/ollama-exoscale/nginx-site.conf
@@ -207,10 +211,10 @@ mount_models() {
   mount "$MODELS_DIR"
 }
 
-wait_for_ollama() {
-  local n
+wait_for_ollama() {  # wait_for_ollama [CONTAINER]: until its Ollama answers (default: ollama)
+  local n container=${1:-ollama}
   for n in $(seq 1 60); do
-    if docker exec ollama ollama list >/dev/null 2>&1; then return 0; fi
+    if docker exec "$container" ollama list >/dev/null 2>&1; then return 0; fi
     [ "$n" -eq 1 ] && log "waiting for Ollama to answer"
     sleep 2
   done
@@ -218,34 +222,61 @@ wait_for_ollama() {
   return 1
 }
 
+models_volume() {  # a Docker volume on the root disk, or the mounted model volume
+  if [ "$MODEL_VOLUME" = 1 ]; then echo "$MODELS_DIR"; else echo ollama; fi
+}
+
+pull_image() {
+  if docker image inspect "$OLLAMA_IMAGE" >/dev/null 2>&1; then return 0; fi
+  say image "pulling the Ollama image"
+  retry 3 docker pull "$OLLAMA_IMAGE"
+}
+
+# fetch_downloads: the image and every model, by a CPU-only Ollama (no --gpus: the driver is
+# not there yet) writing into the models' volume; run in the background of the driver install.
+# A reboot for the driver loses nothing finished: the image stays in Docker, the models in the
+# volume (and Ollama resumes a partial pull); each model's pull is retried on its own.
+fetch_downloads() {
+  export PROGRESS_TRACK=fetch  # its stages run beside the main track's
+  if docker container inspect ollama >/dev/null 2>&1; then return 0; fi  # fetched before
+  pull_image
+  docker rm -f "$FETCHER" >/dev/null 2>&1 || true  # one left stopped by a reboot
+  # Published on loopback only, where the front sends nothing before ready.
+  docker run -d --name "$FETCHER" -v "$(models_volume):/root/.ollama" \
+    -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
+  wait_for_ollama "$FETCHER"
+  pull_models "$FETCHER"
+  docker rm -f "$FETCHER" >/dev/null
+  "$PROGRESS" end pulling || true
+}
+
 start_ollama() {
   # Published on loopback only: Ollama has no authentication; nginx is its only way in.
-  say container "starting Ollama"
-  local models=ollama  # a Docker volume on the root disk, or the mounted model volume
-  if [ "$MODEL_VOLUME" = 1 ]; then models=$MODELS_DIR; fi
+  say container "starting Ollama with the GPU"
   if ! docker container inspect ollama >/dev/null 2>&1; then
-    retry 3 docker pull "$OLLAMA_IMAGE"
+    pull_image
     docker run -d --name ollama --gpus=all --restart unless-stopped \
-      -v "$models:/root/.ollama" -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
+      -v "$(models_volume):/root/.ollama" -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
   fi
   docker start ollama >/dev/null
   wait_for_ollama
 }
 
 pull_model() {  # pull_model MODEL: one try; why it failed is kept in $STATE_DIR/pull-error
-  "$PROGRESS" pull "$1" 2>"$STATE_DIR/pull-error"
+  "$PROGRESS" pull "$1" 2>"$STATE_DIR/pull-error.$PROGRESS_TRACK"
 }
 
-pull_models() {
-  local model
+pull_models() {  # pull_models [CONTAINER]: each model it does not have yet (default: ollama)
+  local model container=${1:-ollama}
   for model in "${MODELS[@]}"; do
-    if docker exec ollama ollama show "$model" >/dev/null 2>&1; then continue; fi
+    if docker exec "$container" ollama show "$model" >/dev/null 2>&1; then continue; fi
     log "pulling model $model"
     # Through Ollama's API on loopback: its percent goes into the progress document. A pull
     # that fails every time (a name Ollama's library does not have) ends the bring-up, which
     # the unit would otherwise restart every 30 s for as long as the GPU is billed.
     if ! retry "$PULL_ATTEMPTS" pull_model "$model"; then
-      give_up "pulling $model failed $PULL_ATTEMPTS times ($(tail -n 1 "$STATE_DIR/pull-error"));" \
+      give_up "pulling $model failed $PULL_ATTEMPTS times" \
+        "($(tail -n 1 "$STATE_DIR/pull-error.$PROGRESS_TRACK"));" \
         "check the name in OLLAMA_MODEL"
     fi
   done
@@ -261,7 +292,7 @@ open_front() {
 
 mark_ready() {
   # The document first: the proxy reads the phases' times once the front lets it through.
-  say ready "ready"
+  "$PROGRESS" ready || log "cannot write the progress"
   touch "$READY"
   log "ready: Ollama answers on port $PORT (TLS, bearer token) with ${MODELS[*]}"
 }
@@ -274,11 +305,21 @@ main() {
   say packages "starting the bring-up"
   install_packages
   open_front  # only the progress until $READY exists
-  install_nvidia_driver
+  # The toolkit before the downloads: configuring Docker's runtime restarts Docker.
   install_container_toolkit
   mount_models
-  start_ollama
-  pull_models
+  fetch_downloads &
+  local fetch=$!
+  install_nvidia_driver  # meanwhile (a reboot here keeps what is downloaded)
+  local fetched=0
+  wait "$fetch" || fetched=$?
+  if [ "$fetched" -eq "$GAVE_UP" ]; then exit "$GAVE_UP"; fi  # a model that never pulls
+  if [ "$fetched" -ne 0 ]; then
+    log "the downloads failed (exit $fetched); the unit tries again"
+    exit 1
+  fi
+  start_ollama  # with the GPU, on what was downloaded
+  pull_models  # nothing left, unless the volume was lost
   mark_ready
 }
 

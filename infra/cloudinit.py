@@ -9,6 +9,8 @@ written by PyYAML, never by string pasting.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import re
 import shlex
 import sys
@@ -63,7 +65,8 @@ def render_user_data(settings: Settings, token: str, tls_cert_pem: str, tls_key_
     }
     config = yaml.safe_load(_read("user-data.yaml"))
     for entry in config["write_files"]:
-        entry["content"] = fill(entry["content"], files)
+        entry["content"] = compressed(fill(entry["content"], files))
+        entry["encoding"] = "gz+b64"  # cloud-init's write_files decodes it (cc_write_files.py)
     rendered = HEADER + yaml.dump(
         config, Dumper=_BlockDumper, sort_keys=False, width=1000, allow_unicode=False
     )
@@ -75,6 +78,21 @@ def render_user_data(settings: Settings, token: str, tls_cert_pem: str, tls_key_
             f"{len(settings.models)} names) makes it too long; list fewer models"
         )
     return rendered
+
+
+def compressed(content: str) -> str:
+    """`content` gzipped, in base64: about a third of the size, so the scripts (kept readable,
+    comments and all) leave room in the provider's limit for the models list. mtime=0 and a
+    fixed level keep the bytes the same from one render to the next, as the stack compares them
+    (new user data replaces the instance)."""
+    return base64.b64encode(gzip.compress(content.encode(), compresslevel=9, mtime=0)).decode()
+
+
+def decompressed(entry: Mapping[str, str]) -> str:
+    """A write_files entry's content as cloud-init writes it (plain, or gz+b64)."""
+    if entry.get("encoding") == "gz+b64":
+        return gzip.decompress(base64.b64decode(entry["content"])).decode()
+    return entry["content"]
 
 
 def encoded_size(user_data: str) -> int:

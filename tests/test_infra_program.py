@@ -19,7 +19,7 @@ from pulumi.runtime import rpc
 from pulumi.runtime.mocks import MockMonitor
 
 from infra import program
-from infra.cloudinit import TLS_SERVER_NAME
+from infra.cloudinit import TLS_SERVER_NAME, decompressed
 from infra.settings import MIN_DISK_GB, Settings, SettingsError
 
 INSTANCE = "exoscale:index/computeInstance:ComputeInstance"
@@ -288,7 +288,7 @@ def test_user_data_is_a_secret_cloud_config_with_token_and_certificate(run_progr
     assert rpc.is_rpc_secret(user_data), "user_data holds the token: it must be a secret"
     text = plain(user_data)
     assert text.startswith("#cloud-config\n")
-    files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+    files = {f["path"]: decompressed(f) for f in yaml.safe_load(text)["write_files"]}
     assert files["/etc/ollama-exoscale/tls.crt"] == CERT_PEM
     assert files["/etc/ollama-exoscale/tls.key"] == KEY_PEM
     assert f'"Bearer {TOKEN}"' in files["/etc/ollama-exoscale/nginx-site.conf"]
