@@ -7,29 +7,82 @@
 # last one stopped. The front (nginx, on the public port, TLS and the bearer token) starts as
 # soon as it is installed, but serves only the bring-up's progress (/ollama-exoscale/status)
 # until every model is pulled; then it lets Ollama through: "/api/tags lists the model" means
-# ready.
+# ready. The downloads (the Ollama image, the models) need the network and the disk, not the
+# GPU: a CPU-only Ollama container fetches them in the background while the driver installs,
+# and Ollama is started with the GPU only once the driver is loaded.
 set -euo pipefail
 
 MODELS=({{ models }})
 PORT={{ port }}
 OLLAMA_IMAGE={{ ollama_image }}
+FETCHER=ollama-fetch  # the CPU-only container that pulls the models while the driver installs
 MODEL_VOLUME={{ model_volume }}  # 1: the models live on an attached block storage volume
 MODELS_DIR=/var/lib/ollama-models  # where that volume is mounted
 STATE_DIR={{ state_dir }}
 export STATUS_FILE=$STATE_DIR/status.json  # where ollama-exoscale-progress writes
+export PROGRESS_TRACK=main  # the track of this script's stages; the downloads have their own
 NVIDIA_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
 NVIDIA_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 SITE=/etc/ollama-exoscale/nginx-site.conf
+PROGRESS=/usr/local/sbin/ollama-exoscale-progress
 READY=$STATE_DIR/ready  # the front lets requests through to Ollama only once this exists
+FAILED=$STATE_DIR/failed  # the bring-up gave up: why, for every later run to say again
+GAVE_UP=3  # the exit status the unit does not restart on (RestartPreventExitStatus)
+DRIVER_ATTEMPTS=3  # installs of the NVIDIA driver before the bring-up gives up
+PULL_ATTEMPTS=3  # pulls of one model before the bring-up gives up (a misspelt name never pulls)
+APT_WAIT=1200  # seconds to wait for another apt (unattended-upgrades at first boot)
+DPKG_LOCK=/var/lib/dpkg/lock-frontend  # what every apt and dpkg takes (an fcntl lock)
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "ollama-exoscale-setup: $*" >&2; }
 
 # say PHASE DETAIL: the progress the front serves to the proxy (never fatal).
-say() { /usr/local/sbin/ollama-exoscale-progress say "$@" || log "cannot write the progress"; }
+say() { "$PROGRESS" say "$@" || log "cannot write the progress"; }
 
 # apt waits for another apt (unattended-upgrades at first boot) instead of failing on its lock.
 apt_get() { apt-get -q -o DPkg::Lock::Timeout=1200 "$@"; }
+
+# give_up REASON: a failure that retrying will not fix. The progress document says it, so
+# the proxy shows it and removes this server instead of paying for it; the unit stops here.
+give_up() {
+  local reason="$*"
+  log "giving up: $reason"
+  echo "$reason" >"$FAILED"
+  "$PROGRESS" fail "$reason" || log "cannot write the progress"
+  exit "$GAVE_UP"
+}
+
+# apt_idle: no apt or dpkg holds the dpkg lock now (they take it with fcntl, as tried here).
+apt_idle() {
+  python3 -c 'import fcntl, sys
+with open(sys.argv[1], "a") as lock:
+    fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)' "$DPKG_LOCK" 2>/dev/null
+}
+
+# wait_for_apt: until apt is idle, at most APT_WAIT s. ubuntu-drivers runs apt-get without a
+# lock timeout, and at first boot unattended-upgrades holds the lock for minutes.
+wait_for_apt() {
+  local waited=0
+  until apt_idle; do
+    if [ "$waited" -ge "$APT_WAIT" ]; then
+      log "another apt still holds $DPKG_LOCK after $APT_WAIT s"
+      return 1
+    fi
+    [ "$waited" -eq 0 ] && log "waiting for another apt (unattended-upgrades) to finish"
+    sleep 5
+    waited=$((waited + 5))
+  done
+}
+
+# driver_installed: an NVIDIA driver package is installed, what `ubuntu-drivers install
+# --gpgpu` installs (nvidia-headless-no-dkms-NNN[-server]; a desktop nvidia-driver-NNN too).
+driver_installed() {
+  local listed
+  # shellcheck disable=SC2016 # ${Status} and ${Package} are dpkg-query's fields
+  listed=$(dpkg-query -W -f='${Status} ${Package}\n' 'nvidia-headless-*' 'nvidia-driver-*' \
+    2>/dev/null || true)  # it fails when one pattern matches no package at all
+  grep -q '^install ok installed nvidia-' <<<"$listed"
+}
 
 retry() {  # retry N COMMAND...: downloads fail now and then
   local tries=$1 n=1
@@ -63,17 +116,31 @@ install_packages() {
 
 nvidia_loaded() { [ -e /proc/driver/nvidia/version ]; }
 
+# install_driver: the headless, server-branch driver Ubuntu recommends for this GPU (no X, no
+# desktop), checked by its result: noble's ubuntu-drivers exits 0 when it installed nothing
+# ("No drivers found", a DKMS-only module skipped), so its exit status says nothing.
+install_driver() {
+  local n
+  for n in $(seq 1 "$DRIVER_ATTEMPTS"); do
+    say driver "installing the NVIDIA driver (attempt $n of $DRIVER_ATTEMPTS)"
+    wait_for_apt || true  # then ubuntu-drivers fails on the lock, and this attempt with it
+    ubuntu-drivers install --gpgpu || log "ubuntu-drivers install --gpgpu failed"
+    if driver_installed; then return 0; fi
+    log "no NVIDIA driver package is installed after attempt $n"
+    if [ "$n" -lt "$DRIVER_ATTEMPTS" ]; then sleep $((n * 15)); fi
+  done
+  give_up "the NVIDIA driver could not be installed: ubuntu-drivers install --gpgpu left no" \
+    "nvidia-headless or nvidia-driver package after $DRIVER_ATTEMPTS attempts"
+}
+
 install_nvidia_driver() {
   if nvidia_loaded; then return 0; fi
-  say driver "installing the NVIDIA driver"
-  # The headless, server-branch driver Ubuntu recommends for this GPU (no X, no desktop).
-  retry 3 ubuntu-drivers install --gpgpu
+  if ! driver_installed; then install_driver; fi
   modprobe nvidia || true
   if nvidia_loaded; then return 0; fi
   # Another module (nouveau) holds the GPU until the next boot: reboot once; the unit runs again.
   if [ -e "$STATE_DIR/rebooted-for-driver" ]; then
-    log "the NVIDIA driver does not load, even after a reboot"
-    return 1
+    give_up "the NVIDIA driver is installed but does not load, even after a reboot"
   fi
   touch "$STATE_DIR/rebooted-for-driver"
   log "rebooting to load the NVIDIA driver"
@@ -144,10 +211,10 @@ mount_models() {
   mount "$MODELS_DIR"
 }
 
-wait_for_ollama() {
-  local n
+wait_for_ollama() {  # wait_for_ollama [CONTAINER]: until its Ollama answers (default: ollama)
+  local n container=${1:-ollama}
   for n in $(seq 1 60); do
-    if docker exec ollama ollama list >/dev/null 2>&1; then return 0; fi
+    if docker exec "$container" ollama list >/dev/null 2>&1; then return 0; fi
     [ "$n" -eq 1 ] && log "waiting for Ollama to answer"
     sleep 2
   done
@@ -155,27 +222,63 @@ wait_for_ollama() {
   return 1
 }
 
+models_volume() {  # a Docker volume on the root disk, or the mounted model volume
+  if [ "$MODEL_VOLUME" = 1 ]; then echo "$MODELS_DIR"; else echo ollama; fi
+}
+
+pull_image() {
+  if docker image inspect "$OLLAMA_IMAGE" >/dev/null 2>&1; then return 0; fi
+  say image "pulling the Ollama image"
+  retry 3 docker pull "$OLLAMA_IMAGE"
+}
+
+# fetch_downloads: the image and every model, by a CPU-only Ollama (no --gpus: the driver is
+# not there yet) writing into the models' volume; run in the background of the driver install.
+# A reboot for the driver loses nothing finished: the image stays in Docker, the models in the
+# volume (and Ollama resumes a partial pull); each model's pull is retried on its own.
+fetch_downloads() {
+  export PROGRESS_TRACK=fetch  # its stages run beside the main track's
+  if docker container inspect ollama >/dev/null 2>&1; then return 0; fi  # fetched before
+  pull_image
+  docker rm -f "$FETCHER" >/dev/null 2>&1 || true  # one left stopped by a reboot
+  # Published on loopback only, where the front sends nothing before ready.
+  docker run -d --name "$FETCHER" -v "$(models_volume):/root/.ollama" \
+    -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
+  wait_for_ollama "$FETCHER"
+  pull_models "$FETCHER"
+  docker rm -f "$FETCHER" >/dev/null
+  "$PROGRESS" end pulling || true
+}
+
 start_ollama() {
   # Published on loopback only: Ollama has no authentication; nginx is its only way in.
-  say container "starting Ollama"
-  local models=ollama  # a Docker volume on the root disk, or the mounted model volume
-  if [ "$MODEL_VOLUME" = 1 ]; then models=$MODELS_DIR; fi
+  say container "starting Ollama with the GPU"
   if ! docker container inspect ollama >/dev/null 2>&1; then
-    retry 3 docker pull "$OLLAMA_IMAGE"
+    pull_image
     docker run -d --name ollama --gpus=all --restart unless-stopped \
-      -v "$models:/root/.ollama" -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
+      -v "$(models_volume):/root/.ollama" -p 127.0.0.1:11434:11434 "$OLLAMA_IMAGE" >/dev/null
   fi
   docker start ollama >/dev/null
   wait_for_ollama
 }
 
-pull_models() {
-  local model
+pull_model() {  # pull_model MODEL: one try; why it failed is kept in $STATE_DIR/pull-error
+  "$PROGRESS" pull "$1" 2>"$STATE_DIR/pull-error.$PROGRESS_TRACK"
+}
+
+pull_models() {  # pull_models [CONTAINER]: each model it does not have yet (default: ollama)
+  local model container=${1:-ollama}
   for model in "${MODELS[@]}"; do
-    if docker exec ollama ollama show "$model" >/dev/null 2>&1; then continue; fi
+    if docker exec "$container" ollama show "$model" >/dev/null 2>&1; then continue; fi
     log "pulling model $model"
-    # Through Ollama's API on loopback: its percent goes into the progress document.
-    retry 3 /usr/local/sbin/ollama-exoscale-progress pull "$model"
+    # Through Ollama's API on loopback: its percent goes into the progress document. A pull
+    # that fails every time (a name Ollama's library does not have) ends the bring-up, which
+    # the unit would otherwise restart every 30 s for as long as the GPU is billed.
+    if ! retry "$PULL_ATTEMPTS" pull_model "$model"; then
+      give_up "pulling $model failed $PULL_ATTEMPTS times" \
+        "($(tail -n 1 "$STATE_DIR/pull-error.$PROGRESS_TRACK"));" \
+        "check the name in OLLAMA_MODEL"
+    fi
   done
 }
 
@@ -189,7 +292,7 @@ open_front() {
 
 mark_ready() {
   # The document first: the proxy reads the phases' times once the front lets it through.
-  say ready "ready"
+  "$PROGRESS" ready || log "cannot write the progress"
   touch "$READY"
   log "ready: Ollama answers on port $PORT (TLS, bearer token) with ${MODELS[*]}"
 }
@@ -197,15 +300,26 @@ mark_ready() {
 main() {
   mkdir -p "$STATE_DIR"
   chmod 0755 "$STATE_DIR"  # the front's workers read the progress document in it
+  if [ -e "$FAILED" ]; then give_up "$(cat "$FAILED")"; fi  # a reboot changes nothing
   if [ -e "$READY" ]; then rm -f "$STATE_DIR/status.json"; fi  # a restart: time this boot only
   say packages "starting the bring-up"
   install_packages
   open_front  # only the progress until $READY exists
-  install_nvidia_driver
+  # The toolkit before the downloads: configuring Docker's runtime restarts Docker.
   install_container_toolkit
   mount_models
-  start_ollama
-  pull_models
+  fetch_downloads &
+  local fetch=$!
+  install_nvidia_driver  # meanwhile (a reboot here keeps what is downloaded)
+  local fetched=0
+  wait "$fetch" || fetched=$?
+  if [ "$fetched" -eq "$GAVE_UP" ]; then exit "$GAVE_UP"; fi  # a model that never pulls
+  if [ "$fetched" -ne 0 ]; then
+    log "the downloads failed (exit $fetched); the unit tries again"
+    exit 1
+  fi
+  start_ollama  # with the GPU, on what was downloaded
+  pull_models  # nothing left, unless the volume was lost
   mark_ready
 }
 

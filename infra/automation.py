@@ -288,13 +288,18 @@ class StackRunner:
         """Create or update the GPU server, running or stopped; returns what the program exports.
 
         `absent` removes the instance but keeps the rest (the model volume): returns None.
+        Declaring `running` or `stopped` refreshes first (`up --refresh`): the pinned provider
+        (terraform-provider-exoscale 0.66.0) stops an instance without reading its state, and
+        Exoscale refuses to stop one that is stopped already; with the state read back, an
+        instance that is already as declared is left alone.
         """
         self._require_credentials()
         stack = self._stack()
         narrator = _Narrator("up", progress, self.scrub, self._expected_count())
         self._instance_state = instance_state
         try:
-            result = stack.up(on_event=narrator, color="never")
+            result = stack.up(on_event=narrator, color="never",
+                              refresh=instance_state in ("running", "stopped"))
         except CommandError as exc:
             raise self._failure(exc, "up", narrator) from None
         finally:
@@ -315,6 +320,22 @@ class StackRunner:
             stack.destroy(on_event=narrator, color="never")
         except CommandError as exc:
             raise self._failure(exc, "destroy", narrator) from None
+
+    def preview(self, progress: Progress) -> dict[str, int]:
+        """What `up` would do now, done by nothing: a `pulumi preview` of the program against
+        the real provider. The template is looked up in the zone with these credentials and
+        the provider checks every input (the instance type's `family.size` form among them);
+        each planned step reaches `progress` ("would create exoscale:ComputeInstance gpu").
+        Returns the count of each planned operation on the program's resources (the stack and
+        its providers left out); a provider error raises UpdateFailed."""
+        self._require_credentials()
+        stack = self._stack()
+        narrator = _Narrator("preview", progress, self.scrub, self._expected_count())
+        try:
+            stack.preview(on_event=narrator, color="never")
+        except CommandError as exc:
+            raise self._failure(exc, "preview", narrator) from None
+        return dict(narrator.changes)
 
     def refresh(self, progress: Progress, *, clear_pending_creates: bool = False) -> None:
         """Read every resource back from the cloud; optionally drop creates that never finished."""
@@ -396,12 +417,25 @@ class StackRunner:
         return [str(i) for i in (ids.value if ids else None) or []]
 
     def adopt(self, pending: PendingCreate, object_id: str) -> None:
-        """Record that `pending` did create `object_id`: what `--import-pending-creates` does.
+        """Record that `pending` did create `object_id`, for the next refresh to import.
 
-        The Python SDK does not offer that flag, so the state is edited through `stack export`
-        and `stack import`, as Pulumi's troubleshooting guide describes; a refresh then reads
-        the object's outputs.
+        The resource goes into the state with the provider's import ID, `<ID>@<ZONE>`
+        (terraform-provider-exoscale pkg/utils/utils.go `ZonedStateContextFunc`), and no
+        outputs: a refresh reads a resource with empty state as an import (pulumi-terraform-
+        bridge pkg/tfbridge/provider.go `Read` runs the importer), which sets the bare ID and
+        every output. With the bare ID that import fails ("expected format <ID>@<ZONE>").
+
+        Not `refresh --import-pending-creates URN ID` (pulumi/pulumi
+        pkg/cmd/pulumi/operations/refresh.go), though the low-level `pulumi.automation.
+        interface` API passes it: it only turns the pending create into a pending `importing`
+        operation, and the refresh that follows refreshes the state's resources alone
+        (pkg/resource/deploy/deployment_executor.go) and carries only pending creates into
+        the new state (pkg/backend/journal.go): the instance would be forgotten, and the next
+        `up` would create a second one. The state is edited through `stack export` and
+        `stack import` instead, as Pulumi's troubleshooting guide describes.
         """
+        if not pending.zone:
+            raise UpdateFailed(f"cannot adopt {object_id}: the interrupted create names no zone")
         stack = self._stack()
         try:
             exported = stack.export_stack()
@@ -412,7 +446,9 @@ class StackRunner:
                 return
             deployment["pending_operations"] = [op for op in operations if op not in match]
             resources = [r for r in deployment.get("resources") or [] if _urn(r) != pending.urn]
-            resources.append({**match[0]["resource"], "id": object_id})
+            adopted = {**match[0]["resource"], "id": f"{object_id}@{pending.zone}"}
+            adopted.pop("outputs", None)  # empty state: the refresh imports it
+            resources.append(adopted)
             deployment["resources"] = resources
             stack.import_stack(auto.Deployment(version=exported.version, deployment=deployment))
         except CommandError as exc:
@@ -613,9 +649,15 @@ class _Narrator:
     def _step(self, metadata: Any) -> None:
         if metadata.type == "pulumi:pulumi:Stack" or metadata.type.startswith("pulumi:providers:"):
             return
+        if metadata.op == OpType.REFRESH and self.verb != "refresh":
+            return  # an update's own refresh: the steps that follow are the news
         self.resources += 1
         self.changes[metadata.op.value] += 1
         if metadata.op == OpType.SAME:
+            return
+        if self.verb == "preview":
+            self._say(f"would {metadata.op.value} {_short_type(metadata.type)} "
+                      f"{_name(metadata.urn)}")
             return
         count = f"{self.resources}/{self.total}" if self.total else f"{self.resources}"
         elapsed = int(time.monotonic() - self.started)
@@ -637,9 +679,15 @@ class _Narrator:
 
     def _summary(self) -> None:
         elapsed = int(time.monotonic() - self.started)
-        parts = [f"{n} {_DONE.get(op, op)}" for op, n in sorted(self.changes.items())]
+        parts = [f"{n} {self._counted(op)}" for op, n in sorted(self.changes.items())]
         done = ", ".join(parts) or "nothing to do"
         self._say(f"pulumi {self.verb} finished in {elapsed} s: {done}")
+
+    def _counted(self, op: str) -> str:
+        """'created', or 'to create' for a preview, whose counts are plans."""
+        if self.verb == "preview" and op != "same":
+            return f"to {op}"
+        return _DONE.get(op, op)
 
     def _say(self, sentence: str, level: int = logging.INFO) -> None:
         sentence = self.scrub(sentence)

@@ -9,6 +9,8 @@ written by PyYAML, never by string pasting.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import re
 import shlex
 import sys
@@ -25,8 +27,10 @@ TLS_SERVER_NAME = "ollama-exoscale.invalid"
 OLLAMA_IMAGE = "ollama/ollama"
 STATE_DIR = "/var/lib/ollama-exoscale"  # the setup script's: progress document, ready marker
 HEADER = "#cloud-config\n# ollama-exoscale: rendered by infra/cloudinit.py from cloud-init/\n"
-# What the Exoscale API accepts as user data.
-MAX_USER_DATA_BYTES = 32 * 1024
+# The provider base64-encodes the user data and refuses 32768 encoded bytes or more
+# (terraform-provider-exoscale 0.66.0 pkg/utils/utils.go `EncodeUserData`,
+# `ComputeMaxUserDataLength`): about 24 KB of cloud-config.
+MAX_USER_DATA_BYTES = 32768
 
 _PLACEHOLDER = re.compile(r"\{\{ *([A-Za-z0-9_.-]+) *\}\}")
 # RFC 6750's token68: safe inside nginx's double quotes (no `"`, `$`, `\`, space or `;`).
@@ -61,16 +65,39 @@ def render_user_data(settings: Settings, token: str, tls_cert_pem: str, tls_key_
     }
     config = yaml.safe_load(_read("user-data.yaml"))
     for entry in config["write_files"]:
-        entry["content"] = fill(entry["content"], files)
+        entry["content"] = compressed(fill(entry["content"], files))
+        entry["encoding"] = "gz+b64"  # cloud-init's write_files decodes it (cc_write_files.py)
     rendered = HEADER + yaml.dump(
         config, Dumper=_BlockDumper, sort_keys=False, width=1000, allow_unicode=False
     )
-    if len(rendered.encode()) > MAX_USER_DATA_BYTES:
+    encoded = encoded_size(rendered)
+    if encoded >= MAX_USER_DATA_BYTES:
         raise ValueError(
-            f"the user data is {len(rendered.encode())} bytes; Exoscale accepts at most "
-            f"{MAX_USER_DATA_BYTES}"
+            f"the GPU server's user data is {encoded} bytes base64-encoded, and the Exoscale "
+            f"provider refuses {MAX_USER_DATA_BYTES} or more: the models list (OLLAMA_MODEL, "
+            f"{len(settings.models)} names) makes it too long; list fewer models"
         )
     return rendered
+
+
+def compressed(content: str) -> str:
+    """`content` gzipped, in base64: about a third of the size, so the scripts (kept readable,
+    comments and all) leave room in the provider's limit for the models list. mtime=0 and a
+    fixed level keep the bytes the same from one render to the next, as the stack compares them
+    (new user data replaces the instance)."""
+    return base64.b64encode(gzip.compress(content.encode(), compresslevel=9, mtime=0)).decode()
+
+
+def decompressed(entry: Mapping[str, str]) -> str:
+    """A write_files entry's content as cloud-init writes it (plain, or gz+b64)."""
+    if entry.get("encoding") == "gz+b64":
+        return gzip.decompress(base64.b64decode(entry["content"])).decode()
+    return entry["content"]
+
+
+def encoded_size(user_data: str) -> int:
+    """The user data's length as the provider sends it: base64 of the UTF-8 bytes."""
+    return 4 * -(-len(user_data.encode()) // 3)
 
 
 def fill(template: str, values: Mapping[str, str]) -> str:

@@ -3,6 +3,7 @@
 Checks the Pulumi CLI (present, new enough), the provider plugins the program needs (installed,
 since automatic downloads are off), the Exoscale credentials (present; never shown), the state
 dir (writable) and the Pulumi state backend (reachable; writable when it is a directory).
+`run_preview` (`doctor --preview`) goes on to the cloud: a `pulumi preview` of the program.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import pulumi.automation as auto
@@ -31,6 +33,9 @@ from .automation import (
     missing_credentials,
     required_plugins,
 )
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 INSTALL_CLI = (
     "install the Pulumi CLI: `curl -fsSL https://get.pulumi.com | sh` (offline: unpack a "
@@ -64,6 +69,32 @@ def run_checks(
         check_state_dir(state_dir),
         _check_backend(command, env, state_dir),
     ]
+
+
+def run_preview(
+    settings: Settings,
+    env: Mapping[str, str],
+    state_dir: str | os.PathLike,
+    *,
+    pulumi_root: str | os.PathLike | None = None,
+) -> tuple[Check, list[str]]:
+    """`doctor --preview`: a `pulumi preview` of the real program with these credentials
+    (nothing is created): the check, and the steps `pulumi up` would take."""
+    from .automation import StackRunner  # the runner brings the Automation API's workspace
+
+    steps: list[str] = []
+    runner = StackRunner(settings, state_dir, env, pulumi_root=pulumi_root)
+    try:
+        changes = runner.preview(steps.append)
+    except AutomationError as exc:
+        return Check("preview", False, str(exc),
+                     "fix what the provider says, then run `ollama-exoscale doctor --preview`"), []
+    planned = [s for s in steps if s.startswith("would ")]
+    ops = [f"{op} {n}" for op, n in sorted(changes.items()) if op != "same"]
+    detail = "`pulumi up` would " + (", ".join(ops) or "change nothing")
+    if changes.get("same"):
+        detail += f" ({changes['same']} unchanged)"
+    return Check("preview", True, detail), planned
 
 
 def _check_cli(env: Mapping[str, str], pulumi_root: str | os.PathLike | None

@@ -12,7 +12,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 PROJECT = "ollama-exoscale"
@@ -21,8 +21,17 @@ MANAGED_BY_LABEL = ("managed-by", PROJECT)
 # The GPU image, its drivers, Docker and a model or two: Exoscale's own minimum (10) is too small.
 MIN_DISK_GB = 50
 
-_ZONE = re.compile(r"^[a-z]{2}-[a-z]{3}-[0-9]+$")
-_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9]*\.[a-z][a-z0-9]*$")
+# Exoscale's zones and compute instance types, as its API client has them (egoscale
+# v3/schemas.go: `ZoneName`, `InstanceTypeFamily`, `InstanceTypeSize`; the provider's zone list,
+# terraform-provider-exoscale pkg/config/config.go `Zones`, is the same).
+ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1",
+         "hr-zag-1")
+INSTANCE_FAMILIES = ("gpu", "gpu2", "gpu3", "gpua30", "gpu3080ti", "gpua5000", "gpub300",
+                     "gpurtx6000pro", "standard", "cpu", "memory", "storage", "colossus")
+INSTANCE_SIZES = ("micro", "tiny", "small", "medium", "large", "extra-large", "huge", "mega",
+                  "titan", "titan48c", "jumbo", "colossus")
+# Where Exoscale offers block storage volumes (its block storage documentation).
+BLOCK_STORAGE_ZONES = ("at-vie-1", "ch-gva-2", "de-fra-1")
 # `name`, `name:tag`, `namespace/name:tag`, `hf.co/user/repo:Q4_K_M`: no spaces, no shell syntax.
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _MODEL = re.compile(rf"^{_PART}(/{_PART})*(:[A-Za-z0-9._-]+)?$")
@@ -117,6 +126,12 @@ class Settings:
         normalise(self, "port", _check_port(self.port))
         normalise(self, "name", _check_name(self.name))
         normalise(self, "model_volume_gb", _check_volume(self.model_volume_gb))
+        if self.model_volume_gb and self.zone not in BLOCK_STORAGE_ZONES:
+            raise SettingsError(
+                "model_volume_gb", self.model_volume_gb,
+                f"Exoscale has block storage only in {', '.join(BLOCK_STORAGE_ZONES)}, not in "
+                f"{self.zone}: choose one of those zones, or no model volume (0)",
+            )
         if self.instance_state not in INSTANCE_STATES:
             raise SettingsError("instance_state", self.instance_state,
                                 f"expected one of {', '.join(INSTANCE_STATES)}")
@@ -165,17 +180,24 @@ class Settings:
             raise exc.named(names) from None
 
 
+def env_setting(env: Mapping[str, str], setting: str) -> Any:
+    """One setting from its environment variable (`ENV_NAMES`), read and checked exactly as
+    `Settings.from_env` does, or its default when unset: the proxy's `Config` reads
+    OLLAMA_MODEL and the EXOSCALE_* variables it shares with the program through this."""
+    raw = env.get(ENV_NAMES[setting])
+    raw = raw.strip() if raw is not None and raw.strip() else None
+    if raw is None:
+        return next(f.default for f in fields(Settings) if f.name == setting)
+    try:
+        return _CHECKS[setting](_READERS[setting](setting, raw))
+    except SettingsError as exc:
+        raise exc.named(ENV_NAMES) from None
+
+
 def _parse(get: Callable[[str], str | None]) -> dict[str, Any]:
     """The keyword arguments of `Settings` for the values a source sets (as text)."""
-    readers: dict[str, Callable[[str, str], Any]] = {
-        "zone": _text, "instance_type": _text, "template": _text, "ssh_key": _text,
-        "name": _text, "disk_size": _whole_number, "port": _whole_number,
-        "model_volume_gb": _whole_number,
-        "models": _list, "allowed_cidrs": _list, "ssh_cidrs": _list, "labels": _labels,
-        "instance_state": _text,
-    }
     values = {}
-    for setting, read in readers.items():
+    for setting, read in _READERS.items():
         raw = get(setting)
         if raw is not None:
             values[setting] = read(setting, raw)
@@ -231,18 +253,20 @@ def _json(setting: str, raw: str, kind: type, accepted: str) -> Any:
 
 
 def _check_zone(zone: str) -> str:
-    if not isinstance(zone, str) or not _ZONE.match(zone):
-        raise SettingsError(
-            "zone", zone, "expected a zone like at-vie-2, ch-gva-2 or de-fra-1 (xx-yyy-N)"
-        )
+    if zone not in ZONES:
+        raise SettingsError("zone", zone, f"expected one of Exoscale's zones: {', '.join(ZONES)}")
     return zone
 
 
 def _check_instance_type(instance_type: str) -> str:
-    if not isinstance(instance_type, str) or not _INSTANCE_TYPE.match(instance_type):
+    text = instance_type if isinstance(instance_type, str) else ""
+    family, dot, size = text.partition(".")
+    if not dot or family not in INSTANCE_FAMILIES or size not in INSTANCE_SIZES:
         raise SettingsError(
             "instance_type", instance_type,
-            "expected family.size, like gpua5000.small (`exo compute instance-type list`)",
+            f"expected family.size, like gpua5000.small (`exo compute instance-type list`), "
+            f"with a family of {', '.join(INSTANCE_FAMILIES)} and a size of "
+            f"{', '.join(INSTANCE_SIZES)}",
         )
     return instance_type
 
@@ -381,3 +405,17 @@ def _as_tuple(values: Iterable[str] | str) -> tuple[str, ...]:
 
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+# How each setting is read from text, and the check `Settings` applies to it (shared above).
+_READERS: dict[str, Callable[[str, str], Any]] = {
+    "zone": _text, "instance_type": _text, "template": _text, "ssh_key": _text,
+    "name": _text, "disk_size": _whole_number, "port": _whole_number,
+    "model_volume_gb": _whole_number,
+    "models": _list, "allowed_cidrs": _list, "ssh_cidrs": _list, "labels": _labels,
+    "instance_state": _text,
+}
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "zone": _check_zone, "instance_type": _check_instance_type, "template": _check_template,
+    "disk_size": _check_disk_size, "models": _check_models,
+}

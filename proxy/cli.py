@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="check what the chosen provisioner (PROXY_PROVISIONER) needs, and say "
         "how to fix it"
     )
+    doctor.add_argument("--preview", action="store_true",
+                        help="then a `pulumi preview` against Exoscale (creates nothing)")
     doctor.set_defaults(run=doctor_command)
     return parser
 
@@ -246,11 +248,13 @@ def doctor_command(args: argparse.Namespace) -> int:
 
     failed = _show_checks(run_checks(config.env, config.state_dir))
     try:
-        Settings.from_env(config.env)
+        settings = Settings.from_env(config.env)
         print("ok    settings: the Exoscale settings are valid")
     except SettingsError as exc:
         failed.append(exc)
         print(f"FAIL  settings: {exc}")
+    if getattr(args, "preview", False):
+        failed += _preview(settings if not failed else None, config)
     return FAILED if failed else OK
 
 
@@ -261,6 +265,20 @@ def _show_checks(checks: list) -> list:
         if not check.ok and check.fix:
             print(f"      fix: {check.fix}")
     return [check for check in checks if not check.ok]
+
+
+def _preview(settings: Any, config: Config) -> list[object]:
+    """`doctor --preview`: what `pulumi up` would do, or the provider's error (a failure)."""
+    if settings is None:
+        print("FAIL  preview: not run; fix the failures above first")
+        return ["preview"]
+    from infra.doctor import run_preview
+
+    check, planned = run_preview(settings, config.env, config.state_dir)
+    failed = _show_checks([check])
+    for step in planned:
+        print(f"      {step}")
+    return failed
 
 
 def _client(args: argparse.Namespace) -> tuple[str, dict[str, str]]:

@@ -120,11 +120,12 @@ class Config:
             max_body=int(read.number("PROXY_MAX_BODY_MB", 100, minimum=0) * 2**20),
             max_blob=int(read.number("PROXY_MAX_BLOB_GB", 0, minimum=0) * 2**30),
             auth_failures=int(read.number("PROXY_AUTH_FAILURES", 10, minimum=1, whole=True)),
-            models=read.models("OLLAMA_MODEL", "llama3.2"),
-            zone=read.text("EXOSCALE_ZONE", "at-vie-2"),
-            instance_type=read.text("EXOSCALE_INSTANCE_TYPE", "gpua5000.small"),
-            template=read.text("EXOSCALE_TEMPLATE", "Linux Ubuntu 24.04 LTS 64-bit"),
-            disk_size=int(read.number("EXOSCALE_DISK_SIZE", 100, minimum=10, whole=True)),
+            # Read and checked by the program's own rules (infra/settings.py): one owner each.
+            models=read.setting("models"),
+            zone=read.setting("zone"),
+            instance_type=read.setting("instance_type"),
+            template=read.setting("template"),
+            disk_size=read.setting("disk_size"),
             connect_timeout=read.number("PROXY_CONNECT_TIMEOUT", 10.0, minimum=0.1),
             read_timeout=read.number("PROXY_READ_TIMEOUT", 900.0, minimum=1),
             client_timeout=read.number("PROXY_CLIENT_TIMEOUT", 15.0, minimum=0.1),
@@ -254,14 +255,16 @@ class _Reader:
                 )
         return tuple(keys), tuple(admins), names
 
-    def models(self, name: str, default: str) -> tuple[str, ...]:
-        models = self.items(name) or (default,)
-        for model in models:
-            if any(c.isspace() for c in model) or model.startswith(("/", ".")):
-                raise ConfigError(
-                    f"{name}={model!r} is not a model name; use names like llama3.2 or qwen3:8b"
-                )
-        return models
+    def setting(self, setting: str) -> object:
+        """A variable the Pulumi program reads too, checked by its rules (`env_setting`)."""
+        from infra.settings import ENV_NAMES, SettingsError, env_setting
+
+        name = ENV_NAMES[setting]
+        value = self.raw(name)
+        try:
+            return env_setting({} if value is None else {name: value}, setting)
+        except SettingsError as exc:
+            raise ConfigError(str(exc)) from None
 
     def windows(self, name: str) -> tuple[Window, ...]:
         value = self.raw(name) or ""

@@ -1,4 +1,4 @@
-"""The reconciler's choice as a pure function: the shared document, the workers' demand, the
+"""The reconciler's choice as a pure function: the shared state, the workers' demand, the
 clocks, the config and what the reconciler remembers go in; one action comes out.
 
 Nothing here starts a thread, touches the store or sleeps: `decide` is tested as a table
@@ -9,30 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime
-from enum import Enum
-from typing import Any
 
 from . import gputime, schedule
 from .config import Config
+from .state import Phase, State
 from .store import WorkerReport
 
 HEALTH_EVERY = 15.0  # seconds between probes of a ready upstream
 PROBE_EVERY = 1.0  # seconds between probes after a failed one (and while starting)
 WORKER_TTL = 10.0  # a worker silent this long is dead: its in-flight requests stop counting
-
-
-class Phase(str, Enum):
-    """The lifecycle's phases; a str, so the JSON document and old stores read the same."""
-
-    IDLE = "idle"
-    PROVISIONING = "provisioning"
-    STARTING = "starting"
-    READY = "ready"
-    DESTROYING = "destroying"
-    ERROR = "error"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -149,16 +134,16 @@ Action = (Wait | SetAside | Provision | AckDown | RetryTearDown | ResumeBringUp
           | ResumeAwaitReady | ResumeRemoval | Retire | TearDownIdle | CheckHealth)
 
 
-def decide(doc: dict[str, Any], demand: Demand, clock: Clock, config: Config,
+def decide(state: State, demand: Demand, clock: Clock, config: Config,
            memory: Memory) -> tuple[Action, Memory]:
     """The one action for this tick, and the reconciler's memory after choosing it."""
     now = clock.now
-    phase = doc.get("phase", Phase.IDLE)
-    down = demand.down_at > doc.get("down_handled", 0.0)
+    phase = state.phase
+    down = demand.down_at > state.down_handled
     local = datetime.fromtimestamp(now, config.tz)
-    warm = schedule.is_warm(config.warm_windows, local) and now >= doc.get("warm_off_until", 0.0)
-    over_budget = gputime.over_budget(doc, now, config.tz, config.daily_gpu_hours)
-    new_demand = demand.wanted_at > doc.get("demand_cutoff", 0.0)
+    warm = schedule.is_warm(config.warm_windows, local) and now >= state.warm_off_until
+    over_budget = gputime.over_budget(state.gpu_record, now, config.tz, config.daily_gpu_hours)
+    new_demand = demand.wanted_at > state.demand_cutoff
 
     if phase == Phase.IDLE:
         if over_budget:
@@ -167,30 +152,30 @@ def decide(doc: dict[str, Any], demand: Demand, clock: Clock, config: Config,
             return Provision(), memory
         return (AckDown(demand.down_at) if down else Wait()), memory
     if phase == Phase.ERROR:
-        if now < doc.get("retry_at", 0.0):
+        if now < state.retry_at:
             return Wait(), memory
-        since = max(doc.get("phase_since", 0.0), doc.get("demand_cutoff", 0.0))
+        since = max(state.phase_since, state.demand_cutoff)
         if (warm or demand.wanted_at > since) and not over_budget:  # demand since the failure
             return Provision(), memory
-        return (RetryTearDown() if doc.get("teardown_pending") else Wait()), memory
+        return (RetryTearDown() if state.teardown_pending else Wait()), memory
     if phase == Phase.PROVISIONING:
         return ResumeBringUp(), memory
     if phase == Phase.STARTING:
         return ResumeAwaitReady(), memory
     if phase == Phase.DESTROYING:
-        return ResumeRemoval(doc.get("phase_since", now) + config.drain_timeout), memory
+        return ResumeRemoval((state.phase_since or now) + config.drain_timeout), memory
     if phase == Phase.READY:
-        return _decide_ready(doc, demand, clock, config, memory, down, warm, over_budget)
+        return _decide_ready(state, demand, clock, config, memory, down, warm, over_budget)
     return Wait(), memory
 
 
-def _decide_ready(doc: dict[str, Any], demand: Demand, clock: Clock, config: Config,
+def _decide_ready(state: State, demand: Demand, clock: Clock, config: Config,
                   memory: Memory, down: bool, warm: bool, over_budget: bool
                   ) -> tuple[Action, Memory]:
     now = clock.now
-    reason, fresh = retire_reason(doc, down, over_budget, now, config)
+    reason, fresh = retire_reason(state, down, over_budget, now, config)
     ended = schedule.last_end(config.warm_windows, datetime.fromtimestamp(now, config.tz))
-    idle_since = max(demand.last_activity, doc.get("ready_since", 0.0),
+    idle_since = max(demand.last_activity, state.ready_since,
                      ended.timestamp() if ended else 0.0)
     memory, idle_for = _idle_for(memory, idle_since, clock)
     if reason:
@@ -218,7 +203,7 @@ def _idle_for(memory: Memory, idle_since: float, clock: Clock) -> tuple[Memory, 
     return memory, max(clock.now - idle_since, clock.monotonic - memory.idle_mark[1])
 
 
-def retire_reason(doc: dict[str, Any], down: bool, over_budget: bool, now: float,
+def retire_reason(state: State, down: bool, over_budget: bool, now: float,
                   config: Config) -> tuple[str, bool]:
     """(why the ready server must go even under demand, "" when it may stay; whether a fresh
     server is the point, so that stopping this one will not do)."""
@@ -227,6 +212,6 @@ def retire_reason(doc: dict[str, Any], down: bool, over_budget: bool, now: float
         return "an operator asked for it (ollama-exoscale down)", False
     if over_budget:
         return f"the daily GPU budget of {config.daily_gpu_hours:g} h is used up", False
-    if hours and gputime.instance_seconds(doc, now) >= hours * 3600:
+    if hours and gputime.instance_seconds(state.gpu_record, now) >= hours * 3600:
         return f"it has run for PROXY_MAX_INSTANCE_HOURS={hours:g} h", True
     return "", False

@@ -27,9 +27,10 @@ from typing import Any
 
 from . import gputime
 from .config import Config
-from .decide import Phase
+from .decide import Demand
 from .provisioner import Endpoint, Provisioner
-from .reconciler import Reconciler, live_inflight
+from .reconciler import Reconciler
+from .state import Phase, State
 from .store import Store, StoreError, WorkerReport
 from .upstream import Sessions
 
@@ -88,33 +89,33 @@ class Snapshot:
 
     @classmethod
     def build(
-        cls, doc: dict[str, Any], reports: list[WorkerReport], now: float, reconciler: str = ""
+        cls, state: State, reports: list[WorkerReport], now: float, reconciler: str = ""
     ) -> Snapshot:
-        endpoint = doc.get("endpoint")
+        demand = Demand.of(reports, now)
         return cls(
-            phase=doc.get("phase", "idle"),
-            phase_since=doc.get("phase_since", 0.0),
-            detail=doc.get("detail", ""),
-            removal_reason=doc.get("removal_reason", ""),
-            steps=tuple(doc.get("steps", ())),
-            endpoint=Endpoint(**endpoint) if endpoint else None,
-            instance_status=doc.get("instance_status") or "absent",
-            last_error=doc.get("last_error"),
-            retry_at=doc.get("retry_at", 0.0),
-            failures=doc.get("failures", 0),
-            cold_starts=tuple(doc.get("cold_starts", ())),
-            timelines=tuple(doc.get("timelines", ())),
-            provisioning_started_at=doc.get("provisioning_started_at", 0.0),
-            ready_since=doc.get("ready_since", 0.0),
-            upstream_version=doc.get("upstream_version"),
-            instance_since=doc.get("instance_since", 0.0),
-            gpu_days=tuple((doc.get("gpu_days") or {}).items()),
-            gpu_seconds=doc.get("gpu_seconds", 0.0),
-            inflight=live_inflight(reports, now),
-            last_activity=max((r.last_activity for r in reports), default=0.0),
-            wanted_at=max((r.wanted_at for r in reports), default=0.0),
-            demand_cutoff=doc.get("demand_cutoff", 0.0),
-            down_handled=doc.get("down_handled", 0.0),
+            phase=state.phase,
+            phase_since=state.phase_since,
+            detail=state.detail,
+            removal_reason=state.removal_reason,
+            steps=state.steps,
+            endpoint=state.endpoint,
+            instance_status=state.instance_status,
+            last_error=state.last_error,
+            retry_at=state.retry_at,
+            failures=state.failures,
+            cold_starts=state.cold_starts,
+            timelines=state.timelines,
+            provisioning_started_at=state.provisioning_started_at,
+            ready_since=state.ready_since,
+            upstream_version=state.upstream_version,
+            instance_since=state.instance_since,
+            gpu_days=tuple(state.gpu_days.items()),
+            gpu_seconds=state.gpu_seconds,
+            inflight=demand.inflight,
+            last_activity=demand.last_activity,
+            wanted_at=demand.wanted_at,
+            demand_cutoff=state.demand_cutoff,
+            down_handled=state.down_handled,
             reconciler=reconciler,
         )
 
@@ -197,11 +198,11 @@ class Lifecycle:
             if self._refreshed_at < asked:  # no read began since this caller asked: read now
                 self._refreshed_at = time.monotonic()
                 try:
-                    doc = self.store.load()
+                    state = State.from_doc(self.store.load())
                 except StoreError:
                     return False  # the sync loop reports the store's trouble
-                if doc.get("phase") == "ready":  # only then can this request be served
-                    snapshot = Snapshot.build(doc, self._reports, time.time(),
+                if state.phase == Phase.READY:  # only then can this request be served
+                    snapshot = Snapshot.build(state, self._reports, time.time(),
                                               reconciler=self._snapshot.reconciler)
                     with self._changed:
                         self._snapshot = snapshot
@@ -333,7 +334,8 @@ class Lifecycle:
             return
         self._reports = reports
         snapshot = Snapshot.build(
-            self.reconciler.doc or doc, reports, now, reconciler=self.reconciler.leader
+            self.reconciler.state or State.from_doc(doc), reports, now,
+            reconciler=self.reconciler.leader,
         )
         with self._changed:
             self._snapshot = snapshot

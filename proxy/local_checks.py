@@ -20,7 +20,7 @@ import requests
 from infra.doctor import Check, check_state_dir
 
 from .config import Config, ConfigError, split_host_port
-from .provisioners import LocalProvisioner
+from .provisioners import LocalProvisioner, accepts
 
 INSTALL_OLLAMA = (
     "install Ollama (https://ollama.com/download), or set PROXY_LOCAL_COMMAND to the command "
@@ -69,7 +69,7 @@ def check_address(config: Config) -> Check:
                      f"{addr} is served by the upstream this proxy started (still running)")
     problem = _listen_error(host, port)
     in_use = (problem is not None and problem.errno == errno.EADDRINUSE) or \
-        (problem is None and _accepts(host, port))
+        (problem is None and accepts(host, port))
     if not in_use and problem is not None:
         return Check("local address", False, f"cannot listen on {addr}: {problem.strerror}",
                      "set PROXY_LOCAL_ADDR to an address of this host, e.g. 127.0.0.1:11435")
@@ -92,14 +92,6 @@ def _ours(config: Config) -> bool:
     except (ConfigError, ValueError):
         return False
     return provisioner.observe() is not None
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _listen_error(host: str, port: int) -> OSError | None:

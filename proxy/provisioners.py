@@ -63,7 +63,7 @@ class LocalProvisioner:
     def bring_up(self, progress: Progress) -> Endpoint:
         if self._running_pid():
             return Endpoint(self.url)
-        if _accepts(self.host, self.port):
+        if accepts(self.host, self.port):
             raise ProvisionError(
                 f"PROXY_LOCAL_ADDR {self.addr} is already in use by another program; stop it or "
                 "choose another address"
@@ -79,7 +79,7 @@ class LocalProvisioner:
                     f"`{self.program}` exited with code {code} before listening on "
                     f"{self.addr}: {self._log_tail()}"
                 )
-            if _accepts(self.host, self.port):
+            if accepts(self.host, self.port):
                 return Endpoint(self.url)
             time.sleep(0.1)
         self._stop(process.pid)
@@ -159,7 +159,8 @@ class LocalProvisioner:
         return " / ".join(lines[-3:])[-400:] or "(no output)"
 
 
-def _accepts(host: str, port: int) -> bool:
+def accepts(host: str, port: int) -> bool:
+    """Whether something answers a TCP connection on host:port."""
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True

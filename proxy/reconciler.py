@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +28,6 @@ from .decide import (
     Clock,
     Demand,
     Memory,
-    Phase,
     Provision,
     ResumeAwaitReady,
     ResumeBringUp,
@@ -43,6 +42,7 @@ from .decide import (
     probed,
 )
 from .provisioner import Endpoint, Provisioner, ProvisionError
+from .state import Phase, State
 from .store import Store, StoreError, WorkerReport
 from .upstream import Sessions, load_model, probe, server_progress
 
@@ -78,7 +78,7 @@ class Reconciler:
         self.store = store
         self.sessions = sessions
         self.holder = holder
-        self.doc: dict[str, Any] | None = None  # the document as last written, while holder
+        self.state: State | None = None  # the document as last written, while holder
         self.leader = ""  # who held the lease at the last look: this worker or another
         self._holding = False
         self._lease_renewed = 0.0
@@ -89,22 +89,27 @@ class Reconciler:
         self._memory = Memory()
         self._wanted_seen = 0.0  # the latest demand in the reports, as of the last decision
         self._detail_saved = 0.0
-        self._doc_lock = threading.Lock()
+        self._state_lock = threading.Lock()
 
     # -- the tick: decide, never block -------------------------------------------------------
 
     def tick(self, doc: dict[str, Any], reports: list[WorkerReport], now: float) -> None:
         if self._stop.is_set() or not self._lease(now) or self.busy:
             return
-        if self.doc is None:
+        if self.state is None:
             # Just took the lease: start from the store's document, then check it against
-            # what really exists. While holding, self.doc is the truth: only we write it.
-            with self._doc_lock:
-                self.doc = dict(doc)
+            # what really exists. While holding, self.state is the truth: only we write it.
+            with self._state_lock:
+                self.state = State.from_doc(doc)
             log.info("this worker now reconciles (%s)", self.holder)
             self._start(self._adopt, "adopt")
             return
         self._decide(reports, now)
+
+    @property
+    def reconciling(self) -> bool:
+        """Whether this worker holds the lease and acts (it has read the shared state)."""
+        return self.state is not None
 
     @property
     def busy(self) -> bool:
@@ -125,7 +130,7 @@ class Reconciler:
         if self._holding and not held:
             log.warning("this worker lost the lease; another reconciles now")
         if not held:
-            self.doc = None
+            self.state = None
         self._holding = held
         return held
 
@@ -134,13 +139,13 @@ class Reconciler:
         return holder if expires_at > time.time() else ""
 
     def _decide(self, reports: list[WorkerReport], now: float) -> None:
-        doc = self.doc or {}
+        state = self.state or State()
         demand = Demand.of(reports, now)
         self._wanted_seen = demand.wanted_at
-        action, self._memory = decide(doc, demand, Clock(now, time.monotonic()), self.config,
+        action, self._memory = decide(state, demand, Clock(now, time.monotonic()), self.config,
                                       self._memory)
         self._act(action, now)
-        if now - doc.get("reports_pruned", 0.0) > 3600:
+        if now - state.reports_pruned > 3600:
             self._prune(reports, now)
 
     def _act(self, action: Action, now: float) -> None:
@@ -223,8 +228,8 @@ class Reconciler:
 
     def _adopt(self) -> None:
         """On taking the lease: make the document agree with what exists."""
-        doc = self.doc or {}
-        phase = doc.get("phase", Phase.IDLE)
+        state = self.state or State()
+        phase = state.phase
         if phase in (Phase.PROVISIONING, Phase.STARTING, Phase.DESTROYING):
             return  # the next tick resumes the interrupted operation
         try:
@@ -233,18 +238,18 @@ class Reconciler:
             log.error("could not observe what exists: %s", exc)
             return
         if endpoint is not None and endpoint.instance_status == "stopped":
-            if phase != Phase.IDLE or doc.get("instance_status") != "stopped":
+            if phase != Phase.IDLE or state.instance_status != "stopped":
                 log.info("the GPU server exists, stopped")
                 self._gone(instance_status="stopped")
         elif endpoint is not None and phase in (Phase.IDLE, Phase.ERROR, Phase.READY):
-            if phase != Phase.READY or doc.get("endpoint") != asdict(endpoint):
+            if phase != Phase.READY or state.endpoint != endpoint:
                 log.info("adopting the GPU server that exists at %s", endpoint.url)
                 self._commit(
                     phase=Phase.STARTING,
                     phase_since=time.time(),
-                    endpoint=asdict(endpoint),
+                    endpoint=endpoint,
                     provisioning_started_at=0.0,
-                    instance_since=doc.get("instance_since") or time.time(),
+                    instance_since=state.instance_since or time.time(),
                     detail="found an existing GPU server; checking its model",
                 )
                 self._await_ready()
@@ -265,17 +270,17 @@ class Reconciler:
         self._commit(
             phase=Phase.STARTING,
             phase_since=time.time(),
-            endpoint=asdict(endpoint),
+            endpoint=endpoint,
             instance_status=endpoint.instance_status,
             detail="the GPU server exists; waiting for Ollama and the model",
-            marks={**(self.doc or {}).get("marks", {}), "server": time.time()},
+            marks={**(self.state or State()).marks, "server": time.time()},
         )
         self._await_ready()
 
     def _await_ready(self) -> None:
-        doc = self.doc or {}
-        endpoint = Endpoint(**doc["endpoint"])
-        deadline = doc.get("phase_since", time.time()) + self.config.start_timeout
+        state = self.state or State()
+        endpoint = state.endpoint
+        deadline = (state.phase_since or time.time()) + self.config.start_timeout
         while not self._stop.is_set():
             result = probe(self.sessions, endpoint, self.config.models)
             if result.answered:
@@ -288,14 +293,28 @@ class Reconciler:
                 self._become_ready(result.version)
                 return
             on_server = server_progress(self.sessions, endpoint) if result.answered else None
+            if on_server and on_server.get("error"):  # cloud-init/setup.sh `give_up`
+                self._give_up(f"the GPU server's bring-up failed: {on_server['error']}"[:400])
+                return
             self._progress(f"on the server: {on_server['detail']}" if on_server else result.reason)
             if time.time() > deadline:
-                self._fail(
-                    f"the GPU server did not become ready in {self.config.start_timeout:g} s: "
-                    f"{result.reason}"
+                self._give_up(
+                    f"the GPU server did not become ready in {self.config.start_timeout:g} s "
+                    f"(PROXY_START_TIMEOUT): {result.reason}"
                 )
                 return
             self._stop.wait(PROBE_EVERY)
+
+    def _give_up(self, reason: str) -> None:
+        """Nothing will make this server ready: it is removed rather than billed, and the
+        reason is the error shown (the next demand after the back-off starts a fresh one)."""
+        self._progress(f"{reason}; removing the GPU server")
+        try:
+            self.provisioner.tear_down(self._progress)
+        except ProvisionError as exc:
+            self._fail(f"{reason}; removing it failed too: {exc}", teardown=True)
+            return
+        self._fail(reason)
 
     def _load_models(self, endpoint: Endpoint) -> None:
         """Load each model once, so the first request does not pay for it (best effort)."""
@@ -311,33 +330,31 @@ class Reconciler:
         on_server = server_progress(self.sessions, endpoint) or {}
         durations = on_server.get("durations")
         if isinstance(durations, dict):
-            with self._doc_lock:
-                if self.doc is not None:
-                    self.doc["server_stages"] = {
-                        str(k): float(v) for k, v in durations.items()
-                        if isinstance(v, (int, float))
-                    }
+            stages = {str(k): float(v) for k, v in durations.items()
+                      if isinstance(v, (int, float))}
+            with self._state_lock:
+                if self.state is not None:
+                    self.state = replace(self.state, server_stages=stages)
 
     def _mark(self, name: str) -> None:
         """The moment a cold-start stage ended (the first time only), kept with the document."""
-        with self._doc_lock:
-            marks = (self.doc or {}).get("marks") or {}
-            if self.doc is not None and name not in marks:
-                self.doc["marks"] = {**marks, name: time.time()}
+        with self._state_lock:
+            if self.state is not None and name not in self.state.marks:
+                self.state = replace(self.state, marks={**self.state.marks, name: time.time()})
 
     def _become_ready(self, version: str | None) -> None:
         now = time.time()
-        doc = self.doc or {}
-        cold_starts = list(doc.get("cold_starts", []))
-        timelines = list(doc.get("timelines", []))
-        started = doc.get("provisioning_started_at") or 0.0
+        state = self.state or State()
+        cold_starts = list(state.cold_starts)
+        timelines = list(state.timelines)
+        started = state.provisioning_started_at
         if started:
             cold_starts = (cold_starts + [round(now - started, 3)])[-COLD_STARTS_KEPT:]
-            timeline: dict[str, Any] = cold_start_timeline(doc.get("marks") or {}, started)
+            timeline: dict[str, Any] = cold_start_timeline(state.marks, started)
             log.info("ready after a cold start of %.1f s (%s)", now - started,
                      ", ".join(f"{k} {v:.1f} s" for k, v in timeline.items()))
-            if doc.get("server_stages"):
-                timeline["on_server"] = doc["server_stages"]  # the server's own phases
+            if state.server_stages:
+                timeline["on_server"] = state.server_stages  # the server's own phases
             timelines = (timelines + [timeline])[-COLD_STARTS_KEPT:]
         self._commit(
             phase=Phase.READY,
@@ -354,7 +371,7 @@ class Reconciler:
                                       self._wanted_seen), health_failures=0)
 
     def _check_health(self) -> None:
-        endpoint = Endpoint(**(self.doc or {})["endpoint"])
+        endpoint = (self.state or State()).endpoint
         if probe(self.sessions, endpoint, self.config.models).ready:
             self._memory = replace(self._memory, health_failures=0)
             return
@@ -368,7 +385,7 @@ class Reconciler:
         if found is None or found.instance_status == "stopped":
             self._gone(instance_status=found.instance_status if found else "absent")
         else:
-            self._commit(phase=Phase.STARTING, phase_since=time.time(), endpoint=asdict(found))
+            self._commit(phase=Phase.STARTING, phase_since=time.time(), endpoint=found)
             self._await_ready()
 
     def _tear_down_idle(self, idle_since: float, idle_for: float) -> None:
@@ -395,7 +412,7 @@ class Reconciler:
         log.warning("%s", sentence)
         changes = self._detail(Phase.DESTROYING, sentence, now)
         changes["removal_reason"] = reason
-        if down_at > (self.doc or {}).get("down_handled", 0.0):
+        if down_at > (self.state or State()).down_handled:
             changes.update(down_handled=down_at, **self._warm_off(local))
         self._commit(phase=Phase.DESTROYING, phase_since=now, removal="stop" if stop else "destroy",
                      **changes)
@@ -421,7 +438,7 @@ class Reconciler:
 
     def _remove(self, **changes: Any) -> None:
         """Destroy the server, or stop it (the document's `removal`, set when it began)."""
-        stop = (self.doc or {}).get("removal") == "stop"
+        stop = (self.state or State()).removal == "stop"
         try:
             if stop:
                 self.provisioner.stop(self._progress)
@@ -438,15 +455,15 @@ class Reconciler:
         """The server no longer runs (gone, or stopped): phase idle, its GPU time booked."""
         changes.setdefault("instance_status", "absent")
         now = time.time()
-        booked = gputime.close_interval(self.doc or {}, now, self.config.tz)
+        booked = gputime.close_interval((self.state or State()).gpu_record, now, self.config.tz)
         self._commit(phase=Phase.IDLE, phase_since=now, endpoint=None, detail="", **booked,
                      **changes)
 
     @staticmethod
-    def _detail(phase: str, sentence: str, now: float) -> dict[str, Any]:
+    def _detail(phase: Phase, sentence: str, now: float) -> dict[str, Any]:
         """The detail, and the first step of a new operation."""
         return {"detail": sentence,
-                "steps": [{"at": round(now, 3), "phase": phase, "text": sentence}]}
+                "steps": ({"at": round(now, 3), "phase": phase.value, "text": sentence},)}
 
     def _activity_since(self, idle_since: float) -> bool:
         reports = self.store.reports()
@@ -455,8 +472,8 @@ class Reconciler:
 
     def _fail(self, reason: str, teardown: bool = False) -> None:
         """Phase error with back-off; a failed tear-down keeps its endpoint and is retried."""
-        doc = self.doc or {}
-        failures = doc.get("failures", 0) + 1
+        state = self.state or State()
+        failures = state.failures + 1
         backoff = min(self.config.retry_base * 2 ** (failures - 1), self.config.retry_max)
         now = time.time()
         log.error("provisioning failed (attempt %d, next try in %.0f s): %s", failures, backoff,
@@ -466,7 +483,8 @@ class Reconciler:
             retry_at=now + backoff, detail=reason, teardown_pending=teardown,
         )
         if not teardown:  # no server was made, or it is gone with the failed update
-            changes.update(endpoint=None, **gputime.close_interval(doc, now, self.config.tz))
+            changes.update(endpoint=None,
+                           **gputime.close_interval(state.gpu_record, now, self.config.tz))
         self._commit(**changes)
 
     def _progress(self, sentence: str) -> None:
@@ -476,31 +494,30 @@ class Reconciler:
         """
         log.info("progress: %s", sentence)
         now = time.time()
-        with self._doc_lock:
-            if self.doc is not None:
-                self.doc["detail"] = sentence
-                steps = list(self.doc.get("steps") or [])
+        with self._state_lock:
+            if self.state is not None:
+                steps = list(self.state.steps)
                 if not steps or steps[-1]["text"] != sentence:  # probes repeat their reason
                     if steps and _grown(steps[-1]["text"], sentence):
                         steps.pop()  # "pulling llama3.2: 43%" replaces "…: 42%"
-                    steps.append({"at": round(now, 3), "phase": self.doc.get("phase"),
+                    steps.append({"at": round(now, 3), "phase": self.state.phase.value,
                                   "text": sentence})
-                    self.doc["steps"] = steps[-STEPS_KEPT:]
+                self.state = replace(self.state, detail=sentence, steps=tuple(steps[-STEPS_KEPT:]))
         if now - self._detail_saved >= 1.0:
             self._detail_saved = now
             self._commit(detail=sentence)
 
     def _commit(self, **changes: Any) -> None:
-        with self._doc_lock:
-            doc = dict(self.doc or {})
-            doc.update(changes)
-            if "phase" in changes and changes["phase"] != (self.doc or {}).get("phase"):
-                log.info("phase %s → %s", (self.doc or {}).get("phase", "idle"), changes["phase"])
-            if not self.store.save(doc, self.holder):
+        with self._state_lock:
+            before = self.state or State()
+            state = replace(before, **changes)
+            if state.phase != before.phase:
+                log.info("phase %s → %s", before.phase, state.phase)
+            if not self.store.save(state.to_doc(), self.holder):
                 self._holding = False
-                self.doc = None
+                self.state = None
                 raise LeaseLost()
-            self.doc = doc
+            self.state = state
 
     def close(self, timeout: float) -> None:
         self._stop.set()

@@ -24,6 +24,8 @@ must be world-readable, as `cloud-init/progress.py` makes it.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import os
 import re
 import shutil
@@ -87,6 +89,21 @@ def on_disk(disk: Path, path: str) -> Path:
     return disk / path.lstrip("/")
 
 
+def contents(entry: dict) -> bytes:
+    """An entry's bytes as cloud-init decodes them (cloudinit/config/cc_write_files.py,
+    `canonicalize_extraction` and `extract_contents`): plain text, base64, gzip+base64;
+    an encoding it does not know is refused here (cloud-init would write it undecoded)."""
+    encoding = (entry.get("encoding") or "text/plain").lower().strip()
+    data = entry["content"]
+    if encoding in ("gz+base64", "gzip+base64", "gz+b64", "gzip+b64"):
+        return gzip.decompress(base64.b64decode(data))
+    if encoding in ("b64", "base64"):
+        return base64.b64decode(data)
+    if encoding == "text/plain":
+        return data.encode()
+    raise ValueError(f"write_files encoding {encoding!r} is not one cloud-init decodes")
+
+
 def write_files(user_data: str, disk: Path) -> dict[str, Path]:
     """cloud-init's `write_files` of `user_data`, under `disk`, each with its permissions;
     returns the server's path -> the file written."""
@@ -96,7 +113,7 @@ def write_files(user_data: str, disk: Path) -> dict[str, Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         for folder in _parents_below(target.parent, disk):
             folder.chmod(0o755)  # cloud-init makes missing folders 0755 too
-        target.write_text(entry["content"])
+        target.write_bytes(contents(entry))
         target.chmod(int(entry.get("permissions", "0644"), 8))
         written[entry["path"]] = target
     return written

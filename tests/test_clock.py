@@ -41,9 +41,9 @@ def die(life: Lifecycle) -> None:
 
 
 def holder_and_other(a: Lifecycle, b: Lifecycle) -> tuple[Lifecycle, Lifecycle]:
-    wait_until(lambda: a.reconciler.doc is not None or b.reconciler.doc is not None, 5,
+    wait_until(lambda: a.reconciler.reconciling or b.reconciler.reconciling, 5,
                what="a reconciler")
-    return (a, b) if a.reconciler.doc is not None else (b, a)
+    return (a, b) if a.reconciler.reconciling else (b, a)
 
 
 def test_a_clock_jumping_an_hour_ahead_removes_no_server_under_a_stream(make, upstream, clock):
@@ -115,7 +115,7 @@ def test_a_clock_jumping_back_an_hour_leaves_the_lease_to_be_taken_over(make, up
     clock.jump(-HOUR)  # the lease's expiry, written before, is now an hour and more away
     time.sleep(1)
     die(holder)
-    wait_until(lambda: other.reconciler.doc is not None, 10,
+    wait_until(lambda: other.reconciler.reconciling, 10,
                what="the other worker to take the lease within about its ttl")
     other.want()
     wait_until(lambda: other.snapshot().phase == "ready", 10, what="ready through the other")

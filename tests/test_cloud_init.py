@@ -11,6 +11,7 @@ fails the test with its name; nothing is skipped.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import json
@@ -31,9 +32,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.cloudinit import TLS_SERVER_NAME, fill, render_user_data, template_dir
+from infra.cloudinit import TLS_SERVER_NAME, encoded_size, fill, render_user_data, template_dir
 from infra.settings import Settings
-from tests.nginx_front import Front, make_disk, on_disk, write_files
+from tests.nginx_front import Front, contents, make_disk, on_disk, write_files
 
 TOKEN = "b7Qm2Lx9" * 6
 SCRIPT = "/usr/local/sbin/ollama-exoscale-setup"
@@ -77,8 +78,9 @@ def render(tls, **overrides) -> str:
 
 
 def written(user_data: str) -> dict[str, dict]:
-    """path -> write_files entry."""
-    return {entry["path"]: entry for entry in yaml.safe_load(user_data)["write_files"]}
+    """path -> write_files entry, its content decoded as cloud-init decodes it."""
+    return {entry["path"]: {**entry, "content": contents(entry).decode()}
+            for entry in yaml.safe_load(user_data)["write_files"]}
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +178,34 @@ def test_unit_passes_systemd_analyze_verify(user_data, tmp_path):
 
 def test_user_data_fits_what_exoscale_accepts(tls):
     many = tuple(f"model{i}:latest" for i in range(50))
-    assert len(render(tls, models=many).encode()) < 32 * 1024
+    user_data = render(tls, models=many)
+    assert len(base64.b64encode(user_data.encode())) == encoded_size(user_data) < 32768
+
+
+def test_user_data_whose_base64_reaches_the_providers_limit_is_refused_naming_the_models(tls):
+    """The provider refuses >= 32768 bytes *encoded*: what passes a raw check can fail there.
+    The names are hashes, which the files' compression cannot shrink much."""
+    import hashlib
+
+    many = tuple(f"hf.co/u/{hashlib.sha256(str(i).encode()).hexdigest()}:Q4" for i in range(600))
+    with pytest.raises(ValueError) as caught:
+        render(tls, models=many)
+    message = str(caught.value)
+    assert "base64" in message and "32768" in message
+    assert "OLLAMA_MODEL" in message and "600 names" in message
+    fits = render(tls, models=many[:100])
+    assert len(fits.encode()) < 32768 * 3 // 4 and encoded_size(fits) < 32768
+
+
+def test_every_file_reaches_cloud_init_gzipped_and_decodes_to_its_template(tls):
+    """gz+b64 keeps the commented scripts within the provider's limit; cloud-init decodes it
+    (cloudinit/config/cc_write_files.py), and rendering twice gives the same bytes (the stack
+    replaces the instance when its user data changes)."""
+    entries = yaml.safe_load(render(tls))["write_files"]
+    assert {entry.get("encoding") for entry in entries} == {"gz+b64"}
+    assert render(tls) == render(tls)
+    progress_script = written(render(tls))["/usr/local/sbin/ollama-exoscale-progress"]
+    assert progress_script["content"] == (TEMPLATES / "progress.py").read_text()
 
 
 def test_a_token_that_could_break_the_config_is_refused(tls):
@@ -207,7 +236,7 @@ def test_script_passes_bash_n(user_data, tmp_path):
 
 
 def test_with_a_model_volume_the_script_mounts_it_before_ollama_starts(tls, tmp_path):
-    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    script = written(render(tls, zone="de-fra-1", model_volume_gb=50))[SCRIPT]["content"]
     assert "MODEL_VOLUME=1" in script
     main = script[script.index("\nmain() {"):]
     assert main.index("mount_models") < main.index("start_ollama")
@@ -228,7 +257,7 @@ def function_of(script: str, name: str) -> str:
 @pytest.mark.parametrize("disks, found", [("vda disk\nvdb disk\n", "/dev/vdb"),
                                           ("sr0 rom\nvda disk\n", None)])
 def test_the_model_volume_is_the_disk_that_is_not_the_root_disk(tls, tmp_path, disks, found):
-    script = written(render(tls, model_volume_gb=50))[SCRIPT]["content"]
+    script = written(render(tls, zone="de-fra-1", model_volume_gb=50))[SCRIPT]["content"]
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "findmnt").write_text("#!/bin/sh\necho /dev/vda1\n")
@@ -275,16 +304,186 @@ def test_script_says_ready_in_the_progress_before_it_opens_the_gate(user_data, t
     document must say `ready`, the pull's time summed in (it read the pull's phase before)."""
     script = written(user_data)[SCRIPT]["content"]
     ready = tmp_path / "ready"
-    stubs = (f"READY={ready}\nPORT=1\nMODELS=(m)\nlog() {{ :; }}\n"
-             'say() { if [ -e "$READY" ]; then echo "gate already open"; fi; echo "say $1"; }\n')
+    progress_stub = tmp_path / "progress"
+    progress_stub.write_text('#!/bin/bash\nif [ -e "$READY" ]; then echo "gate already open"; fi\n'
+                             'echo "progress $*"\n')
+    progress_stub.chmod(0o755)
+    stubs = (f"export READY={ready}\nPORT=1\nMODELS=(m)\nPROGRESS={progress_stub}\n"
+             "log() { :; }\n")
     shown = run(need("bash", "bash"), "-c",
                 stubs + function_of(script, "mark_ready") + "mark_ready")
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.splitlines() == ["say ready"] and ready.exists()
+    assert shown.stdout.splitlines() == ["progress ready"] and ready.exists()
     assert "--gpus=all" in script and "--restart unless-stopped" in script
-    assert "local models=ollama" in script and '-v "$models:/root/.ollama"' in script
+    assert "echo ollama" in script and '-v "$(models_volume):/root/.ollama"' in script
     assert "MODEL_VOLUME=0" in script  # no volume unless asked for
     assert "nvidia-ctk runtime configure --runtime=docker" in script
+
+
+# -- the NVIDIA driver, checked by its result ---------------------------------------------------
+
+
+DRIVER_FUNCTIONS = ("log", "say", "give_up", "apt_idle", "wait_for_apt", "driver_installed",
+                    "install_driver")
+
+
+def run_driver_install(user_data: str, tmp_path: Path, ubuntu_drivers: str, sleep: str = ":"):
+    """The script's `install_driver` with stubbed commands: `ubuntu-drivers` (this shell
+    body), `dpkg-query` (lists the packages named in tmp_path/installed), `sleep`, and the
+    progress command (records its arguments in tmp_path/progress)."""
+    script = written(user_data)[SCRIPT]["content"]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "ubuntu-drivers").write_text(
+        f'#!/bin/bash\necho "$*" >>{tmp_path}/ubuntu-drivers.calls\n{ubuntu_drivers}\n')
+    (stubs / "dpkg-query").write_text(  # dpkg-query -W -f='${Status} ${Package}\n' PATTERN...
+        f"#!/bin/bash\n[ -f {tmp_path}/installed ] || exit 1\n"
+        f"while read -r p; do echo \"install ok installed $p\"; done <{tmp_path}/installed\n")
+    (stubs / "sleep").write_text(f"#!/bin/bash\n{sleep}\n")
+    (stubs / "progress").write_text(f'#!/bin/bash\necho "$*" >>{tmp_path}/progress\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    lock = tmp_path / "dpkg.lock"
+    lock.touch()
+    preamble = (f"set -euo pipefail\nSTATE_DIR={tmp_path}\nFAILED={tmp_path}/failed\n"
+                f"GAVE_UP=3\nDRIVER_ATTEMPTS=3\nAPT_WAIT=60\nDPKG_LOCK={lock}\n"
+                f"PROGRESS={stubs}/progress\n")
+    body = "".join(function_of(script, name) for name in DRIVER_FUNCTIONS)
+    return run(need("bash", "bash"), "-c", preamble + body + "install_driver",
+               env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+
+
+def calls(tmp_path: Path, name: str) -> list[str]:
+    path = tmp_path / name
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_driver_install_that_exits_0_having_installed_nothing_is_retried_then_given_up(
+        user_data, tmp_path):
+    """noble's ubuntu-drivers prints "No drivers found" and exits 0: the package decides."""
+    done = run_driver_install(user_data, tmp_path, 'echo "No drivers found for installation."')
+    assert done.returncode == 3, done.stderr  # the unit's RestartPreventExitStatus
+    assert calls(tmp_path, "ubuntu-drivers.calls") == ["install --gpgpu"] * 3
+    reason = (tmp_path / "failed").read_text().strip()
+    assert "NVIDIA driver could not be installed" in reason and "3 attempts" in reason
+    assert calls(tmp_path, "progress")[-1] == f"fail {reason}"
+    assert "say driver installing the NVIDIA driver (attempt 3 of 3)" in calls(tmp_path,
+                                                                                  "progress")
+
+
+def test_a_driver_that_installs_on_the_second_attempt_passes(user_data, tmp_path):
+    second = (f'if [ "$(wc -l <{tmp_path}/ubuntu-drivers.calls)" -ge 2 ]; then '
+              f"echo nvidia-headless-no-dkms-570-server >{tmp_path}/installed; fi")
+    done = run_driver_install(user_data, tmp_path, second)
+    assert done.returncode == 0, done.stderr
+    assert len(calls(tmp_path, "ubuntu-drivers.calls")) == 2
+    assert not (tmp_path / "failed").exists()
+    assert not any(line.startswith("fail ") for line in calls(tmp_path, "progress"))
+
+
+def test_the_driver_install_waits_for_the_apt_lock_first(user_data, tmp_path):
+    """unattended-upgrades holds the dpkg lock at first boot; ubuntu-drivers' apt-get would
+    fail on it at once. Here a process holds it until the script has waited once."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "lock = open(sys.argv[1], 'a'); fcntl.lockf(lock, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(120)", str(tmp_path / "dpkg.lock")],
+        stdout=subprocess.PIPE, text=True)
+    (tmp_path / "dpkg.lock").touch()
+    try:
+        assert holder.stdout.readline() == "held\n"
+        check_lock = (  # what ubuntu-drivers' apt-get would meet
+            f"python3 -c 'import fcntl, sys; fcntl.lockf(open(sys.argv[1], \"a\"), "
+            f"fcntl.LOCK_EX | fcntl.LOCK_NB)' {tmp_path}/dpkg.lock && echo free >>{tmp_path}/lock"
+            f" || echo held >>{tmp_path}/lock\n"
+            f"echo nvidia-headless-no-dkms-570-server >{tmp_path}/installed")
+        done = run_driver_install(user_data, tmp_path, check_lock, sleep=f"kill {holder.pid}")
+        assert done.returncode == 0, done.stderr
+        assert "waiting for another apt" in done.stderr
+        assert calls(tmp_path, "lock") == ["free"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_driver_that_does_not_load_after_a_reboot_gives_up(user_data, tmp_path):
+    script = written(user_data)[SCRIPT]["content"]
+    (tmp_path / "rebooted-for-driver").touch()
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("dpkg-query", "echo 'install ok installed nvidia-headless-no-dkms-570'"),
+                       ("modprobe", "exit 1"), ("progress", f'echo "$*" >>{tmp_path}/progress')):
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    preamble = (f"set -euo pipefail\nSTATE_DIR={tmp_path}\nFAILED={tmp_path}/failed\n"
+                f"GAVE_UP=3\nPROGRESS={stubs}/progress\n"
+                "nvidia_loaded() { false; }\n")
+    names = ("log", "say", "give_up", "driver_installed", "install_nvidia_driver")
+    body = "".join(function_of(script, name) for name in names)
+    done = run(need("bash", "bash"), "-c", preamble + body + "install_nvidia_driver",
+               env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert done.returncode == 3
+    assert "does not load, even after a reboot" in calls(tmp_path, "progress")[-1]
+
+
+def run_pull_models(user_data: str, tmp_path: Path, pull: str):
+    """The script's `pull_models` with stubbed commands: `docker` (no model is there yet),
+    `sleep`, and the progress command, whose `pull` runs this shell body."""
+    script = written(user_data)[SCRIPT]["content"]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("docker", "exit 1"), ("sleep", ":"), (
+            "progress", f'echo "$*" >>{tmp_path}/progress\nif [ "$1" = pull ]; then {pull}; fi')):
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    preamble = (f"set -euo pipefail\nSTATE_DIR={tmp_path}\nFAILED={tmp_path}/failed\n"
+                f"GAVE_UP=3\nPULL_ATTEMPTS=3\nMODELS=(llama3.2 lama3.3)\nPROGRESS_TRACK=main\n"
+                f"PROGRESS={stubs}/progress\n")
+    names = ("log", "say", "give_up", "retry", "pull_model", "pull_models")
+    body = "".join(function_of(script, name) for name in names)
+    return run(need("bash", "bash"), "-c", preamble + body + "pull_models",
+               env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+
+
+def test_a_model_that_never_pulls_gives_up_with_ollamas_reason(user_data, tmp_path):
+    """A misspelt model fails every pull: after PULL_ATTEMPTS the bring-up gives up (exit 3,
+    not restarted) saying why, instead of the unit pulling again every 30 s for ever."""
+    fail_second = ('if [ "$2" = lama3.3 ]; then echo "pulling lama3.3: pull model manifest:'
+                   ' file does not exist" >&2; exit 1; fi')
+    done = run_pull_models(user_data, tmp_path, fail_second)
+    assert done.returncode == 3, done.stderr
+    pulls = [line for line in calls(tmp_path, "progress") if line.startswith("pull ")]
+    assert pulls == ["pull llama3.2"] + ["pull lama3.3"] * 3
+    reason = (tmp_path / "failed").read_text().strip()
+    assert "pulling lama3.3 failed 3 times" in reason and "file does not exist" in reason
+    assert "OLLAMA_MODEL" in reason
+    assert calls(tmp_path, "progress")[-1] == f"fail {reason}"
+
+
+def test_a_pull_that_fails_once_is_retried_and_goes_on(user_data, tmp_path):
+    once = (f'if [ ! -e {tmp_path}/failed-once ]; then touch {tmp_path}/failed-once; '
+            'echo "connection reset" >&2; exit 1; fi')
+    done = run_pull_models(user_data, tmp_path, once)
+    assert done.returncode == 0, done.stderr
+    pulls = [line for line in calls(tmp_path, "progress") if line.startswith("pull ")]
+    assert pulls == ["pull llama3.2", "pull llama3.2", "pull lama3.3"]
+    assert not (tmp_path / "failed").exists()
+
+
+def test_the_unit_does_not_restart_a_bring_up_that_gave_up(user_data):
+    unit = written(user_data)[UNIT]["content"]
+    script = written(user_data)[SCRIPT]["content"]
+    assert "GAVE_UP=3" in script and "RestartPreventExitStatus=3\n" in unit
+    main = script[script.index("\nmain() {"):]
+    assert main.index('give_up "$(cat "$FAILED")"') < main.index("install_packages")
+
+
+def test_progress_fail_writes_the_error_the_proxy_acts_on(tmp_path):
+    assert progress(tmp_path, "say", "driver", "installing the NVIDIA driver").returncode == 0
+    assert progress(tmp_path, "fail", "the NVIDIA driver could not be installed").returncode == 0
+    doc = json.loads((tmp_path / "status.json").read_text())
+    assert doc["phase"] == "failed" and doc["error"] == "the NVIDIA driver could not be installed"
+    assert doc["detail"] == doc["error"] and "driver" in doc["durations"]
 
 
 # -- the front: nginx --------------------------------------------------------------------------
@@ -546,6 +745,51 @@ def test_progress_sums_the_time_of_each_phase(tmp_path):
     assert (tmp_path / "status.json").stat().st_mode & 0o777 == 0o644
 
 
+def on_track(tmp_path, track, *args):
+    env = {**os.environ, "STATUS_FILE": str(tmp_path / "status.json"), "PROGRESS_TRACK": track}
+    done = subprocess.run([sys.executable, str(TEMPLATES / "progress.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads((tmp_path / "status.json").read_text())
+
+
+def test_progress_keeps_each_stages_span_with_two_tracks_side_by_side(tmp_path):
+    on_track(tmp_path, "main", "say", "driver", "installing the NVIDIA driver")
+    on_track(tmp_path, "fetch", "say", "image", "pulling the Ollama image")
+    time.sleep(0.2)
+    doc = on_track(tmp_path, "fetch", "say", "pulling", "pulling llama3.2: 10%")
+    stages = doc["stages"]
+    assert stages["driver"]["end"] is None and stages["pulling"]["end"] is None
+    assert stages["image"]["end"] - stages["image"]["start"] >= 0.2  # ended by its track's next
+    assert doc["detail"] == "installing the NVIDIA driver; pulling llama3.2: 10%"
+    assert stages["driver"]["start"] < stages["image"]["end"] <= stages["pulling"]["start"]
+    doc = on_track(tmp_path, "main", "say", "toolkit", "installing the toolkit")
+    assert doc["stages"]["driver"]["end"] is not None and doc["stages"]["pulling"]["end"] is None
+    on_track(tmp_path, "fetch", "end", "pulling")
+    doc = on_track(tmp_path, "main", "ready")
+    assert doc["phase"] == "ready" and doc["detail"] == "ready"
+    assert all(stage["end"] is not None for stage in doc["stages"].values())
+    assert set(doc["durations"]) == {"driver", "image", "pulling", "toolkit"}
+    assert doc["durations"]["image"] >= 0.2
+
+
+def test_progress_from_two_tracks_at_once_loses_no_stage(tmp_path):
+    """The downloads' track and the main one write the one document at the same moments."""
+    def write_many(track: str) -> None:
+        for i in range(15):
+            on_track(tmp_path, track, "say", f"{track}-{i}", f"step {i} of {track}")
+
+    threads = [threading.Thread(target=write_many, args=(track,)) for track in ("main", "fetch")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stages = json.loads((tmp_path / "status.json").read_text())["stages"]
+    assert set(stages) == {f"{track}-{i}" for track in ("main", "fetch") for i in range(15)}
+    assert {name for name, stage in stages.items() if stage["end"] is None} == {
+        "main-14", "fetch-14"}
+
+
 def test_progress_pulls_through_ollamas_api_and_writes_the_percent(tmp_path):
     from tests import fake_ollama
 
@@ -572,3 +816,93 @@ def test_progress_pulls_through_ollamas_api_and_writes_the_percent(tmp_path):
         assert failed.returncode != 0
     finally:
         server.close()
+
+
+# -- downloads beside the driver install -------------------------------------------------------
+
+
+def run_main_with_stubs(user_data: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess,
+                                                                  list[str]]:
+    """The script's main() with every command stubbed, each recording what it was asked into
+    one event log: `docker` (no image, no container at first; Ollama answers, knows the models
+    it pulled), the progress command (a pull takes 0.3 s), and an NVIDIA driver install that
+    takes 1.5 s. The steps that need apt, NVIDIA's repository or disks are recorded no-ops."""
+    script = written(user_data)[SCRIPT]["content"]
+    events = tmp_path / "events"
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "docker").write_text(f"""#!/bin/bash
+echo "docker $*" >>{events}
+case "$1 $2" in
+  "image inspect") grep -q '^docker pull' {events} ;;
+  "container inspect") grep -q "^docker run .*--name $3 " {events} ;;
+  "exec "*) if [ "$4" = show ]; then grep -qx "pulled $5" {events}; fi ;;
+esac
+""")
+    (stubs / "progress").write_text(f"""#!/bin/bash
+if [ "$1" = pull ]; then sleep 0.3; echo "pulled $2" >>{events}; fi
+echo "progress[$PROGRESS_TRACK] $*" >>{events}
+""")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    start = script.index("\nmain() {")
+    functions = script[script.index("\nlog() {"):start]
+    overrides = f"""
+install_packages() {{ echo "packages" >>{events}; }}
+open_front() {{ echo "front" >>{events}; }}
+install_container_toolkit() {{ echo "toolkit" >>{events}; }}
+mount_models() {{ echo "mount" >>{events}; }}
+install_nvidia_driver() {{
+  echo "driver begins" >>{events}; sleep 1.5; echo "driver loaded" >>{events}
+}}
+"""
+    preamble = (f"set -euo pipefail\nMODELS=(llama3.2 qwen3:8b)\nOLLAMA_IMAGE=ollama/ollama\n"
+                f"FETCHER=ollama-fetch\nMODEL_VOLUME=0\nMODELS_DIR={tmp_path}/models\n"
+                f"STATE_DIR={tmp_path}/state\nREADY={tmp_path}/state/ready\n"
+                f"FAILED={tmp_path}/state/failed\nGAVE_UP=3\nPULL_ATTEMPTS=3\n"
+                f"PROGRESS={stubs}/progress\nexport PROGRESS_TRACK=main\nPORT=1\n")
+    done = run(need("bash", "bash"), "-c",
+               preamble + functions + overrides + script[start:script.index("\n}\n", start) + 3]
+               + "main", env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+    return done, events.read_text().splitlines()
+
+
+def test_the_downloads_run_while_the_driver_installs_and_the_gpu_is_asked_for_last(
+        user_data, tmp_path):
+    done, events = run_main_with_stubs(user_data, tmp_path)
+    assert done.returncode == 0, done.stderr
+    at = {event: i for i, event in reversed(list(enumerate(events)))}  # first occurrence
+    runs = [e for e in events if e.startswith("docker run")]
+    fetcher, gpu = runs
+    assert "--name ollama-fetch" in fetcher and "--gpus" not in fetcher
+    assert "--name ollama " in gpu and "--gpus=all" in gpu
+    # The image and both models came while the driver was being installed...
+    assert at["driver begins"] < at["pulled llama3.2"] < at["pulled qwen3:8b"] < at[
+        "driver loaded"]
+    assert at["docker pull ollama/ollama"] < at["driver loaded"]
+    assert at[fetcher] < at["driver loaded"]
+    # ...on their own track, and the GPU was asked for only once the driver was loaded, after
+    # the CPU-only container had gone; nothing was pulled twice.
+    assert "progress[fetch] pull llama3.2" in events
+    assert "progress[main] pull llama3.2" not in events
+    removed = max(i for i, e in enumerate(events) if e == "docker rm -f ollama-fetch")
+    assert at[fetcher] < removed < at[gpu] and at["driver loaded"] < at[gpu]
+    assert events.count("docker pull ollama/ollama") == 1
+    assert events[-1] == "progress[main] ready"
+    assert at["toolkit"] < at[fetcher]  # configuring Docker's runtime restarts Docker
+
+
+def test_after_a_reboot_for_the_driver_nothing_downloaded_is_fetched_again(user_data, tmp_path):
+    """The second run of the unit (after the reboot) finds the image and the models there."""
+    done, events = run_main_with_stubs(user_data, tmp_path)
+    assert done.returncode == 0, done.stderr
+    # The same Docker as after a reboot that stopped the fetcher: image and models kept.
+    kept = [e for e in events if e.startswith(("docker pull", "pulled "))]
+    (tmp_path / "events").write_text("\n".join(kept) + "\n")
+    (tmp_path / "state" / "ready").unlink()
+    (tmp_path / "bin").rename(tmp_path / "bin-1")
+    again, events = run_main_with_stubs(user_data, tmp_path)
+    assert again.returncode == 0, again.stderr
+    new = events[len(kept):]
+    assert not any(e.startswith(("docker pull", "progress[fetch] pull", "progress[main] pull"))
+                   for e in new), new

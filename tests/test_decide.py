@@ -17,7 +17,6 @@ from proxy.decide import (
     Clock,
     Demand,
     Memory,
-    Phase,
     Provision,
     ResumeAwaitReady,
     ResumeBringUp,
@@ -31,6 +30,7 @@ from proxy.decide import (
     live_inflight,
 )
 from proxy.schedule import parse_windows
+from proxy.state import Phase, State
 from proxy.store import WorkerReport
 
 NOW = datetime(2026, 6, 3, 12, 0, tzinfo=timezone.utc).timestamp()  # a Wednesday, noon UTC
@@ -39,6 +39,7 @@ CONFIG = Config(idle_timeout=600, drain_timeout=300)
 HOUR = 3600.0
 # Ready for an hour; its instance asked for an hour ago.
 READY = {"phase": "ready", "ready_since": NOW - HOUR, "instance_since": NOW - HOUR}
+READY_STATE = State.from_doc(READY)
 SEEN = Memory(last_health=MONO - 1)  # probed a second ago: no health probe due
 
 
@@ -46,7 +47,8 @@ NOBODY = Demand()
 
 
 def choose(doc, demand=NOBODY, *, config=CONFIG, memory=SEEN, now=NOW, mono=MONO):
-    return decide(doc, demand, Clock(now, mono), config, memory)[0]
+    """The action for a document as the store holds it (JSON)."""
+    return decide(State.from_doc(doc), demand, Clock(now, mono), config, memory)[0]
 
 
 def with_(**changes) -> Config:
@@ -125,48 +127,48 @@ def test_the_action_for_each_situation(why, doc, demand, config, expected):
     assert choose(doc, demand, config=config) == expected
 
 
-def test_an_old_store_document_with_string_phases_reads_the_same():
-    assert choose({"phase": "provisioning"}) == choose({"phase": Phase.PROVISIONING})
-    assert Phase("ready") is Phase.READY and Phase.READY == "ready"
+def test_phases_are_the_strings_stored_documents_hold():
+    assert State.from_doc({"phase": "provisioning"}).phase is Phase.PROVISIONING
+    assert Phase.READY == "ready" and f"{Phase.READY}" == "ready"
 
 
 def test_a_ready_server_is_probed_every_health_interval_and_after_a_failure_sooner():
     due = Memory(last_health=MONO - HEALTH_EVERY)
-    action, memory = decide(READY, Demand(last_activity=NOW), Clock(NOW, MONO), CONFIG, due)
+    action, memory = decide(READY_STATE, Demand(last_activity=NOW), Clock(NOW, MONO), CONFIG, due)
     assert action == CheckHealth()
     assert memory.last_health == MONO and memory.health_wish == NOW
     # Just probed: nothing due.
-    assert decide(READY, Demand(last_activity=NOW), Clock(NOW, MONO + 1), CONFIG,
+    assert decide(READY_STATE, Demand(last_activity=NOW), Clock(NOW, MONO + 1), CONFIG,
                   memory)[0] == Wait()
     # After a failed probe, the next comes PROBE_EVERY later.
     failing = dataclasses.replace(memory, health_failures=1)
-    assert decide(READY, Demand(last_activity=NOW), Clock(NOW, MONO + PROBE_EVERY), CONFIG,
+    assert decide(READY_STATE, Demand(last_activity=NOW), Clock(NOW, MONO + PROBE_EVERY), CONFIG,
                   failing)[0] == CheckHealth()
 
 
 def test_a_request_that_found_the_upstream_failing_has_it_probed_at_once():
     memory = Memory(last_health=MONO - 1, health_wish=NOW - 10)
     wish = Demand(last_activity=NOW, wanted_at=NOW - 5)  # a worker's wish after the last probe
-    action, memory = decide(READY, wish, Clock(NOW, MONO), CONFIG, memory)
+    action, memory = decide(READY_STATE, wish, Clock(NOW, MONO), CONFIG, memory)
     assert action == CheckHealth()
     # Answered: the same wish does not probe again.
-    assert decide(READY, wish, Clock(NOW, MONO + 1), CONFIG, memory)[0] == Wait()
+    assert decide(READY_STATE, wish, Clock(NOW, MONO + 1), CONFIG, memory)[0] == Wait()
 
 
 def test_idle_time_also_counts_on_the_monotonic_clock_when_the_wall_clock_steps_back():
     demand = Demand(last_activity=NOW - 100)
-    action, memory = decide(READY, demand, Clock(NOW, MONO), CONFIG, SEEN)
+    action, memory = decide(READY_STATE, demand, Clock(NOW, MONO), CONFIG, SEEN)
     assert action == Wait()
     assert memory.idle_mark == (NOW - 100, MONO)
     # The wall clock is stepped back an hour; 600 s pass on the monotonic clock.
     stepped = dataclasses.replace(memory, last_health=MONO + 599)
-    action, _ = decide(READY, demand, Clock(NOW - HOUR + 600, MONO + 600), CONFIG, stepped)
+    action, _ = decide(READY_STATE, demand, Clock(NOW - HOUR + 600, MONO + 600), CONFIG, stepped)
     assert action == TearDownIdle(NOW - 100, 600.0)
 
 
 def test_the_idle_mark_moves_with_new_activity():
-    _, memory = decide(READY, Demand(last_activity=NOW - 100), Clock(NOW, MONO), CONFIG, SEEN)
-    _, memory = decide(READY, Demand(last_activity=NOW - 1), Clock(NOW, MONO + 50), CONFIG,
+    _, memory = decide(READY_STATE, Demand(last_activity=NOW - 100), Clock(NOW, MONO), CONFIG, SEEN)
+    _, memory = decide(READY_STATE, Demand(last_activity=NOW - 1), Clock(NOW, MONO + 50), CONFIG,
                        memory)
     assert memory.idle_mark == (NOW - 1, MONO + 50)
 

@@ -140,6 +140,19 @@ def test_a_failed_up_shows_the_reason_then_recovers(world, tmp_path):
         assert len(w.instances()) == 1
 
 
+def test_a_bring_up_that_gives_up_is_the_error_shown_and_its_server_is_removed(world):
+    """cloud-init/setup.sh gives up (a driver that will not install): the server's progress
+    says why; the proxy shows it as last_error and removes the server instead of billing it."""
+    w = world(STANDIN_GIVES_UP="the NVIDIA driver could not be installed after 3 attempts")
+    with w.proxy() as proxy:
+        requests.post(proxy.url + "/api/chat", json={}, timeout=5)
+        status = proxy.wait_phase("error", timeout=90)
+        assert status["last_error"] == ("the GPU server's bring-up failed: the NVIDIA driver "
+                                        "could not be installed after 3 attempts")
+        assert w.instances() == {}
+        assert any("deleting exoscale:ComputeInstance gpu" in s["text"] for s in status["steps"])
+
+
 def test_idle_action_stop_stops_the_instance_and_demand_starts_the_same_one(world):
     w = world(PROXY_IDLE_TIMEOUT="2", PROXY_IDLE_ACTION="stop")
     with w.proxy() as proxy:
@@ -171,7 +184,8 @@ def test_idle_action_stop_stops_the_instance_and_demand_starts_the_same_one(worl
 
 
 def test_a_kept_model_volume_outlives_the_instance_and_spares_the_next_pull(world):
-    w = world(PROXY_IDLE_TIMEOUT="2", PROXY_MODEL_VOLUME_GB="50", STANDIN_PULL_SECONDS="2")
+    w = world(PROXY_IDLE_TIMEOUT="2", PROXY_MODEL_VOLUME_GB="50", EXOSCALE_ZONE="de-fra-1",
+              STANDIN_PULL_SECONDS="2")
     with w.proxy() as proxy:
         requests.post(proxy.url + "/api/chat", json={}, timeout=5)
         first = proxy.wait_phase("ready", timeout=90)

@@ -9,8 +9,10 @@ import socket
 from datetime import datetime
 
 import pytest
+from pulumi.automation.errors import CommandError
+from pulumi.automation.interface import API
 
-from infra.automation import StackRunner
+from infra.automation import StackRunner, UpdateFailed, find_pulumi
 from proxy.config import Config, ConfigError
 from proxy.exoscale import ExoscaleProvisioner
 from proxy.provisioner import ProvisionError
@@ -92,6 +94,74 @@ def test_a_crash_mid_up_is_repaired_without_a_second_instance(standin):
 
     provisioner_for(standin).tear_down(lambda _: None)
     assert standin.instances() == {}
+
+
+@pytest.mark.slow
+def test_after_a_crash_the_stack_export_is_shaped_as_the_real_one(standin):
+    crash_mid_up(standin)
+    runner = StackRunner(settings_for(standin.port), standin.state_dir, standin.env,
+                         pulumi_root=ROOT)
+    runner.cancel()
+    exported = runner._stack().export_stack()
+
+    assert exported.version == 3
+    (operation,) = exported.deployment["pending_operations"]
+    assert operation["type"] == "creating"
+    resource = operation["resource"]
+    assert resource["type"] == "exoscale:index/computeInstance:ComputeInstance"
+    assert resource["urn"].endswith("::gpu") and not resource.get("id")
+    assert resource["inputs"]["zone"] == "at-vie-2" and not resource.get("outputs")
+    (pending,) = runner.pending_creates()
+    assert (pending.zone, pending.name) == ("at-vie-2", resource["inputs"]["name"])
+
+
+@pytest.mark.slow
+def test_an_adopted_instance_with_its_bare_id_fails_the_refresh_as_the_provider_does(standin):
+    """What the adoption avoids: the bridge imports a resource with no outputs, and the
+    Exoscale importer wants `<ID>@<ZONE>`."""
+    crash_mid_up(standin)
+    (orphan,) = standin.instances()
+    runner = StackRunner(settings_for(standin.port), standin.state_dir, standin.env,
+                         pulumi_root=ROOT)
+    runner.cancel()
+    (pending,) = runner.pending_creates()
+    runner.adopt(pending, orphan)
+    resource = next(r for r in runner._stack().export_stack().deployment["resources"]
+                    if r["urn"] == pending.urn)
+    assert resource["id"] == f"{orphan}@at-vie-2" and not resource.get("outputs")
+
+    bare = runner._stack().export_stack()
+    for resource in bare.deployment["resources"]:
+        if resource["urn"] == pending.urn:
+            resource["id"] = orphan
+    runner._stack().import_stack(bare)
+    with pytest.raises(UpdateFailed, match=r'invalid ID "[0-9a-f-]+", expected format'):
+        runner.refresh(lambda _: None)
+
+
+@pytest.mark.slow
+def test_import_pending_creates_alone_would_forget_the_instance(standin):
+    """Why the repair does not use `refresh --import-pending-creates`: the CLI marks the
+    create as an import, and the refresh that follows drops it (see StackRunner.adopt)."""
+    crash_mid_up(standin)
+    (orphan,) = standin.instances()
+    runner = StackRunner(settings_for(standin.port), standin.state_dir, standin.env,
+                         pulumi_root=ROOT)
+    runner.cancel()
+    (pending,) = runner.pending_creates()
+    cli = API(find_pulumi(standin.env, ROOT))
+    env = runner._cli_env()
+
+    with pytest.raises(CommandError, match="odd number of entries"):
+        cli.refresh(stack=runner.stack_name, cwd=str(runner.work_dir), additional_env=env,
+                    import_pending_creates=[pending.urn])
+    cli.refresh(stack=runner.stack_name, cwd=str(runner.work_dir), additional_env=env,
+                import_pending_creates=[pending.urn, f"{orphan}@at-vie-2"])
+
+    deployment = runner._stack().export_stack().deployment
+    assert deployment["pending_operations"] == []
+    assert pending.urn not in [r["urn"] for r in deployment["resources"]]
+    assert list(standin.instances()) == [orphan]  # still in the cloud, unknown to the stack
 
 
 def test_a_live_lock_is_left_alone(standin):

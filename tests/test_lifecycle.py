@@ -148,10 +148,10 @@ def test_a_restart_adopts_the_server_that_exists(make, upstream):
 def test_the_lease_moves_when_its_holder_closes(make, upstream):
     provisioner = GatedProvisioner(Endpoint(upstream.url))
     a = make(provisioner)
-    wait_until(lambda: a.reconciler.doc is not None, 5, what="a holds the lease")
+    wait_until(lambda: a.reconciler.reconciling, 5, what="a holds the lease")
     b = make(provisioner)
     a.close(timeout=5)
-    wait_until(lambda: b.reconciler.doc is not None, 5, what="b takes the lease")
+    wait_until(lambda: b.reconciler.reconciling, 5, what="b takes the lease")
     b.want()
     wait_until(lambda: phase_of(b) == "ready", 5, what="ready through b")
 
@@ -305,3 +305,19 @@ def test_a_failed_model_load_still_ends_ready(make, upstream, monkeypatch, caplo
     life.want()
     wait_until(lambda: phase_of(life) == "ready", 10, what="ready")
     assert "loading llama3.2 failed: HTTP 500; the first request will load it" in caplog.text
+
+
+def test_a_server_that_never_becomes_ready_is_removed_not_billed(make):
+    """Past PROXY_START_TIMEOUT the server is torn down: an error phase with the instance still
+    running would bill it until some request came."""
+    silent = fake_ollama.start_in_thread(models="other-model")  # never lists llama3.2
+    try:
+        provisioner = GatedProvisioner(Endpoint(silent.url))
+        life = make(provisioner, start_timeout=0.5)
+        life.want()
+        wait_until(lambda: phase_of(life) == "error", 10, what="error")
+        assert provisioner.tear_downs == 1 and not provisioner.exists
+        assert "did not become ready in 0.5 s" in life.snapshot().last_error
+        assert life.snapshot().instance_since == 0.0  # its GPU time is booked as ended
+    finally:
+        silent.close()

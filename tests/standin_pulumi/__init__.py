@@ -20,6 +20,9 @@ Knobs (environment of the CLI process):
   STANDIN_PULL_SECONDS    seconds each model its user data names takes to pull (default 0);
                           none when its disk (or attached volume) has the model already
   STANDIN_INSTANCE_PORT   the port it serves on (default: the non-SSH port its firewall opens)
+  STANDIN_GIVES_UP        its bring-up gives up with this reason, as setup.sh's `give_up` does
+  STANDIN_TEMPLATES       the template names `getTemplate` finds (default: Ubuntu 24.04, 22.04,
+                          Debian 12); another name is Exoscale's "resource not found"
   STANDIN_FAIL_UP         make `up` fail creating the compute instance with this provider error
   STANDIN_FAIL_UP_FILE    the same, with the error read from this file while it exists
   STANDIN_UP_HANG         `up` hangs once the cloud has created the instance, leaving the lock

@@ -24,6 +24,8 @@ FLAGS = {
     "--diff", "--refresh", "--suppress-outputs", "--suppress-progress", "--debug",
     "--preserve-config", "--expect-no-changes", "--continue-on-error",
 }
+# Flags the CLI declares as string arrays (cobra's StringArray): each use adds one value.
+REPEATED = {"--import-pending-creates", "--target", "--exclude", "--replace", "--config"}
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
@@ -46,7 +48,10 @@ def parse(argv: list[str]) -> tuple[list[str], dict]:
                     if index >= len(argv):
                         raise CliError(f"flag needs an argument: {name}")
                     value = argv[index]
-                options[name] = value
+                if name in REPEATED:
+                    options.setdefault(name, []).append(value)
+                else:
+                    options[name] = value
         else:
             positional.append(arg)
         index += 1
@@ -80,6 +85,7 @@ def main(argv: list[str]) -> int:
         "config set": lambda: config_set(ws, stack, positional[2], positional[3], options),
         "config": lambda: config_show(ws, stack, options),
         "up": lambda: engine().up(ws, stack, options, env),
+        "preview": lambda: engine().preview(ws, stack, options, env),
         "refresh": lambda: engine().refresh(ws, stack, options, env),
         "destroy": lambda: engine().destroy(ws, stack, options, env),
         "cancel": lambda: ws.backend.cancel(stack) or 0,

@@ -47,6 +47,14 @@ PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 CERT = "tls:index/selfSignedCert:SelfSignedCert"
 EXOSCALE_OBJECTS = {INSTANCE: "instances", SECURITY_GROUP: "groups", SECURITY_GROUP_RULE: "rules",
                     VOLUME: "volumes"}
+# The provider's zones (terraform-provider-exoscale 0.66.0 pkg/config/config.go `Zones`) and
+# its user data limit (`ComputeMaxUserDataLength`).
+PROVIDER_ZONES = ["ch-gva-2", "ch-dk-2", "at-vie-1", "at-vie-2", "de-fra-1", "bg-sof-1",
+                  "de-muc-1", "hr-zag-1"]
+MAX_USER_DATA = 32768
+# The public templates `getTemplate` finds by name (STANDIN_TEMPLATES: others, comma-separated).
+PUBLIC_TEMPLATES = ",".join(("Linux Ubuntu 24.04 LTS 64-bit", "Linux Ubuntu 22.04 LTS 64-bit",
+                             "Linux Debian 12 (Bookworm) 64-bit"))
 # What the simulated machine keeps in an instance's record, not the provider's outputs.
 MACHINE = ("pid", "port", "disk", "models_dir")
 # Inputs whose change the Exoscale provider applies in place; any other change replaces.
@@ -106,28 +114,56 @@ class Cloud:
             return object_id, dict(inputs)
         return str(uuid.uuid4()), dict(inputs)
 
-    def update(self, type_: str, object_id: str, inputs: dict, outputs: dict,
-               stack: list[dict]) -> dict:
-        if type_ in EXOSCALE_OBJECTS:
+    def check_inputs(self, type_: str, inputs: dict) -> None:
+        """The provider's checks of a compute instance's inputs, before any API call
+        (terraform-provider-exoscale 0.66.0 pkg/resources/instance/resource.go, its
+        validators in pkg/utils/utils.go)."""
+        if type_ != INSTANCE:
+            return
+        plain = reveal(inputs)
+        zone, kind = plain.get("zone"), plain.get("type") or ""
+        if zone not in PROVIDER_ZONES:  # validation.StringInSlice(config.Zones)
+            raise StepError(f"expected zone to be one of {json.dumps(PROVIDER_ZONES)}, "
+                            f"got {zone}")
+        if "." not in kind:  # ValidateComputeInstanceType
+            raise StepError(f'invalid value "{kind}", expected format "FAMILY.SIZE"')
+        if int(plain.get("diskSize") or 0) < 10:  # validation.IntAtLeast(10)
+            raise StepError(f"expected disk_size to be at least (10), got {plain.get('diskSize')}")
+        _check_user_data(plain.get("userData") or "")
+
+    def update(self, type_: str, object_id: str, old_inputs: dict, inputs: dict,
+               outputs: dict) -> dict:
+        if type_ == INSTANCE:
+            self._update_instance(object_id, reveal(old_inputs), reveal(inputs))
+        elif type_ in EXOSCALE_OBJECTS:
             with self.objects() as data:
-                record = data[EXOSCALE_OBJECTS[type_]].setdefault(object_id, {})
-                was = record.get("state") or "running"
-                record.update(reveal(inputs))
-            if type_ == INSTANCE:
-                self._set_state(object_id, was, stack)
+                data[EXOSCALE_OBJECTS[type_]].setdefault(object_id, {}).update(reveal(inputs))
         return {**outputs, **inputs}
 
-    def read(self, type_: str, object_id: str, outputs: dict) -> dict | None:
-        """The object's outputs now, None if it is gone (state-only resources never are)."""
+    def read(self, type_: str, object_id: str, outputs: dict) -> tuple[str, dict] | None:
+        """The object's ID and outputs now; None if it is gone (state-only resources never are).
+
+        With no outputs it is an import: the Terraform bridge runs the provider's importer
+        (pulumi-terraform-bridge pkg/tfbridge/provider.go `Read`), and a compute instance's
+        importer takes only `<ID>@<ZONE>` (terraform-provider-exoscale 0.66.0
+        pkg/utils/utils.go `ZonedStateContextFunc`, the "Import" section of its compute
+        instance docs), then reads the instance by its bare ID.
+        """
         if type_ not in EXOSCALE_OBJECTS:
-            return outputs
+            return object_id, outputs
+        zone = None
+        if type_ == INSTANCE and not outputs:
+            object_id, at, zone = object_id.partition("@")
+            if not at or not object_id or not zone:
+                raise StepError(f'invalid ID "{object_id}{at}{zone}", expected format '
+                                '"<ID>@<ZONE>"')
         with self.objects() as data:
             found = data[EXOSCALE_OBJECTS[type_]].get(object_id)
-        if found is None:
+        if found is None or (zone is not None and found.get("zone") != zone):
             return None
         if type_ == INSTANCE:
-            return {**outputs, **_instance_outputs(found)}
-        return {**outputs, **{k: v for k, v in found.items() if k in outputs}}
+            return object_id, {**outputs, **_instance_outputs(found)}
+        return object_id, {**outputs, **{k: v for k, v in found.items() if k in outputs}}
 
     def delete(self, type_: str, object_id: str) -> None:
         if type_ not in EXOSCALE_OBJECTS:
@@ -140,6 +176,10 @@ class Cloud:
     def invoke(self, token: str, args: dict) -> dict:
         if token == "exoscale:index/getTemplate:getTemplate":
             name = args.get("name") or "Linux Ubuntu 24.04 LTS 64-bit"
+            known = (self.env.get("STANDIN_TEMPLATES") or PUBLIC_TEMPLATES).split(",")
+            if name not in known:  # egoscale v2 GetTemplateByName finds none: ErrNotFound
+                raise StepError("invoking exoscale:index/getTemplate:getTemplate: resource "
+                                "not found")
             template_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{args.get('zone')}/{name}"))
             return {
                 "id": template_id, "name": name, "zone": args.get("zone"),
@@ -193,19 +233,27 @@ class Cloud:
             data["instances"][object_id] = record
         return object_id, {**inputs, **_instance_outputs(record)}
 
-    def _set_state(self, object_id: str, was: str, stack: list[dict]) -> None:
-        """A stopped instance's server stops; started again, it boots on its own disk."""
+    def _update_instance(self, object_id: str, old: dict, new: dict) -> None:
+        """The provider's update of `state`, `diskSize` and `type` (0.66.0 resource.go,
+        `rUpdate`): it stops the instance without reading its state first, so the API refuses
+        when it is stopped already (fixed only in the Terraform provider 0.69.3); then it
+        starts it if `running` is declared. A stopped instance's server stops; started
+        again, it boots on its own disk."""
+        changed = {k for k in ("state", "diskSize", "type") if old.get(k) != new.get(k)}
+        stop = bool(changed) and (new.get("state") == "stopped" or bool(changed - {"state"}))
         with self.objects() as data:
             record = data["instances"][object_id]
-            state = record.get("state") or "running"
-            pid = record.get("pid")
-            if state == was:
-                return
-            if state == "stopped":
-                record["pid"] = None
-            else:
-                record["pid"] = self._boot(object_id, record)
-        if state == "stopped" and pid:
+            actual, pid = record.get("state") or "running", record.get("pid")
+            if stop and actual != "running":
+                raise StepError("unable to stop instance: Only running instances can be stopped")
+            record.update(new)
+            if stop:
+                record["state"], record["pid"], actual = "stopped", None, "stopped"
+            start = bool(changed) and new.get("state", "running") == "running"
+            if start and actual == "stopped":
+                record["state"] = "running"
+                record["pid"] = self._boot(object_id, record)  # its disk keeps what it pulled
+        if stop and pid:
             _stop(pid)
 
     def _port(self, plain: dict, stack: list[dict]) -> int:
@@ -231,6 +279,7 @@ class Cloud:
             "port": record["port"],
             "boot_delay": float(self.env.get("STANDIN_BOOT_DELAY") or 0),
             "pull_seconds": float(self.env.get("STANDIN_PULL_SECONDS") or 0),
+            "gives_up": self.env.get("STANDIN_GIVES_UP") or "",
             "models_dir": record["models_dir"],
         }))
         with open(self.files / f"{object_id}.log", "ab") as log:
@@ -241,6 +290,22 @@ class Cloud:
                 start_new_session=True,  # the server outlives the CLI, like a real one
             )
         return process.pid
+
+
+def _check_user_data(user_data: str) -> None:
+    """The provider's `EncodeUserData` (0.66.0 pkg/utils/utils.go): gzip is refused, base64 is
+    sent as it is, anything else is base64-encoded and refused at `ComputeMaxUserDataLength`."""
+    raw = user_data.encode()
+    if raw[:2] == b"\x1f\x8b":
+        raise StepError("user_data appears to be gzipped: it should be left raw, or also be "
+                        "base64 encoded")
+    try:
+        base64.b64decode(raw, validate=True)
+        return
+    except ValueError:
+        pass
+    if len(base64.b64encode(raw)) >= MAX_USER_DATA:
+        raise StepError(f"user-data maximum allowed length is {MAX_USER_DATA} bytes")
 
 
 def _instance_outputs(record: dict) -> dict:

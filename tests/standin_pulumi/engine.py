@@ -111,6 +111,7 @@ class Operation:
         self.start_text = now_text()
         self.failure: str | None = None
         self.lock = threading.RLock()
+        self.dry_run = False  # a preview: nothing reaches the cloud or the state
 
     def find(self, urn: str) -> dict | None:
         return next((r for r in self.resources if r["urn"] == urn), None)
@@ -129,6 +130,8 @@ class Operation:
         self.save()
 
     def save(self) -> None:
+        if self.dry_run:
+            return
         deployment = {"resources": self.resources, "pending_operations": self.pending}
         self.backend.save(self.stack, deployment)
 
@@ -139,10 +142,10 @@ class Operation:
         }
 
     def pre(self, metadata: dict) -> None:
-        self.events.emit("resourcePreEvent", {"metadata": metadata, "planning": False})
+        self.events.emit("resourcePreEvent", {"metadata": metadata, "planning": self.dry_run})
 
     def done(self, metadata: dict) -> None:
-        self.events.emit("resOutputsEvent", {"metadata": metadata, "planning": False})
+        self.events.emit("resOutputsEvent", {"metadata": metadata, "planning": self.dry_run})
         if metadata["op"] != "same":
             print(f" {metadata['op']:>8}  {metadata['type']}  {metadata['urn'].split('::')[-1]}")
 
@@ -159,6 +162,38 @@ class Operation:
         if urn:
             body["urn"] = urn
         self.events.emit("diagnosticEvent", body)
+
+    def refresh_resources(self) -> None:
+        """A refresh step per resource of the state, then only pending creates kept (see
+        `refresh`). A compute instance's `state` input follows the cloud's, as the bridge's
+        `Read` returns inputs extracted from the refreshed state."""
+        for resource in list(self.resources):
+            if not resource.get("custom") or resource["type"].startswith("pulumi:providers:"):
+                continue
+            metadata = self.step("refresh", resource["urn"], resource["type"], resource, None)
+            self.pre(metadata)
+            try:
+                found = self.cloud.read(
+                    resource["type"], resource.get("id", ""), resource.get("outputs") or {}
+                )
+            except StepError as exc:
+                self.fail(metadata, str(exc))
+                continue
+            if found is None:
+                self.drop(resource["urn"])
+                self.changes["delete"] += 1
+            elif found != (resource.get("id"), resource.get("outputs")):
+                object_id, outputs = found
+                inputs = dict(resource.get("inputs") or {})
+                if resource["type"] == INSTANCE and "state" in inputs and outputs.get("state"):
+                    inputs["state"] = outputs["state"]
+                self.put({**resource, "id": object_id, "inputs": inputs, "outputs": outputs})
+                self.changes["update"] += 1
+            else:
+                self.changes["same"] += 1
+            self.done({**metadata, "new": state_metadata(self.find(resource["urn"]))})
+        self.pending = [p for p in self.pending if p["type"] == "creating"]
+        self.save()
 
     def finish(self, lock: Path) -> None:
         """Record the operation, close the event stream and release the lock."""
@@ -189,8 +224,10 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
                  engine_pb2_grpc.EngineServicer):
     """`up`: the ResourceMonitor and Engine the SDK's program talks to."""
 
-    def __init__(self, ws: Workspace, stack: str, events: Events, env: dict[str, str]):
+    def __init__(self, ws: Workspace, stack: str, events: Events, env: dict[str, str],
+                 dry_run: bool = False):
         super().__init__(ws, stack, "update", events, env)
+        self.dry_run = dry_run
         self.old = {r["urn"]: r for r in self.resources}
         self.registered: set[str] = set()
         self.root_urn = ""
@@ -214,7 +251,8 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
             project=self.ws.project, stack=self.stack, pwd=str(self.ws.cwd), program=".",
             args=[address], config={k: v for k, (v, _) in config.items()},
             configSecretKeys=[k for k, (_, is_secret) in config.items() if is_secret],
-            dryRun=False, parallel=16, monitor_address=address, organization="organization",
+            dryRun=self.dry_run, parallel=16, monitor_address=address,
+            organization="organization",
         )
         try:
             with grpc.insecure_channel(client) as channel:
@@ -236,7 +274,7 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
                 continue
             metadata = self.step("delete", resource["urn"], resource["type"], resource, None)
             self.pre(metadata)
-            if resource.get("custom"):
+            if resource.get("custom") and not self.dry_run:
                 self.cloud.delete(resource["type"], resource.get("id", ""))
             self.drop(resource["urn"])
             self.changes["delete"] += 1
@@ -328,13 +366,19 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
         op = _operation(old, new)
         metadata = self.step(op, new["urn"], new["type"], old, new)
         self.pre(metadata)
-        if op == "same":
+        if new["custom"] and op != "same":
+            self.cloud.check_inputs(new["type"], new["inputs"])  # the provider's Check
+        if self.dry_run and op != "same":
+            # A preview: what is known now; the outputs the cloud would make stay unknown.
+            new = {**new, "id": (old or {}).get("id", ""),
+                   "outputs": {**((old or {}).get("outputs") or {}), **new["inputs"]}}
+        elif op == "same":
             new = {**new, "id": old.get("id", ""), "outputs": old.get("outputs") or {}}
         elif not new["custom"]:
             new = {**new, "outputs": (old or {}).get("outputs") or {}}
         elif op == "update":
             outputs = self.cloud.update(
-                new["type"], old["id"], new["inputs"], old["outputs"], self.resources
+                new["type"], old["id"], old["inputs"], new["inputs"], old["outputs"]
             )
             new = {**new, "id": old["id"], "outputs": outputs}
         else:
@@ -442,7 +486,10 @@ def up(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
     deployment = Deployment(ws, stack, events, env)
     events.emit("preludeEvent", {"config": {}})
     print(f"Updating ({stack}):")
-    if deployment.pending:
+    if options.get("--refresh"):  # the engine refreshes first (deployment_executor.go)
+        deployment.refresh_resources()
+        deployment.old = {r["urn"]: r for r in deployment.resources}
+    elif deployment.pending:
         # The real CLI warns and carries on: a pending create may be an orphan in the cloud.
         urns = ", ".join(p["resource"]["urn"] for p in deployment.pending)
         message = (
@@ -463,36 +510,83 @@ def up(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
     return 0
 
 
+def preview(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
+    """`pulumi preview`: the program runs as for `up` (`dryRun` set in its RunRequest), every
+    step is planned and the provider checks every input, functions such as `getTemplate` are
+    invoked for real, and nothing is created or saved: no lock, no history."""
+    ws.require_passphrase()
+    ws.backend.require(stack)
+    events = Events(options.get("--event-log"))
+    deployment = Deployment(ws, stack, events, env, dry_run=True)
+    events.emit("preludeEvent", {"config": {}})
+    print(f"Previewing update ({stack}):")
+    try:
+        if not options.get("--client"):
+            raise CliError("the stand-in runs only inline programs (--client)")
+        deployment.run(options["--client"])
+    finally:
+        events.emit("summaryEvent", {
+            "maybeCorrupt": False, "durationSeconds": int(time.time() - deployment.started),
+            "resourceChanges": dict(deployment.changes), "PolicyPacks": {},
+        })
+        events.close()
+    print("Resources:")
+    for op, count in sorted(deployment.changes.items()):
+        print(f"    {count} to {op}")
+    if deployment.failure:
+        print("error: preview failed", file=sys.stderr)
+        return 255
+    return 0
+
+
 def refresh(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:
-    """Read every cloud object back; drop pending creates with --clear-pending-creates."""
+    """`pulumi refresh`, as pulumi/pulumi's pkg/cmd/pulumi/operations/refresh.go and the engine
+    run it: first the state edits the flags ask for, saved before the refresh starts:
+    `--import-pending-creates URN ID ...` (pairs; each matching pending create becomes a pending
+    `importing` operation with that ID), then `--clear-pending-creates` (the remaining pending
+    creates are dropped). Then a refresh step per resource of the state
+    (pkg/resource/deploy/deployment_executor.go `refresh`: `prev.Resources` only); at the end
+    only pending creates are carried into the new state (pkg/backend/journal.go
+    `GenerateDeployment`), so a pending import is dropped, not turned into a resource.
+    A resource with no outputs is read as an import (pulumi-terraform-bridge
+    pkg/tfbridge/provider.go `Read`: empty state runs the Terraform importer), which for
+    Exoscale's zoned resources needs the ID `<ID>@<ZONE>` (see `Cloud.read`).
+    """
     ws.require_passphrase()
     lock = ws.backend.lock(stack)
     events = Events(options.get("--event-log"))
     operation = Operation(ws, stack, "refresh", events, env)
     events.emit("preludeEvent", {"config": {}})
     try:
-        for resource in list(operation.resources):
-            if not resource.get("custom") or resource["type"].startswith("pulumi:providers:"):
-                continue
-            metadata = operation.step("refresh", resource["urn"], resource["type"], resource, None)
-            operation.pre(metadata)
-            outputs = operation.cloud.read(
-                resource["type"], resource.get("id", ""), resource.get("outputs") or {}
-            )
-            if outputs is None:
-                operation.drop(resource["urn"])
-                operation.changes["delete"] += 1
-            elif outputs != resource.get("outputs"):
-                operation.put({**resource, "outputs": outputs})
-                operation.changes["update"] += 1
-            else:
-                operation.changes["same"] += 1
-            operation.done({**metadata, "new": state_metadata(operation.find(resource["urn"]))})
-        keep = "creating" if not options.get("--clear-pending-creates") else None
-        operation.pending = [p for p in operation.pending if p["type"] == keep]
+        _edit_pending_creates(operation, options)
+        operation.refresh_resources()
     finally:
         operation.finish(lock)
+    if operation.failure:
+        print("error: refresh failed", file=sys.stderr)
+        return 255
     return 0
+
+
+def _edit_pending_creates(operation: Operation, options: dict) -> None:
+    """The state edits refresh.go makes before it refreshes (`pendingCreatesToImports`, then
+    `filterMapPendingCreates` for --clear-pending-creates), saved at once."""
+    pairs = options.get("--import-pending-creates") or []
+    if len(pairs) % 2:
+        raise CliError("each URN must be followed by an ID: found an odd number of entries")
+    imports = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    edited = []
+    for op in operation.pending:
+        urn = op["resource"]["urn"]
+        if op["type"] == "creating" and urn in imports:
+            op = {"resource": {**op["resource"], "id": imports.pop(urn)}, "type": "importing"}
+        elif op["type"] == "creating" and options.get("--clear-pending-creates"):
+            continue
+        edited.append(op)
+    for urn in imports:
+        print(f'warning: "{urn}" did not correspond to a pending create', file=sys.stderr)
+    operation.pending = edited
+    operation.save()
 
 
 def destroy(ws: Workspace, stack: str, options: dict, env: dict[str, str]) -> int:

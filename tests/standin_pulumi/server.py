@@ -9,10 +9,11 @@ missing models pulled through Ollama's API by the progress script, then the read
 opens the front. Left out: the NVIDIA driver, Docker, the container toolkit, the volume's mount.
 
 DISK/boot.json, written by the stand-in cloud, holds what the machine itself decides: the
-public port, the boot delay (before anything listens), how long a pull takes, and the folder
-that keeps the pulled models (the root disk's, or an attached volume's). It runs until SIGTERM,
-in a session of its own with nginx in its process group: the cloud stops the whole server by
-signalling the group.
+public port, the boot delay (before anything listens), how long a pull takes, the folder
+that keeps the pulled models (the root disk's, or an attached volume's), and whether the
+bring-up gives up (a driver that will not install: setup.sh's `give_up`, with that reason).
+It runs until SIGTERM, in a session of its own with nginx in its process group: the cloud
+stops the whole server by signalling the group.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class Server:
         self.say("packages", "starting the bring-up")
         ollama_port = fake_ollama.free_port()
         self.front = Front(self.disk, ollama_port, int(self.boot["port"])).start()
+        if self.boot.get("gives_up"):  # as setup.sh's give_up: the reason, then no more
+            log(f"giving up: {self.boot['gives_up']}")
+            self.progress("fail", self.boot["gives_up"])
+            return
         self.say("container", "starting Ollama")
         self.models_dir.mkdir(parents=True, exist_ok=True)
         pulled = self.models_dir / PULLED
