@@ -321,3 +321,19 @@ def test_a_server_that_never_becomes_ready_is_removed_not_billed(make):
         assert life.snapshot().instance_since == 0.0  # its GPU time is booked as ended
     finally:
         silent.close()
+
+
+def test_the_servers_stages_become_spans_that_may_overlap():
+    from proxy.reconciler import server_spans
+
+    doc = {"stages": {
+        "packages": {"track": "main", "start": 100.0, "end": 130.0},
+        "driver": {"track": "main", "start": 130.0, "end": 290.0},
+        "pulling": {"track": "fetch", "start": 140.5, "end": 260.0},
+        "running": {"track": "main", "start": 290.0, "end": None},  # not ended: left out
+        "junk": {"start": "x", "end": 3},
+        "backwards": {"start": 50.0, "end": 10.0},
+    }}
+    assert server_spans(doc) == {"packages": [0.0, 30.0], "driver": [30.0, 190.0],
+                                 "pulling": [40.5, 160.0]}
+    assert server_spans({"stages": "nonsense"}) == {} and server_spans({}) == {}
