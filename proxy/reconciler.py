@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -197,6 +198,8 @@ class Reconciler:
             marks={"requested": now},
             server_stages={},
             server_spans={},
+            cold_mode=self.provisioner.cold_start_mode(
+                (self.state or State()).instance_status == "stopped"),
             demand_cutoff=self._cutoff(now),
             teardown_pending=False,
             **self._detail(Phase.PROVISIONING, "starting the GPU server", now),
@@ -360,6 +363,8 @@ class Reconciler:
                 timeline["on_server"] = state.server_stages  # the server's own phases
             if state.server_spans:
                 timeline["on_server_spans"] = state.server_spans  # [start, end] s, overlapping
+            if state.cold_mode:
+                timeline["mode"] = state.cold_mode
             timelines = (timelines + [timeline])[-COLD_STARTS_KEPT:]
         self._commit(
             phase=Phase.READY,
@@ -550,6 +555,17 @@ def server_spans(progress: dict[str, Any]) -> dict[str, list[float]]:
     first = min((start for start, _ in spans.values()), default=0.0)
     return {name: [round(start - first, 1), round(end - first, 1)]
             for name, (start, end) in sorted(spans.items(), key=lambda item: item[1])}
+
+
+def cold_start_estimate(timelines: tuple[dict[str, Any], ...], mode: str) -> dict[str, Any]:
+    """What the next cold start (of `mode`) should take, stage by stage: the median of each
+    proxy stage over the recorded cold starts of that mode (none recorded: no figures)."""
+    same = [t for t in timelines if t.get("mode") == mode]
+    stages = [stage for stage, _ in STAGES if any(stage in t for t in same)]
+    medians = {stage: round(statistics.median(t[stage] for t in same if stage in t), 1)
+               for stage in stages}
+    return {"mode": mode, "from_cold_starts": len(same), "stages": medians or None,
+            "total": round(sum(medians.values()), 1) if medians else None}
 
 
 def cold_start_timeline(marks: dict[str, float], started: float) -> dict[str, float]:

@@ -43,6 +43,7 @@ class State:
     removal: str = ""  # while destroying: "destroy" or "stop"
     removal_reason: str = ""  # while destroying: "idle", or why it goes under demand
     provisioning_started_at: float = 0.0
+    cold_mode: str = ""  # what the running cold start does (Provisioner.cold_start_mode)
     ready_since: float = 0.0
     upstream_version: str | None = None
     marks: dict[str, float] = field(default_factory=dict)  # when each cold-start stage ended

@@ -289,7 +289,8 @@ def test_a_cold_start_loads_the_model_and_records_each_stage(make):
         snapshot = life.snapshot()
         assert any(s["text"] == "loading llama3.2 into GPU memory" for s in snapshot.steps)
         (timeline,) = snapshot.timelines
-        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load"]
+        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load", "mode"]
+        assert timeline.pop("mode") == "create"  # the GatedProvisioner made a server
         assert timeline["model_pull"] >= 0.5  # the upstream listed the model 0.6 s late
         assert sum(timeline.values()) == pytest.approx(snapshot.cold_starts[-1], abs=0.3)
     finally:
