@@ -187,6 +187,7 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
             "last": snapshot.timelines[-1] if snapshot.timelines else None,
             "median": median_timeline(snapshot.timelines),
         },
+        "cold_start_estimate": lifecycle.cold_start_estimate(snapshot),
         "upstream_version": snapshot.upstream_version,
         "store_error": lifecycle.store_error,
         "reconciler": snapshot.reconciler,

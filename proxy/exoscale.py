@@ -59,6 +59,12 @@ class ExoscaleProvisioner:
             raise ConfigError(str(exc)) from None
         return cls(StackRunner(settings, config.state_dir, config.env))
 
+    def cold_start_mode(self, stopped: bool) -> str:
+        if stopped:
+            return "stop"  # the same instance and disk: drivers, image and models are there
+        volume = self.runner.settings is not None and self.runner.settings.model_volume_gb
+        return "destroy + volume" if volume else "destroy"
+
     def observe(self) -> Endpoint | None:
         try:
             outputs = self.runner.outputs()

@@ -29,7 +29,7 @@ from . import gputime
 from .config import Config
 from .decide import Demand
 from .provisioner import Endpoint, Provisioner
-from .reconciler import Reconciler
+from .reconciler import Reconciler, cold_start_estimate
 from .state import Phase, State
 from .store import Store, StoreError, WorkerReport
 from .upstream import Sessions
@@ -295,6 +295,13 @@ class Lifecycle:
         if snapshot.phase in ("provisioning", "starting"):
             return typical - (now - snapshot.provisioning_started_at)
         return typical
+
+    def cold_start_estimate(self, snapshot: Snapshot | None = None) -> dict[str, Any]:
+        """The next cold start's stages, from the recorded ones of the same mode (a stopped
+        server starts again; otherwise one is made)."""
+        snapshot = snapshot or self._snapshot
+        stopped = snapshot.endpoint is None and snapshot.instance_status == "stopped"
+        return cold_start_estimate(snapshot.timelines, self.provisioner.cold_start_mode(stopped))
 
     def typical_cold_start(self, snapshot: Snapshot | None = None) -> float:
         snapshot = snapshot or self._snapshot

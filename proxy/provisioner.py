@@ -36,6 +36,10 @@ class Provisioner(Protocol):
     def observe(self) -> Endpoint | None:
         """What exists now (None: nothing). Cheap enough to call on every lease take-over."""
 
+    def cold_start_mode(self, stopped: bool) -> str:
+        """What the next cold start does, by name (README's per-mode table): starting the
+        `stopped` server again, or making one; cold starts are estimated within a mode."""
+
     def bring_up(self, progress: Progress) -> Endpoint:
         """Make the server exist (adopting one that already does) and return its endpoint.
 

@@ -56,6 +56,9 @@ class LocalProvisioner:
         self.pid_file = self.state_dir / "local-upstream.json"
         self.log_file = self.state_dir / "local-upstream.log"
 
+    def cold_start_mode(self, stopped: bool) -> str:
+        return "local"  # a process on this host: its models are on disk already
+
     def observe(self) -> Endpoint | None:
         pid = self._running_pid()
         return Endpoint(self.url) if pid else None

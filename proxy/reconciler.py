@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -196,6 +197,9 @@ class Reconciler:
             instance_since=now,  # billing may start with the request
             marks={"requested": now},
             server_stages={},
+            server_spans={},
+            cold_mode=self.provisioner.cold_start_mode(
+                (self.state or State()).instance_status == "stopped"),
             demand_cutoff=self._cutoff(now),
             teardown_pending=False,
             **self._detail(Phase.PROVISIONING, "starting the GPU server", now),
@@ -326,7 +330,8 @@ class Reconciler:
                 log.warning("%s; the first request will load it", failed)
 
     def _record_server_stages(self, endpoint: Endpoint) -> None:
-        """The server's own seconds per bring-up phase (packages, driver, …), for the timeline."""
+        """The server's own seconds per bring-up stage (packages, driver, …) and when each ran
+        (stages run side by side), for the timeline."""
         on_server = server_progress(self.sessions, endpoint) or {}
         durations = on_server.get("durations")
         if isinstance(durations, dict):
@@ -334,7 +339,8 @@ class Reconciler:
                       if isinstance(v, (int, float))}
             with self._state_lock:
                 if self.state is not None:
-                    self.state = replace(self.state, server_stages=stages)
+                    self.state = replace(self.state, server_stages=stages,
+                                         server_spans=server_spans(on_server))
 
     def _mark(self, name: str) -> None:
         """The moment a cold-start stage ended (the first time only), kept with the document."""
@@ -355,6 +361,10 @@ class Reconciler:
                      ", ".join(f"{k} {v:.1f} s" for k, v in timeline.items()))
             if state.server_stages:
                 timeline["on_server"] = state.server_stages  # the server's own phases
+            if state.server_spans:
+                timeline["on_server_spans"] = state.server_spans  # [start, end] s, overlapping
+            if state.cold_mode:
+                timeline["mode"] = state.cold_mode
             timelines = (timelines + [timeline])[-COLD_STARTS_KEPT:]
         self._commit(
             phase=Phase.READY,
@@ -529,6 +539,33 @@ class Reconciler:
             except StoreError:
                 pass
             self._holding = False
+
+
+def server_spans(progress: dict[str, Any]) -> dict[str, list[float]]:
+    """Each stage of the server's progress document (cloud-init/progress.py) as [start, end]
+    seconds from the first stage's start: stages on two tracks overlap. Malformed ones are
+    left out (the document comes from the server)."""
+    stages = progress.get("stages")
+    if not isinstance(stages, dict):
+        return {}
+    spans = {str(name): (stage.get("start"), stage.get("end")) for name, stage in stages.items()
+             if isinstance(stage, dict)}
+    spans = {name: (start, end) for name, (start, end) in spans.items()
+             if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end >= start}
+    first = min((start for start, _ in spans.values()), default=0.0)
+    return {name: [round(start - first, 1), round(end - first, 1)]
+            for name, (start, end) in sorted(spans.items(), key=lambda item: item[1])}
+
+
+def cold_start_estimate(timelines: tuple[dict[str, Any], ...], mode: str) -> dict[str, Any]:
+    """What the next cold start (of `mode`) should take, stage by stage: the median of each
+    proxy stage over the recorded cold starts of that mode (none recorded: no figures)."""
+    same = [t for t in timelines if t.get("mode") == mode]
+    stages = [stage for stage, _ in STAGES if any(stage in t for t in same)]
+    medians = {stage: round(statistics.median(t[stage] for t in same if stage in t), 1)
+               for stage in stages}
+    return {"mode": mode, "from_cold_starts": len(same), "stages": medians or None,
+            "total": round(sum(medians.values()), 1) if medians else None}
 
 
 def cold_start_timeline(marks: dict[str, float], started: float) -> dict[str, float]:

@@ -43,10 +43,12 @@ class State:
     removal: str = ""  # while destroying: "destroy" or "stop"
     removal_reason: str = ""  # while destroying: "idle", or why it goes under demand
     provisioning_started_at: float = 0.0
+    cold_mode: str = ""  # what the running cold start does (Provisioner.cold_start_mode)
     ready_since: float = 0.0
     upstream_version: str | None = None
     marks: dict[str, float] = field(default_factory=dict)  # when each cold-start stage ended
     server_stages: dict[str, float] = field(default_factory=dict)  # the server's own seconds
+    server_spans: dict[str, list[float]] = field(default_factory=dict)  # [start, end] of each
     cold_starts: tuple[float, ...] = ()  # the last cold starts' seconds
     timelines: tuple[dict[str, Any], ...] = ()  # each cold start's seconds by stage
     instance_since: float = 0.0  # when the current GPU server was asked for; 0: none

@@ -26,6 +26,9 @@ class GatedProvisioner:
         self.sentences = ["creating the test server"]  # progress that bring-up reports
         self.lock = threading.Lock()
 
+    def cold_start_mode(self, stopped: bool) -> str:
+        return "restart" if stopped else "create"
+
     def observe(self) -> Endpoint | None:
         return self.endpoint if self.exists else None
 

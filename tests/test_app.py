@@ -329,3 +329,25 @@ def test_a_huge_prefer_wait_is_read_as_the_longest_hold_allowed(proxy, prefer):
     answer = client.simulate_post("/api/chat", json={}, headers={"Prefer": prefer})
     assert answer.status_code == 503
     assert answer.headers.get("Preference-Applied") == "wait=0.3"
+
+
+def test_the_cold_start_estimate_comes_from_cold_starts_of_the_same_mode(proxy, tmp_path):
+    """A stopped server starts again (`restart` here); a new one is made otherwise (`create`):
+    each is estimated from its own kind, stage by stage."""
+    created = {"stack_update": 60.0, "boot": 90.0, "model_pull": 200.0, "model_load": 8.0,
+               "mode": "create"}
+    restarted = {"stack_update": 20.0, "boot": 40.0, "model_pull": 1.0, "model_load": 8.0,
+                 "mode": "restart"}
+    seed(tmp_path, {"phase": "idle", "instance_status": "stopped",
+                    "timelines": [created, restarted, {**restarted, "boot": 50.0}]})
+    client, life, provisioner = proxy()
+    estimate = client.simulate_get("/status").json["cold_start_estimate"]
+    assert estimate == {"mode": "restart", "from_cold_starts": 2, "total": 74.0, "stages": {
+        "stack_update": 20.0, "boot": 45.0, "model_pull": 1.0, "model_load": 8.0}}
+
+
+def test_without_a_cold_start_of_its_mode_there_is_no_estimate(proxy, tmp_path):
+    seed(tmp_path, {"phase": "idle", "timelines": [{"boot": 40.0, "mode": "restart"}]})
+    client, life, provisioner = proxy()
+    estimate = client.simulate_get("/status").json["cold_start_estimate"]
+    assert estimate == {"mode": "create", "from_cold_starts": 0, "stages": None, "total": None}

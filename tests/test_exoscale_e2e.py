@@ -95,17 +95,24 @@ def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
         assert any(s.startswith("pulumi up finished") for s in steps), steps
         # Each stage of the cold start measured: the boot delay of the simulated instance too.
         # The server's own progress, read from its front: the pull's percent, one step.
-        pulls = [s for s in status["steps"] if s["text"].startswith("on the server: pulling")
-                 and s["text"].endswith("%")]
+        # The stages running side by side, in one sentence ("starting the bring-up; pulling…").
+        pulls = [s for s in status["steps"] if s["text"].startswith("on the server: ")
+                 and "; pulling llama3.2: " in s["text"] and s["text"].endswith("%")]
         assert len(pulls) == 1 and pulls[0]["phase"] == "starting"
         timeline = status["cold_start_timeline"]["last"]
-        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load", "on_server"]
+        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load", "on_server",
+                                  "on_server_spans", "mode"]
+        assert timeline["mode"] == "destroy"
+        assert status["cold_start_estimate"]["mode"] == "destroy"
         assert timeline["boot"] >= 0.9 and timeline["model_pull"] >= 1.5
         # The phases cloud-init/progress.py timed on the server, as its front served them.
-        assert set(timeline["on_server"]) == {"packages", "container", "pulling"}
+        assert set(timeline["on_server"]) == {"packages", "image", "pulling", "container"}
         assert timeline["on_server"]["pulling"] >= 1.5
         assert status["cold_start_timeline"]["median"] == {
-            k: v for k, v in timeline.items() if k != "on_server"}
+            k: v for k, v in timeline.items() if not k.startswith("on_server") and k != "mode"}
+        spans = timeline["on_server_spans"]  # each stage's [start, end], in the order they began
+        assert list(spans) == ["packages", "image", "pulling", "container"]
+        assert spans["pulling"][1] - spans["pulling"][0] >= 1.5
         assert status["remote_url"].startswith("https://127.0.0.1:")
         token = stored_token(w.state)
         assert len(token) >= 40

@@ -289,7 +289,8 @@ def test_a_cold_start_loads_the_model_and_records_each_stage(make):
         snapshot = life.snapshot()
         assert any(s["text"] == "loading llama3.2 into GPU memory" for s in snapshot.steps)
         (timeline,) = snapshot.timelines
-        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load"]
+        assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load", "mode"]
+        assert timeline.pop("mode") == "create"  # the GatedProvisioner made a server
         assert timeline["model_pull"] >= 0.5  # the upstream listed the model 0.6 s late
         assert sum(timeline.values()) == pytest.approx(snapshot.cold_starts[-1], abs=0.3)
     finally:
@@ -321,3 +322,19 @@ def test_a_server_that_never_becomes_ready_is_removed_not_billed(make):
         assert life.snapshot().instance_since == 0.0  # its GPU time is booked as ended
     finally:
         silent.close()
+
+
+def test_the_servers_stages_become_spans_that_may_overlap():
+    from proxy.reconciler import server_spans
+
+    doc = {"stages": {
+        "packages": {"track": "main", "start": 100.0, "end": 130.0},
+        "driver": {"track": "main", "start": 130.0, "end": 290.0},
+        "pulling": {"track": "fetch", "start": 140.5, "end": 260.0},
+        "running": {"track": "main", "start": 290.0, "end": None},  # not ended: left out
+        "junk": {"start": "x", "end": 3},
+        "backwards": {"start": 50.0, "end": 10.0},
+    }}
+    assert server_spans(doc) == {"packages": [0.0, 30.0], "driver": [30.0, 190.0],
+                                 "pulling": [40.5, 160.0]}
+    assert server_spans({"stages": "nonsense"}) == {} and server_spans({}) == {}

@@ -184,3 +184,36 @@ def test_every_time_on_the_page_is_in_the_proxys_time_zone(tmp_path, browser):
         assert min(apart, 86400 - apart) < 120  # Vienna's clock, not Tokyo's (8 or 7 h away)
         assert page.text_content("#zone") == "Europe/Vienna"  # and the page says so
         context.close()
+
+
+def test_the_last_cold_start_is_drawn_as_bars_with_the_servers_stages_side_by_side(
+        tmp_path, browser):
+    from proxy.store import SqliteStore
+
+    timeline = {"stack_update": 40.0, "boot": 60.0, "model_pull": 150.0, "model_load": 5.0,
+                "on_server": {"packages": 20.0, "driver": 100.0, "pulling": 115.0},
+                "on_server_spans": {"packages": [0.0, 20.0], "driver": [20.0, 120.0],
+                                    "pulling": [25.0, 140.0], "container": [140.0, 150.0]}}
+    store = SqliteStore(tmp_path / "state.db")
+    assert store.acquire("seed", 5)
+    store.save({"phase": "idle", "cold_starts": [255.0], "timelines": [timeline]}, "seed")
+    store.release("seed")
+    store.close()
+    with Proxy(tmp_path, **upstream_env(tmp_path)) as proxy:
+        page = browser.new_page()
+        page.goto(proxy.url + "/ui")
+        page.wait_for_selector("#timeline .bar[data-stage='driver (server)']")
+        box = {name: page.locator(f"#timeline .bar[data-stage='{name}']").bounding_box()
+               for name in ("stack_update", "model_pull", "driver (server)",
+                            "pulling (server)", "container (server)")}
+        page.screenshot(path=str(tmp_path / "timeline.png"), full_page=True)
+        driver, pulling = box["driver (server)"], box["pulling (server)"]
+        # The downloads ran while the driver installed: their bars overlap on the time axis.
+        assert pulling["x"] < driver["x"] + driver["width"]
+        assert driver["x"] < pulling["x"]
+        # The server's stages begin once the stack update has made it; the proxy's follow on.
+        assert abs(driver["x"] - (box["stack_update"]["x"] + box["stack_update"]["width"])
+                   - driver["width"] * 20 / 100) < 3
+        assert box["model_pull"]["x"] > box["stack_update"]["x"]
+        assert "driver (server)100 s" in page.text_content("#timeline")
+        page.close()

@@ -91,7 +91,10 @@ class Server:
             log(f"giving up: {self.boot['gives_up']}")
             self.progress("fail", self.boot["gives_up"])
             return
-        self.say("container", "starting Ollama")
+        # As setup.sh's fetch_downloads: the image and the models on the downloads' own track
+        # (beside the driver install, which a server without a GPU leaves out).
+        self.env["PROGRESS_TRACK"] = "fetch"
+        self.say("image", "pulling the Ollama image")
         self.models_dir.mkdir(parents=True, exist_ok=True)
         pulled = self.models_dir / PULLED
         kept = pulled.read_text().split() if pulled.exists() else []
@@ -107,7 +110,10 @@ class Server:
                 return
             with open(pulled, "a") as file:
                 file.write(model + "\n")
-        self.say("ready", "ready")  # as setup.sh's mark_ready: the document, then the gate
+        self.progress("end", "pulling")
+        self.env["PROGRESS_TRACK"] = "main"
+        self.say("container", "starting Ollama with the GPU")
+        self.progress("ready")  # as setup.sh's mark_ready: the document, then the gate
         ready.touch()
         log(f"ready: the front answers on 127.0.0.1:{self.boot['port']}")
 
