@@ -49,6 +49,7 @@ CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goe
 WHOLE = 1024 * 1024
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 BODILESS = (204, 304)
+UNTIL_CLOSE = -1  # _head's length of a body that ends where its connection closes (no framing)
 # What uvicorn refuses in a header (it would raise mid-answer): NUL..US but HTAB, and DEL.
 _BAD_HEADER_BYTE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -286,15 +287,17 @@ class Forwarder:
             if whole:
                 resp.data = whole
             elif req.method == "HEAD":
-                if framed is not None:  # the length a GET would have
+                if framed is not None and framed != UNTIL_CLOSE:  # the length a GET would have
                     resp.set_header("Content-Length", str(framed))
             elif upstream.status not in BODILESS:
                 resp.data = b""
             return
-        if framed is not None:
+        if framed is not None and framed != UNTIL_CLOSE:
             resp.set_header("Content-Length", str(framed))
-        resp.stream = ResponseStream(upstream, exchange.protocol, on_close, on_broken, watch,
-                                     req.path, framed is not None, detach)
+        # A body that ends at the close has no framing to check: its close is its end.
+        protocol = None if framed == UNTIL_CLOSE else exchange.protocol
+        resp.stream = ResponseStream(upstream, protocol, on_close, on_broken, watch,
+                                     req.path, framed not in (None, UNTIL_CLOSE), detach)
 
     async def _send(self, req: falcon.asgi.Request, endpoint: Endpoint,
                     strip_authorization: bool, limit: int, watch: Any
@@ -380,6 +383,8 @@ class Forwarder:
             raise _malformed(f"a {status} answer declares a body")
         if chunked and length is not None:
             raise _malformed("it has both Transfer-Encoding and Content-Length")
+        if not chunked and length is None and status not in BODILESS:
+            length = UNTIL_CLOSE
         resp.status = status
         drop = RESPONSE_DROP | listed if listed else RESPONSE_DROP
         for lowered, name, value in headers:
@@ -393,7 +398,7 @@ class Forwarder:
         """The body, read whole when it is small and its length known (None: stream it)."""
         if req.method == "HEAD" or upstream.status in BODILESS:
             body = b""
-        elif length is None or length > WHOLE:
+        elif length is None or length == UNTIL_CLOSE or length > WHOLE:
             return None
         else:
             try:

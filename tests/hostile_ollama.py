@@ -57,6 +57,11 @@ CASES: dict[str, tuple[bytes, bytes | None]] = {
     "connection-listed-header": (b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: secret\r\n"
                                  b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
                                  None),
+    # Well-framed, though unusual: each must be forwarded as it is.
+    "until-close": (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
+                    b'{"until": "close"}', b""),
+    "interim-100": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", None),
 }
 LATE = 0.05  # seconds before the late bytes
 

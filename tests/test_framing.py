@@ -126,3 +126,13 @@ def test_headers_the_upstream_lists_in_connection_are_not_forwarded(proxy):
     bad, _ = ask(proxy, "connection-listed-header")
     assert bad.status_code == 200 and bad.json() == {}
     assert "X-Hop" not in bad.headers
+
+
+def test_a_body_that_ends_at_the_close_arrives_whole(proxy):
+    bad, _ = ask(proxy, "until-close")  # no length, not chunked: HTTP/1.1 allows it
+    assert bad.status_code == 200 and bad.json() == {"until": "close"}
+
+
+def test_an_interim_100_is_skipped_and_the_answer_forwarded(proxy):
+    bad, _ = ask(proxy, "interim-100")
+    assert bad.status_code == 200 and bad.json() == {}
