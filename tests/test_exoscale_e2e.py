@@ -200,7 +200,8 @@ def test_a_kept_model_volume_outlives_the_instance_and_spares_the_next_pull(worl
         (volume_id, volume), = w.volumes().items()
         assert record["blockStorageVolumeIds"] == [volume_id] and volume["size"] == 50
         assert not record["models_on_volume"]  # a new volume: the models were pulled
-        assert any(s["text"].startswith("on the server: pulling") for s in first["steps"])
+        assert any(s["text"].startswith("on the server: ") and "pulling llama3.2: " in s["text"]
+                   for s in first["steps"])
 
         idle = proxy.wait_phase("idle", timeout=60)
         assert w.instances() == {} and list(w.volumes()) == [volume_id]  # the volume stays
@@ -212,7 +213,7 @@ def test_a_kept_model_volume_outlives_the_instance_and_spares_the_next_pull(worl
         (second_id, record), = w.instances().items()
         assert second_id != first_id and record["blockStorageVolumeIds"] == [volume_id]
         assert record["models_on_volume"]  # the new instance found the models on the volume
-        assert not any(s["text"].startswith("on the server: pulling") for s in second["steps"])
+        assert not any("pulling llama3.2: " in s["text"] for s in second["steps"])
         assert second["cold_starts"]["count"] == 2
 
 
