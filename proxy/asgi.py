@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import falcon.asgi
 
@@ -29,12 +30,20 @@ CLOSE_TIMEOUT = 8.0  # seconds for a running provisioning step, after the stream
 
 
 class Lifespan:
-    """On the worker's shutdown, once its connections have ended (uvicorn's lifespan): let a
-    provisioning step finish and give the lease up, in a thread (it waits)."""
+    """The worker's start and end (uvicorn's lifespan). At the start, the pool of PROXY_THREADS
+    threads that runs the app's blocking calls off the event loop (asyncio.to_thread: the
+    snapshot refresh before a 503, the wrong-key lock, the metrics scrape). On the shutdown,
+    once its connections have ended: let a provisioning step finish and give the lease up, in
+    a thread (it waits)."""
 
-    def __init__(self, life: Lifecycle, sessions: Sessions):
+    def __init__(self, life: Lifecycle, sessions: Sessions, threads: int):
         self.life = life
         self.sessions = sessions
+        self.threads = threads
+
+    async def process_startup(self, scope, event) -> None:
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(self.threads, thread_name_prefix="proxy-blocking"))
 
     async def process_shutdown(self, scope, event) -> None:
         await self.sessions.aclose()
@@ -49,7 +58,7 @@ def build(config: Config) -> tuple[falcon.asgi.App, Lifecycle]:
     forwarder = Forwarder(sessions, config.connect_timeout, config.read_timeout,
                           config.client_timeout)
     app = create_app(config, life, forwarder)
-    app.add_middleware(Lifespan(life, sessions))
+    app.add_middleware(Lifespan(life, sessions, config.threads))
     return app, life
 
 

@@ -27,6 +27,7 @@ SERVE_FLAGS = {
     "bind": "PROXY_BIND",
     "workers": "PROXY_WORKERS",
     "max_connections": "PROXY_MAX_CONNECTIONS",
+    "threads": "PROXY_THREADS",
     "provisioner": "PROXY_PROVISIONER",
     "idle_timeout": "PROXY_IDLE_TIMEOUT",
     "state_dir": "PROXY_STATE_DIR",
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", help="gunicorn workers (PROXY_WORKERS, default 2)")
     serve.add_argument("--max-connections",
                        help="client connections per worker (PROXY_MAX_CONNECTIONS, default 1000)")
+    serve.add_argument("--threads", help="threads per worker for its blocking calls, off the "
+                       "event loop (PROXY_THREADS, default 32)")
     serve.add_argument("--provisioner", help="exoscale or local (PROXY_PROVISIONER)")
     serve.add_argument("--idle-timeout", help="seconds (PROXY_IDLE_TIMEOUT, default 1800)")
     serve.add_argument("--state-dir", help="local state (PROXY_STATE_DIR)")

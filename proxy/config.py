@@ -34,6 +34,7 @@ class Config:
     bind: str = "127.0.0.1:11434"
     workers: int = 2
     max_connections: int = 1000  # open client connections per worker; beyond: 503
+    threads: int = 32  # per worker, for its blocking calls (store reads, the wrong-key lock)
     state_dir: Path = Path(".ollama-exoscale")
     state_url: str = ""  # empty: SQLite in the state dir
     api_keys: tuple[str, ...] = ()
@@ -110,6 +111,7 @@ class Config:
             workers=int(read.number("PROXY_WORKERS", 2, minimum=1, whole=True)),
             max_connections=int(read.number("PROXY_MAX_CONNECTIONS", 1000, minimum=1,
                                             whole=True)),
+            threads=int(read.number("PROXY_THREADS", 32, minimum=1, whole=True)),
             state_dir=Path(read.text("PROXY_STATE_DIR", ".ollama-exoscale")).absolute(),
             state_url=read.state_url("PROXY_STATE_URL"),
             api_keys=keys,

@@ -29,10 +29,11 @@ import requests
 from tests.harness import Proxy, fake_ollama_command, free_port, wait_until
 from tests.procfs import Figures, children, figures
 
-# asyncio's default executor (asyncio.to_thread: the metrics scrape, the wrong-key lock, the
-# snapshot refresh, the shutdown) and libuv's pool grow to this many threads, no further.
+# The PROXY_THREADS pool proxy/asgi.py gives asyncio (to_thread: the metrics scrape, the
+# wrong-key lock, the snapshot refresh, the shutdown) and libuv's pool grow to this many
+# threads, no further.
 # uvloop's getaddrinfo runs on libuv's own pool of 4 threads (UV_THREADPOOL_SIZE).
-POOL = min(32, (os.cpu_count() or 1) + 4) + 4
+POOL = int(os.environ.get("PROXY_THREADS", "32")) + 4
 # What the soak allows per worker: threads at any time beyond that pool (the event loop, the
 # sync loop, one lifecycle operation), and growth from the warm-up to the end of fds (16: the
 # upstream connections kept) and memory.

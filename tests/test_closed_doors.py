@@ -133,7 +133,7 @@ def test_progress_names_the_program_not_its_arguments(tmp_path):
 
 
 @pytest.mark.parametrize("chunked", [
-    b"-2\r\nab\r\n0\r\n\r\n", b"0x2\r\nab\r\n0\r\n\r\n",
+    b"-2\r\nab\r\n0\r\n\r\n", b"0x2\r\nab\r\n0\r\n\r\n", b"2\nab\n0\n\n",
     b"2\r\nabcdef\r\n0\r\n\r\n",
 ])
 def test_malformed_chunked_request_bodies_get_400_and_no_traceback(tmp_path, chunked):

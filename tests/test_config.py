@@ -121,3 +121,10 @@ def test_a_huge_number_is_a_one_line_error_not_a_traceback(variable):
     with pytest.raises(ConfigError) as caught:
         Config.from_env({variable: "1e308" if variable != "PROXY_WORKERS" else "9" * 30})
     assert variable in str(caught.value) and "<= 1e+12" in str(caught.value)
+
+
+def test_proxy_threads_is_read_and_checked():
+    assert Config.from_env({"PROXY_THREADS": "7"}).threads == 7
+    assert Config.from_env({}).threads == 32
+    with pytest.raises(ConfigError, match="PROXY_THREADS"):
+        Config.from_env({"PROXY_THREADS": "0"})

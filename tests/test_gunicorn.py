@@ -381,3 +381,4 @@ def test_sigterm_lets_a_running_stream_finish_and_hands_the_lease_over(tmp_path)
     finally:
         store.close()
     assert "WORKER TIMEOUT" not in proxy.logs()
+

@@ -83,3 +83,27 @@ def test_held_requests_wait_on_the_loop_and_beyond_max_held_get_503_at_once(tmp_
         applied = [a for a in answers if a.headers.get("Preference-Applied") == "wait=3"]
         assert len(applied) == 20  # held 3 s each; the other 10 were answered at once
         assert "WORKER TIMEOUT" not in proxy.logs()
+
+
+def test_proxy_threads_sizes_the_pool_that_runs_a_workers_blocking_calls():
+    """The contract's PROXY_THREADS: a worker's blocking calls (asyncio.to_thread: the store
+    read before a 503, the wrong-key lock, the scrape) run on at most that many threads."""
+    import asyncio
+
+    from proxy.asgi import Lifespan
+
+    async def burst() -> set[int]:
+        await Lifespan(None, None, threads=3).process_startup({}, {})
+
+        def blocking() -> int:
+            time.sleep(0.05)
+            return threading.get_ident()
+
+        return set(await asyncio.gather(*(asyncio.to_thread(blocking) for _ in range(24))))
+
+    loop = asyncio.new_event_loop()
+    try:
+        used = loop.run_until_complete(burst())
+    finally:
+        loop.close()
+    assert 1 <= len(used) <= 3
