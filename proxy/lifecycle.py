@@ -82,6 +82,11 @@ class Snapshot:
     reconciler: str = ""  # the lease holder (host:pid:id) as last seen; "" when none is known
 
     @property
+    def serving(self) -> bool:
+        """Requests can be forwarded: ready, with an upstream to forward to."""
+        return self.phase == Phase.READY and self.endpoint is not None
+
+    @property
     def gpu_record(self) -> dict[str, Any]:
         """The document's GPU-time fields, as proxy.gputime reads them."""
         return {"instance_since": self.instance_since, "gpu_days": dict(self.gpu_days),
@@ -175,7 +180,7 @@ class Lifecycle:
     def admit(self, demand: bool = True) -> Ticket | None:
         """A ticket to forward if the upstream is ready; None (and a wake-up wish) if not."""
         snapshot = self._snapshot
-        if snapshot.phase == "ready" and snapshot.endpoint is not None:
+        if snapshot.serving:
             with self._lock:
                 self._inflight += 1
                 first = self._inflight == 1
@@ -207,8 +212,7 @@ class Lifecycle:
                     with self._changed:
                         self._snapshot = snapshot
                         self._changed.notify_all()
-        snapshot = self._snapshot
-        return snapshot.phase == "ready" and snapshot.endpoint is not None
+        return self._snapshot.serving
 
     def finish(self, ticket: Ticket) -> None:
         """The request or stream has ended (idempotent)."""
