@@ -108,6 +108,11 @@ class Reconciler:
         self._decide(reports, now)
 
     @property
+    def _current(self) -> State:
+        """The document as this worker last wrote it (an empty one before it holds the lease)."""
+        return self.state or State()
+
+    @property
     def reconciling(self) -> bool:
         """Whether this worker holds the lease and acts (it has read the shared state)."""
         return self.state is not None
@@ -140,7 +145,7 @@ class Reconciler:
         return holder if expires_at > time.time() else ""
 
     def _decide(self, reports: list[WorkerReport], now: float) -> None:
-        state = self.state or State()
+        state = self._current
         demand = Demand.of(reports, now)
         self._wanted_seen = demand.wanted_at
         action, self._memory = decide(state, demand, Clock(now, time.monotonic()), self.config,
@@ -199,7 +204,7 @@ class Reconciler:
             server_stages={},
             server_spans={},
             cold_mode=self.provisioner.cold_start_mode(
-                (self.state or State()).instance_status == "stopped"),
+                self._current.instance_status == "stopped"),
             demand_cutoff=self._cutoff(now),
             teardown_pending=False,
             **self._detail(Phase.PROVISIONING, "starting the GPU server", now),
@@ -232,7 +237,7 @@ class Reconciler:
 
     def _adopt(self) -> None:
         """On taking the lease: make the document agree with what exists."""
-        state = self.state or State()
+        state = self._current
         phase = state.phase
         if phase in (Phase.PROVISIONING, Phase.STARTING, Phase.DESTROYING):
             return  # the next tick resumes the interrupted operation
@@ -277,12 +282,12 @@ class Reconciler:
             endpoint=endpoint,
             instance_status=endpoint.instance_status,
             detail="the GPU server exists; waiting for Ollama and the model",
-            marks={**(self.state or State()).marks, "server": time.time()},
+            marks={**self._current.marks, "server": time.time()},
         )
         self._await_ready()
 
     def _await_ready(self) -> None:
-        state = self.state or State()
+        state = self._current
         endpoint = state.endpoint
         deadline = (state.phase_since or time.time()) + self.config.start_timeout
         while not self._stop.is_set():
@@ -350,7 +355,7 @@ class Reconciler:
 
     def _become_ready(self, version: str | None) -> None:
         now = time.time()
-        state = self.state or State()
+        state = self._current
         cold_starts = list(state.cold_starts)
         timelines = list(state.timelines)
         started = state.provisioning_started_at
@@ -381,7 +386,7 @@ class Reconciler:
                                       self._wanted_seen), health_failures=0)
 
     def _check_health(self) -> None:
-        endpoint = (self.state or State()).endpoint
+        endpoint = self._current.endpoint
         if probe(self.sessions, endpoint, self.config.models).ready:
             self._memory = replace(self._memory, health_failures=0)
             return
@@ -422,7 +427,7 @@ class Reconciler:
         log.warning("%s", sentence)
         changes = self._detail(Phase.DESTROYING, sentence, now)
         changes["removal_reason"] = reason
-        if down_at > (self.state or State()).down_handled:
+        if down_at > self._current.down_handled:
             changes.update(down_handled=down_at, **self._warm_off(local))
         self._commit(phase=Phase.DESTROYING, phase_since=now, removal="stop" if stop else "destroy",
                      **changes)
@@ -448,7 +453,7 @@ class Reconciler:
 
     def _remove(self, **changes: Any) -> None:
         """Destroy the server, or stop it (the document's `removal`, set when it began)."""
-        stop = (self.state or State()).removal == "stop"
+        stop = self._current.removal == "stop"
         try:
             if stop:
                 self.provisioner.stop(self._progress)
@@ -465,7 +470,7 @@ class Reconciler:
         """The server no longer runs (gone, or stopped): phase idle, its GPU time booked."""
         changes.setdefault("instance_status", "absent")
         now = time.time()
-        booked = gputime.close_interval((self.state or State()).gpu_record, now, self.config.tz)
+        booked = gputime.close_interval(self._current.gpu_record, now, self.config.tz)
         self._commit(phase=Phase.IDLE, phase_since=now, endpoint=None, detail="", **booked,
                      **changes)
 
@@ -482,7 +487,7 @@ class Reconciler:
 
     def _fail(self, reason: str, teardown: bool = False) -> None:
         """Phase error with back-off; a failed tear-down keeps its endpoint and is retried."""
-        state = self.state or State()
+        state = self._current
         failures = state.failures + 1
         backoff = min(self.config.retry_base * 2 ** (failures - 1), self.config.retry_max)
         now = time.time()
@@ -519,7 +524,7 @@ class Reconciler:
 
     def _commit(self, **changes: Any) -> None:
         with self._state_lock:
-            before = self.state or State()
+            before = self._current
             state = replace(before, **changes)
             if state.phase != before.phase:
                 log.info("phase %s → %s", before.phase, state.phase)
