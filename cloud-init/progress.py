@@ -64,6 +64,12 @@ def _end(stages: dict, name: str, now: float) -> None:
         stage["end"] = round(now, 3)
 
 
+def _end_all(stages: dict, now: float) -> None:
+    """The bring-up is over (ready, or given up): no stage runs on."""
+    for name in stages:
+        _end(stages, name, now)
+
+
 def _summarise(doc: dict, now: float) -> None:
     """The fields read before stages had spans: the latest stage, the running stages' details
     joined, and the seconds of each stage."""
@@ -108,9 +114,7 @@ def end(stage: str) -> None:
 
 def fail(reason: str) -> None:
     def edit(doc: dict, now: float) -> None:
-        stages = doc.setdefault("stages", {})
-        for name in stages:
-            _end(stages, name, now)
+        _end_all(doc.setdefault("stages", {}), now)
         doc["error"] = reason
         doc["phase"] = "failed"
         _summarise(doc, now)
@@ -122,9 +126,7 @@ def fail(reason: str) -> None:
 def ready() -> None:
     """The bring-up is done: every stage ends, the phase is `ready`."""
     def edit(doc: dict, now: float) -> None:
-        stages = doc.setdefault("stages", {})
-        for name in stages:
-            _end(stages, name, now)
+        _end_all(doc.setdefault("stages", {}), now)
         _summarise(doc, now)
         doc.update(phase="ready", detail="ready", since=now, percent=None)
 
