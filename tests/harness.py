@@ -67,6 +67,30 @@ def read_message(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, b
     return head, buf[:length], buf[length:]
 
 
+def chunked_length(sock: socket.socket, buf: bytes = b"") -> tuple[int, bool]:
+    """Read a chunked body from `sock` (after the bytes `buf`, which begin at its first chunk
+    line) without keeping it: (the data bytes it carried, whether its last chunk came)."""
+    total = 0
+    while True:
+        while b"\r\n" not in buf:
+            data = sock.recv(1 << 20)
+            if not data:
+                return total, False
+            buf += data
+        line, _, buf = buf.partition(b"\r\n")
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            return total, True
+        while len(buf) < size + 2:  # the data and its CRLF
+            data = sock.recv(1 << 20)
+            if not data:
+                return total + min(len(buf), size), False
+            buf += data
+        assert buf[size:size + 2] == b"\r\n", "a chunk's data is not followed by CRLF"
+        total += size
+        buf = buf[size + 2:]
+
+
 def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
