@@ -158,7 +158,7 @@ def _check_credentials(env: Mapping[str, str]) -> Check:
     return Check("Exoscale credentials", True, "EXOSCALE_API_KEY and EXOSCALE_API_SECRET are set")
 
 
-def check_state_dir(state_dir: Path) -> Check:  # also `local`'s (proxy/local_checks.py)
+def check_state_dir(state_dir: Path) -> Check:  # also `local`'s (proxy/provision/local_checks.py)
     problem = _writable(state_dir)
     if problem:
         return Check("state dir", False, f"{state_dir} is not writable: {problem}",

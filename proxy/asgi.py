@@ -1,7 +1,7 @@
 """One worker's proxy: config → store, provisioner, lifecycle, forwarder → the ASGI app.
 
 gunicorn calls `create()` in each worker after the fork (`proxy.asgi:create()`), so every
-worker has its own threads, sessions and store connection; uvicorn's worker (proxy/server.py)
+worker has its own threads, sessions and store connection; uvicorn's worker (proxy/http/server.py)
 serves the app on the worker's event loop.
 """
 
@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import falcon.asgi
 
-from .app import create_app
-from .config import Config
-from .forward import Forwarder
-from .lifecycle import Lifecycle
-from .logs import register_secrets, setup_logging
-from .provisioners import make_provisioner
-from .store import open_store
-from .upstream import Sessions
+from proxy.config import Config
+from proxy.http.app import create_app
+from proxy.lifecycle.demand import Lifecycle
+from proxy.provision.local import make_provisioner
+from proxy.store.base import open_store
+from proxy.upstream.forward import Forwarder
+from proxy.upstream.session import Sessions
+from proxy.util.logs import register_secrets, setup_logging
 
 log = logging.getLogger("ollama_exoscale")
 

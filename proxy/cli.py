@@ -14,7 +14,7 @@ from typing import Any
 
 import requests
 
-from .config import Config, ConfigError
+from proxy.config import Config, ConfigError
 
 # Exit codes a script can rely on.
 OK, FAILED, USAGE, UNREACHABLE, TIMEOUT, NOTHING_COMING = 0, 1, 2, 3, 4, 5
@@ -125,10 +125,10 @@ def serve_command(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[variable] = str(value)
     config = Config.from_env()  # a bad value stops here, before gunicorn starts
-    from .provisioners import make_provisioner
+    from proxy.provision.local import make_provisioner
 
     make_provisioner(config)
-    from .store import open_store
+    from proxy.store.base import open_store
 
     open_store(config.state_url, config.state_dir).close()  # a bad store: one line, here
     from gunicorn.app.wsgiapp import WSGIApplication  # loads an ASGI app as well
@@ -243,7 +243,7 @@ def doctor_command(args: argparse.Namespace) -> int:
     the fix."""
     config = Config.from_env()
     if config.provisioner == "local":  # no Pulumi, no cloud: a program and an address
-        from .local_checks import run_local_checks
+        from proxy.provision.local_checks import run_local_checks
 
         return FAILED if _show_checks(run_local_checks(config)) else OK
     from infra.doctor import run_checks

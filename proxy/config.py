@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .schedule import ScheduleError, Window, parse_windows
+from proxy.lifecycle.schedule import ScheduleError, Window, parse_windows
 
 PROVISIONERS = ("exoscale", "local")
 IDLE_ACTIONS = ("destroy", "stop")

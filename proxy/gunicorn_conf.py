@@ -14,12 +14,12 @@ _config = Config.from_env()
 
 bind = _config.bind
 workers = _config.workers
-# Each worker is one event loop (uvicorn, proxy/server.py): a stream holds a connection, not
+# Each worker is one event loop (uvicorn, proxy/http/server.py): a stream holds a connection, not
 # a thread, and the worker's heartbeat to gunicorn comes from that loop, so nothing blocking
 # runs on it (the store, the reconciler and Pulumi keep their background threads).
-worker_class = "proxy.server.Worker"
+worker_class = "proxy.http.server.Worker"
 timeout = int(_config.worker_timeout)
-# On SIGTERM: time for streams to finish (proxy.server.STREAM_GRACE), then for a running
+# On SIGTERM: time for streams to finish (proxy.http.server.STREAM_GRACE), then for a running
 # provisioning step to end and the lease to be handed over (proxy.asgi.Lifespan).
 graceful_timeout = 30
 keepalive = 5  # seconds a kept-alive connection may stay idle between requests

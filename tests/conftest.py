@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from proxy.config import Config
-from proxy.lifecycle import Lifecycle
-from proxy.store import SqliteStore
-from proxy.upstream import Sessions
+from proxy.lifecycle.demand import Lifecycle
+from proxy.store.base import SqliteStore
+from proxy.upstream.session import Sessions
 from tests import fake_ollama
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from proxy.provisioner import Endpoint, ProvisionError
+from proxy.provision.base import Endpoint, ProvisionError
 
 
 class GatedProvisioner:

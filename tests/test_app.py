@@ -9,13 +9,13 @@ import time
 import falcon.testing
 import pytest
 
-from proxy.app import create_app
 from proxy.config import Config
-from proxy.forward import Forwarder
-from proxy.lifecycle import Lifecycle
-from proxy.provisioner import Endpoint
-from proxy.store import SqliteStore
-from proxy.upstream import Sessions
+from proxy.http.app import create_app
+from proxy.lifecycle.demand import Lifecycle
+from proxy.provision.base import Endpoint
+from proxy.store.base import SqliteStore
+from proxy.upstream.forward import Forwarder
+from proxy.upstream.session import Sessions
 from tests.doubles import GatedProvisioner
 from tests.harness import wait_until
 
@@ -265,7 +265,7 @@ def test_a_used_up_daily_budget_gets_a_503_that_says_so_and_starts_nothing(proxy
 
 
 def test_status_shows_gpu_time_and_warm_windows(proxy):
-    from proxy.schedule import parse_windows
+    from proxy.lifecycle.schedule import parse_windows
 
     client, life, provisioner = proxy(warm_windows=parse_windows("sat-sun 10:00-12:00"))
     status = client.simulate_get("/status").json

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from proxy.app import status_document
-from proxy.lifecycle import Lifecycle
-from proxy.provisioner import Endpoint
+from proxy.http.app import status_document
+from proxy.lifecycle.demand import Lifecycle
+from proxy.provision.base import Endpoint
 from tests.doubles import GatedProvisioner
 from tests.harness import wait_until
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 
 from proxy.config import Config
-from proxy.decide import (
+from proxy.lifecycle.decide import (
     HEALTH_EVERY,
     PROBE_EVERY,
     AckDown,
@@ -29,9 +29,9 @@ from proxy.decide import (
     decide,
     live_inflight,
 )
-from proxy.schedule import parse_windows
-from proxy.state import Phase, State
-from proxy.store import WorkerReport
+from proxy.lifecycle.schedule import parse_windows
+from proxy.lifecycle.state import Phase, State
+from proxy.store.base import WorkerReport
 
 NOW = datetime(2026, 6, 3, 12, 0, tzinfo=timezone.utc).timestamp()  # a Wednesday, noon UTC
 MONO = 5000.0

@@ -14,8 +14,8 @@ from pulumi.automation.interface import API
 
 from infra.automation import StackRunner, UpdateFailed, find_pulumi
 from proxy.config import Config, ConfigError
-from proxy.exoscale import ExoscaleProvisioner
-from proxy.provisioner import ProvisionError
+from proxy.provision.base import ProvisionError
+from proxy.provision.exoscale import ExoscaleProvisioner
 from tests.standin_pulumi.harness import (
     ROOT,
     base_env,

@@ -1,4 +1,4 @@
-"""Wrong API keys counted per address in a file every worker maps (proxy/failures.py)."""
+"""Wrong API keys counted per address in a file every worker maps (proxy/http/lockout.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from proxy.failures import SLOTS, FailureLimit
+from proxy.http.lockout import SLOTS, FailureLimit
 from tests.harness import Proxy, wait_until
 
 
@@ -121,7 +121,7 @@ def test_under_gunicorn_the_limit_holds_for_the_address_whichever_worker_answers
 
         with ThreadPoolExecutor(4) as pool:  # with one thread a worker, both workers answer
             codes = list(pool.map(wrong_key, range(limit * 2)))
-        pids = set(re.findall(r"\[(\d+)\] WARNING ollama_exoscale.auth: 401", proxy.logs()))
+        pids = set(re.findall(r"\[(\d+)\] WARNING ollama_exoscale.auth: 401", proxy.util.logs()))
     assert len(pids) == 2, "both workers answered wrong keys"
     # Counted per worker, the two workers would have let about 2 × limit through.
     assert limit <= codes.count(401) < limit + 4  # 4 checked at once may pass the last check

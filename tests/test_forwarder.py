@@ -12,9 +12,9 @@ import falcon.testing
 import pytest
 import requests
 
-from proxy.forward import Forwarder, UpstreamError
-from proxy.provisioner import Endpoint
-from proxy.upstream import Sessions
+from proxy.provision.base import Endpoint
+from proxy.upstream.forward import Forwarder, UpstreamError
+from proxy.upstream.session import Sessions
 from tests import fake_ollama
 from tests.test_upstream import NAME, make_cert
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from proxy import gputime
+from proxy.lifecycle import gputime
 
 VIENNA = ZoneInfo("Europe/Vienna")
 

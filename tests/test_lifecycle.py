@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from proxy.lifecycle import Lifecycle
-from proxy.provisioner import Endpoint
+from proxy.lifecycle.demand import Lifecycle
+from proxy.provision.base import Endpoint
 from tests import fake_ollama
 from tests.doubles import GatedProvisioner
 from tests.harness import wait_until
@@ -186,7 +186,7 @@ def test_down_waits_for_the_stream_then_removes_the_server_and_books_its_time(ma
     b.down()  # the operator asks worker b
     wait_until(lambda: phase_of(b) == "destroying", 5, what="destroying")
     assert b.admit() is None  # new requests wait
-    from proxy.app import explain
+    from proxy.http.app import explain
 
     assert "(an operator asked for it (ollama-exoscale down))" in explain(b.snapshot(), 5)[1]
     time.sleep(1.0)
@@ -233,7 +233,7 @@ def test_a_used_up_daily_budget_removes_the_server_and_refuses_new_ones(make, up
 
 
 def test_a_warm_window_starts_the_server_without_demand_and_keeps_it(make, upstream):
-    from proxy.schedule import parse_windows
+    from proxy.lifecycle.schedule import parse_windows
 
     provisioner = GatedProvisioner(Endpoint(upstream.url))
     life = make(provisioner, warm_windows=parse_windows(EVERY_DAY), idle_timeout=0.2)
@@ -247,7 +247,7 @@ def test_a_warm_window_starts_the_server_without_demand_and_keeps_it(make, upstr
 
 
 def test_outside_its_windows_the_server_is_not_started(make, upstream):
-    from proxy.schedule import parse_windows
+    from proxy.lifecycle.schedule import parse_windows
 
     provisioner = GatedProvisioner(Endpoint(upstream.url))
     # A window an hour long, twelve hours from now (in UTC, the test config's zone).
@@ -298,9 +298,9 @@ def test_a_cold_start_loads_the_model_and_records_each_stage(make):
 
 
 def test_a_failed_model_load_still_ends_ready(make, upstream, monkeypatch, caplog):
-    import proxy.reconciler
+    import proxy.lifecycle.reconciler
 
-    monkeypatch.setattr(proxy.reconciler, "load_model",
+    monkeypatch.setattr(proxy.lifecycle.reconciler, "load_model",
                         lambda *args: "loading llama3.2 failed: HTTP 500")
     life = make(GatedProvisioner(Endpoint(upstream.url)))
     life.want()
@@ -325,7 +325,7 @@ def test_a_server_that_never_becomes_ready_is_removed_not_billed(make):
 
 
 def test_the_servers_stages_become_spans_that_may_overlap():
-    from proxy.reconciler import server_spans
+    from proxy.lifecycle.reconciler import server_spans
 
     doc = {"stages": {
         "packages": {"track": "main", "start": 100.0, "end": 130.0},

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from proxy import logs
+from proxy.util import logs
 
 
 def capture(fmt: str) -> tuple[logging.Logger, io.StringIO]:

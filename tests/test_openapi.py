@@ -12,7 +12,7 @@ from openapi_spec_validator.readers import read_from_filename
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import unsupported_method
 
-from proxy.app import FORWARDED_METHODS
+from proxy.http.app import FORWARDED_METHODS
 from tests.harness import REPO, Proxy, free_port
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def live(tmp_path_factory):
     )
     with proxy:
         yield proxy
-    assert USER_KEY not in proxy.logs() and ADMIN_KEY not in proxy.logs()
+    assert USER_KEY not in proxy.util.logs() and ADMIN_KEY not in proxy.util.logs()
 
 
 @schema.parametrize()

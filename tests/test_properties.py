@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from urllib3.util import parse_url
 
 from proxy.config import Config, ConfigError
-from proxy.forward import HOP_BY_HOP, Forwarder
-from proxy.provisioner import Endpoint
-from proxy.upstream import Sessions
+from proxy.provision.base import Endpoint
+from proxy.upstream.forward import HOP_BY_HOP, Forwarder
+from proxy.upstream.session import Sessions
 from tests.harness import read_message
 
 NUMBERS = [

@@ -1,4 +1,4 @@
-"""Requests the server (uvicorn's httptools protocol, proxy/server.py) cannot parse get their
+"""Requests the server (uvicorn's httptools protocol, proxy/http/server.py) cannot parse get their
 status with the proxy's JSON `error` body (not plain text), and the worker goes on serving."""
 
 from __future__ import annotations

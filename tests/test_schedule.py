@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.schedule import (
+from proxy.lifecycle.schedule import (
     ScheduleError,
     current_end,
     is_warm,

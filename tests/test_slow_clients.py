@@ -1,4 +1,4 @@
-"""Slow and hostile clients against a real gunicorn (uvicorn's worker, proxy/server.py): a head
+"""Slow and hostile clients against a real gunicorn (uvicorn's worker, proxy/http/server.py): a head
 sent a byte at a time starves nobody, one that never completes gets a 408, a body that stalls
 gets a 408, a connection that sends nothing (or only the unread rest of a body) is closed, and
 beyond PROXY_MAX_CONNECTIONS a worker answers 503."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.lifecycle import Snapshot
-from proxy.provisioner import Endpoint
-from proxy.state import Phase, State
-from proxy.store import StoreError
+from proxy.lifecycle.demand import Snapshot
+from proxy.lifecycle.state import Phase, State
+from proxy.provision.base import Endpoint
+from proxy.store.base import StoreError
 
 SAVED = json.loads((Path(__file__).parent / "data" / "lifecycle-0.1.0.json").read_text())
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from proxy.store import SqliteStore, WorkerReport, open_store
+from proxy.store.base import SqliteStore, WorkerReport, open_store
 from tests.harness import MotoS3
 
 

@@ -13,13 +13,13 @@ from datetime import datetime, timezone
 import boto3
 import pytest
 
-from proxy import store_s3
 from proxy.config import Config, ConfigError
-from proxy.lifecycle import Lifecycle
-from proxy.provisioner import Endpoint
-from proxy.store import StoreError, WorkerReport, open_store
-from proxy.store_s3 import S3Client, S3Location, S3Store, Signer
-from proxy.upstream import Sessions
+from proxy.lifecycle.demand import Lifecycle
+from proxy.provision.base import Endpoint
+from proxy.store import s3 as s3_store
+from proxy.store.base import StoreError, WorkerReport, open_store
+from proxy.store.s3 import S3Client, S3Location, S3Store, Signer
+from proxy.upstream.session import Sessions
 from tests import fake_ollama
 from tests.doubles import GatedProvisioner
 from tests.harness import MotoS3, free_port, wait_until
@@ -178,7 +178,7 @@ class BlackHole:
 
 
 def test_a_hanging_store_delays_no_request_and_starts_nothing(monkeypatch, tmp_path):
-    monkeypatch.setattr(store_s3, "TIMEOUT", (0.3, 0.3))
+    monkeypatch.setattr(s3_store, "TIMEOUT", (0.3, 0.3))
     hole = BlackHole()
     where = S3Location("state", "p", hole.url, "us-east-1")
     store = S3Store(S3Client(where, Signer("AKID", "secret", "us-east-1")))

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from proxy.provisioner import Endpoint
-from proxy.upstream import Sessions, load_model, normalise_model, probe, server_progress
+from proxy.provision.base import Endpoint
+from proxy.upstream.session import Sessions, load_model, normalise_model, probe, server_progress
 
 NAME = "ollama-exoscale.invalid"  # the certificate's name; the server is reached by IP
 

@@ -18,9 +18,8 @@ from collections.abc import Mapping
 import requests
 
 from infra.doctor import Check, check_state_dir
-
-from .config import Config, ConfigError, split_host_port
-from .provisioners import LocalProvisioner, accepts
+from proxy.config import Config, ConfigError, split_host_port
+from proxy.provision.local import LocalProvisioner, accepts
 
 INSTALL_OLLAMA = (
     "install Ollama (https://ollama.com/download), or set PROXY_LOCAL_COMMAND to the command "

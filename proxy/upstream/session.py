@@ -24,8 +24,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.certs import where as default_ca_bundle
 
-from .logs import register_secrets
-from .provisioner import Endpoint
+from proxy.provision.base import Endpoint
+from proxy.util.logs import register_secrets
 
 
 class _PinnedAdapter(HTTPAdapter):
@@ -54,7 +54,7 @@ class _NoRedirects(requests.Session):
 
 class Exchange:
     """One forwarded request's upstream connection (its protocol), for the verdict on its
-    framing once the answer has ended (proxy/forward.py): set by StrictConnector.connect."""
+    framing once the answer has ended (proxy/upstream/forward.py): set by StrictConnector.connect."""
 
     __slots__ = ("protocol",)
 

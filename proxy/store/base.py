@@ -8,7 +8,7 @@ It holds three things:
 
 SQLite in the state dir is the embedded default: WAL mode makes it safe across processes on
 one host. The file is created with mode 0600 because the document holds the upstream token.
-Several hosts share an S3 bucket instead (proxy/store_s3.py), chosen by PROXY_STATE_URL.
+Several hosts share an S3 bucket instead (proxy/store/s3.py), chosen by PROXY_STATE_URL.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .config import ConfigError
+from proxy.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def open_store(
     if parts.scheme == "sqlite":
         return SqliteStore(Path(parts.netloc + parts.path))
     if parts.scheme == "s3":
-        from .store_s3 import open_s3_store  # requests and XML only for those who use S3
+        from proxy.store.s3 import open_s3_store  # requests and XML only for those who use S3
 
         return open_s3_store(state_url, os.environ if env is None else env)
     raise ConfigError(

@@ -31,8 +31,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from . import gputime
-from .lifecycle import PHASES, Lifecycle
+from proxy.lifecycle import gputime
+from proxy.lifecycle.demand import PHASES, Lifecycle
 
 REQUESTS = Counter(
     "ollama_exoscale_requests_total",

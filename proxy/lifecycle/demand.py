@@ -25,14 +25,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import gputime
-from .config import Config
-from .decide import Demand
-from .provisioner import Endpoint, Provisioner
-from .reconciler import Reconciler, cold_start_estimate
-from .state import Phase, State
-from .store import Store, StoreError, WorkerReport
-from .upstream import Sessions
+from proxy.config import Config
+from proxy.lifecycle import gputime
+from proxy.lifecycle.decide import Demand
+from proxy.lifecycle.reconciler import Reconciler, cold_start_estimate
+from proxy.lifecycle.state import Phase, State
+from proxy.provision.base import Endpoint, Provisioner
+from proxy.store.base import Store, StoreError, WorkerReport
+from proxy.upstream.session import Sessions
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
@@ -88,7 +88,7 @@ class Snapshot:
 
     @property
     def gpu_record(self) -> dict[str, Any]:
-        """The document's GPU-time fields, as proxy.gputime reads them."""
+        """The document's GPU-time fields, as proxy.lifecycle.gputime reads them."""
         return {"instance_since": self.instance_since, "gpu_days": dict(self.gpu_days),
                 "gpu_seconds": self.gpu_seconds}
 

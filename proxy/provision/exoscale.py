@@ -28,9 +28,8 @@ from infra.automation import (
     StackRunner,
     UpdateFailed,
 )
-
-from .config import Config, ConfigError
-from .provisioner import Endpoint, Progress, ProvisionError
+from proxy.config import Config, ConfigError
+from proxy.provision.base import Endpoint, Progress, ProvisionError
 
 log = logging.getLogger("ollama_exoscale.exoscale")
 

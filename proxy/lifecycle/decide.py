@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from . import gputime, schedule
-from .config import Config
-from .state import Phase, State
-from .store import WorkerReport
+from proxy.config import Config
+from proxy.lifecycle import gputime, schedule
+from proxy.lifecycle.state import Phase, State
+from proxy.store.base import WorkerReport
 
 HEALTH_EVERY = 15.0  # seconds between probes of a ready upstream
 PROBE_EVERY = 1.0  # seconds between probes after a failed one (and while starting)

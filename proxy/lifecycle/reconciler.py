@@ -19,9 +19,9 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from . import gputime, schedule
-from .config import Config
-from .decide import (
+from proxy.config import Config
+from proxy.lifecycle import gputime, schedule
+from proxy.lifecycle.decide import (
     PROBE_EVERY,
     AckDown,
     Action,
@@ -42,10 +42,10 @@ from .decide import (
     live_inflight,
     probed,
 )
-from .provisioner import Endpoint, Provisioner, ProvisionError
-from .state import Phase, State
-from .store import Store, StoreError, WorkerReport
-from .upstream import Sessions, load_model, probe, server_progress
+from proxy.lifecycle.state import Phase, State
+from proxy.provision.base import Endpoint, Provisioner, ProvisionError
+from proxy.store.base import Store, StoreError, WorkerReport
+from proxy.upstream.session import Sessions, load_model, probe, server_progress
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 

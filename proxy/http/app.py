@@ -21,14 +21,14 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from . import gputime, schedule
-from .config import Config
-from .failures import FailureLimit
-from .forward import Forwarder, UpstreamError
-from .lifecycle import Lifecycle, Snapshot, Ticket
-from .metrics import HELD, Counting, MetricsResource
-from .paths import CanonicalPath
-from .upstream import normalise_model
+from proxy.config import Config
+from proxy.http.lockout import FailureLimit
+from proxy.http.metrics import HELD, Counting, MetricsResource
+from proxy.http.paths import CanonicalPath
+from proxy.lifecycle import gputime, schedule
+from proxy.lifecycle.demand import Lifecycle, Snapshot, Ticket
+from proxy.upstream.forward import Forwarder, UpstreamError
+from proxy.upstream.session import normalise_model
 
 SERVICE = "ollama-exoscale"
 LOCAL_VERSION = "0.12.6"  # answered by /api/version before any upstream told us its own
@@ -57,7 +57,7 @@ def _iso(timestamp: float) -> str | None:
 
 
 # Routes that can fill the disk, change or remove models, or the GPU server: admin keys only.
-# Matched on the canonical path (proxy/paths.py); a trailing slash is the same route upstream.
+# Matched on the canonical path (proxy/http/paths.py); a trailing slash is the same route upstream.
 ADMIN_ROUTES = re.compile(r"^/api/(pull|push|create|copy|delete)/?$|^/api/blobs(/|$)|^/admin(/|$)")
 
 

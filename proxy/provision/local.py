@@ -19,8 +19,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import Config, ConfigError, split_host_port
-from .provisioner import Endpoint, Progress, Provisioner, ProvisionError
+from proxy.config import Config, ConfigError, split_host_port
+from proxy.provision.base import Endpoint, Progress, Provisioner, ProvisionError
 
 log = logging.getLogger("ollama_exoscale.local")
 
@@ -210,7 +210,7 @@ def make_provisioner(config: Config) -> Provisioner:
             config.local_command, config.local_addr, config.state_dir, config.env
         )
     try:
-        from .exoscale import ExoscaleProvisioner
+        from proxy.provision.exoscale import ExoscaleProvisioner
     except ImportError as exc:
         raise ConfigError(
             f"PROXY_PROVISIONER=exoscale is not available in this build ({exc}); "

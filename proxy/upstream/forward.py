@@ -24,10 +24,10 @@ import falcon
 import falcon.asgi
 from yarl import URL
 
-from .metrics import HANGUPS, route_label
-from .provisioner import Endpoint
-from .server import WATCH
-from .upstream import EXCHANGE, Exchange, Sessions
+from proxy.http.metrics import HANGUPS, route_label
+from proxy.http.server import WATCH
+from proxy.provision.base import Endpoint
+from proxy.upstream.session import EXCHANGE, Exchange, Sessions
 
 log = logging.getLogger("ollama_exoscale.forward")
 
@@ -81,7 +81,7 @@ class Malformed(Exception):
 
 
 def watch_of(req: falcon.asgi.Request) -> Any:
-    """The client connection's watch (proxy/server.py), None outside our uvicorn protocol."""
+    """The client connection's watch (proxy/http/server.py), None outside our uvicorn protocol."""
     extensions = req.scope.get("extensions")
     return extensions.get(WATCH) if extensions else None
 

@@ -37,8 +37,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import requests
 
-from .config import ConfigError
-from .store import StoreError, WorkerReport
+from proxy.config import ConfigError
+from proxy.store.base import StoreError, WorkerReport
 
 DOCUMENT = "lifecycle.json"
 LEASE = "lease.json"

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from .provisioner import Endpoint
-from .store import StoreError
+from proxy.provision.base import Endpoint
+from proxy.store.base import StoreError
 
 
 class Phase(str, Enum):
@@ -89,6 +89,6 @@ class State:
 
     @property
     def gpu_record(self) -> dict[str, Any]:
-        """The GPU-time fields, as proxy.gputime reads them."""
+        """The GPU-time fields, as proxy.lifecycle.gputime reads them."""
         return {"instance_since": self.instance_since, "gpu_days": self.gpu_days,
                 "gpu_seconds": self.gpu_seconds}
