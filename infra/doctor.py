@@ -22,16 +22,15 @@ from urllib.parse import unquote, urlsplit
 import pulumi.automation as auto
 from pulumi.automation.errors import CommandError
 
-from .automation import (
+from infra.errors import AutomationError, PulumiTooOld
+from infra.settings import PROJECT
+from infra.workspace import (
     MINIMUM_CLI,
-    PROJECT,
-    AutomationError,
-    PulumiTooOld,
-    Scrubber,
     backend_url,
     find_pulumi,
     missing_credentials,
     required_plugins,
+    scrubber,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ def run_preview(
 ) -> tuple[Check, list[str]]:
     """`doctor --preview`: a `pulumi preview` of the real program with these credentials
     (nothing is created): the check, and the steps `pulumi up` would take."""
-    from .automation import StackRunner  # the runner brings the Automation API's workspace
+    from infra.runner import StackRunner  # the runner brings the Automation API's workspace
 
     steps: list[str] = []
     runner = StackRunner(settings, state_dir, env, pulumi_root=pulumi_root)
@@ -169,7 +168,7 @@ def check_state_dir(state_dir: Path) -> Check:  # also `local`'s (proxy/provisio
 def _check_backend(command: auto.PulumiCommand | None, env: Mapping[str, str],
                    state_dir: Path) -> Check:
     url = backend_url(env, state_dir)
-    shown = Scrubber(env)(url)
+    shown = scrubber(env)(url)
     parts = urlsplit(url)
     if parts.scheme == "file":
         path = Path(unquote(parts.netloc + parts.path))
@@ -221,4 +220,4 @@ def _writable(folder: Path) -> str:
 def _first_error(exc: Exception, env: Mapping[str, str]) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if "error" in line.lower()]
     first = lines[0].removeprefix("stderr:").strip() if lines else exc.__class__.__name__
-    return Scrubber(env)(first.removeprefix("error:").strip())[:300]
+    return scrubber(env)(first.removeprefix("error:").strip())[:300]

@@ -13,18 +13,17 @@ from datetime import datetime, timedelta, timezone
 import pulumi.automation as auto
 import pytest
 
-from infra.automation import (
+from infra.errors import (
     CredentialsMissing,
     LockHolder,
     PluginMissing,
     PulumiNotInstalled,
     PulumiTooOld,
-    Scrubber,
     StackLocked,
-    StackOutputs,
-    StackRunner,
     UpdateFailed,
 )
+from infra.runner import StackOutputs, StackRunner
+from infra.workspace import scrubber
 from tests.standin_pulumi.harness import (
     API_KEY,
     API_SECRET,
@@ -260,7 +259,7 @@ def test_lock_holder_is_stale_when_its_process_is_gone_or_it_is_too_old():
 
 
 def test_scrubber_removes_credentials_tokens_and_url_passwords():
-    scrub = Scrubber({"EXOSCALE_API_KEY": API_KEY, "EXOSCALE_API_SECRET": API_SECRET})
+    scrub = scrubber({"EXOSCALE_API_KEY": API_KEY, "EXOSCALE_API_SECRET": API_SECRET})
     scrub.learn("the-token-value")
     text = (f"key {API_KEY} secret {API_SECRET} token the-token-value "
             "Authorization: Bearer abc.def s3://user:pw@host/bucket")

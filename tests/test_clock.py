@@ -36,8 +36,7 @@ def clock(monkeypatch):
 
 def die(life: Lifecycle) -> None:
     """Stop a worker's sync loop as SIGKILL would: no more renewals, no lease released."""
-    life._stop.set()
-    life.reconciler._stop.set()
+    life.halt()
 
 
 def holder_and_other(a: Lifecycle, b: Lifecycle) -> tuple[Lifecycle, Lifecycle]:

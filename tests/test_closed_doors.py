@@ -129,7 +129,7 @@ def test_progress_names_the_program_not_its_arguments(tmp_path):
         text = "\n".join(seen)
         assert "fake_ollama" in text or "python" in text  # the program is named
         assert secret not in text
-        assert secret not in proxy.util.logs()
+        assert secret not in proxy.logs()
 
 
 @pytest.mark.parametrize("chunked", [
@@ -146,6 +146,6 @@ def test_malformed_chunked_request_bodies_get_400_and_no_traceback(tmp_path, chu
         ))
         assert status == 400, body
         assert json.loads(body)["error"]
-        assert "Traceback" not in proxy.util.logs()
+        assert "Traceback" not in proxy.logs()
         # The worker is fine: the next request is served.
         assert requests.get(proxy.url + "/api/__echo/n", timeout=5).status_code == 200

@@ -126,7 +126,7 @@ def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
 
         proxy.wait_phase("idle", timeout=90)
         assert w.instances() == {}
-        logs = proxy.util.logs()
+        logs = proxy.logs()
         assert API_SECRET not in logs and API_KEY not in logs and token not in logs
 
 
@@ -297,7 +297,7 @@ def test_a_proxy_killed_mid_up_restarts_without_a_second_instance(world):
     finally:
         proxy.stop()
     locks = list(lock_dir.rglob("*.json"))
-    assert locks, f"the crash should leave the stack locked; logs:\n{proxy.util.logs()}"
+    assert locks, f"the crash should leave the stack locked; logs:\n{proxy.logs()}"
     del w.env["STANDIN_UP_HANG"]
     with w.proxy() as again:
         requests.post(again.url + "/api/chat", json={}, timeout=5)
@@ -324,4 +324,4 @@ def test_the_openai_sdk_without_proxy_keys_passes_the_real_front(world):
                                                      stream=True))
         assert len(chunks) > 2
         assert [m.id for m in client.models.list()] == ["llama3.2:latest"]
-        assert "sk-any-client-key" not in proxy.util.logs()
+        assert "sk-any-client-key" not in proxy.logs()

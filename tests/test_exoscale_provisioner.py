@@ -12,7 +12,9 @@ import pytest
 from pulumi.automation.errors import CommandError
 from pulumi.automation.interface import API
 
-from infra.automation import StackRunner, UpdateFailed, find_pulumi
+from infra.errors import UpdateFailed
+from infra.runner import StackRunner
+from infra.workspace import cli_env, find_pulumi
 from proxy.config import Config, ConfigError
 from proxy.provision.base import ProvisionError
 from proxy.provision.exoscale import ExoscaleProvisioner
@@ -102,7 +104,7 @@ def test_after_a_crash_the_stack_export_is_shaped_as_the_real_one(standin):
     runner = StackRunner(settings_for(standin.port), standin.state_dir, standin.env,
                          pulumi_root=ROOT)
     runner.cancel()
-    exported = runner._stack().export_stack()
+    exported = runner.export_state()
 
     assert exported.version == 3
     (operation,) = exported.deployment["pending_operations"]
@@ -126,15 +128,15 @@ def test_an_adopted_instance_with_its_bare_id_fails_the_refresh_as_the_provider_
     runner.cancel()
     (pending,) = runner.pending_creates()
     runner.adopt(pending, orphan)
-    resource = next(r for r in runner._stack().export_stack().deployment["resources"]
+    resource = next(r for r in runner.export_state().deployment["resources"]
                     if r["urn"] == pending.urn)
     assert resource["id"] == f"{orphan}@at-vie-2" and not resource.get("outputs")
 
-    bare = runner._stack().export_stack()
+    bare = runner.export_state()
     for resource in bare.deployment["resources"]:
         if resource["urn"] == pending.urn:
             resource["id"] = orphan
-    runner._stack().import_stack(bare)
+    runner.import_state(bare)
     with pytest.raises(UpdateFailed, match=r'invalid ID "[0-9a-f-]+", expected format'):
         runner.refresh(lambda _: None)
 
@@ -150,7 +152,7 @@ def test_import_pending_creates_alone_would_forget_the_instance(standin):
     runner.cancel()
     (pending,) = runner.pending_creates()
     cli = API(find_pulumi(standin.env, ROOT))
-    env = runner._cli_env()
+    env = cli_env(standin.env, runner.backend_url)
 
     with pytest.raises(CommandError, match="odd number of entries"):
         cli.refresh(stack=runner.stack_name, cwd=str(runner.work_dir), additional_env=env,
@@ -158,7 +160,7 @@ def test_import_pending_creates_alone_would_forget_the_instance(standin):
     cli.refresh(stack=runner.stack_name, cwd=str(runner.work_dir), additional_env=env,
                 import_pending_creates=[pending.urn, f"{orphan}@at-vie-2"])
 
-    deployment = runner._stack().export_stack().deployment
+    deployment = runner.export_state().deployment
     assert deployment["pending_operations"] == []
     assert pending.urn not in [r["urn"] for r in deployment["resources"]]
     assert list(standin.instances()) == [orphan]  # still in the cloud, unknown to the stack

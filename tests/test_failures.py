@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import re
@@ -71,10 +72,11 @@ def test_counts_are_shared_by_processes_using_the_same_file(tmp_path):
 
 
 def _hold_the_lock(path, ready) -> None:
-    limit = FailureLimit(path, limit=1)
-    with limit._locked():
-        ready.set()
-        signal.pause()
+    FailureLimit(path, limit=1)  # the table exists, sized
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a worker does while it counts (proxy/http/lockout.py)
+    ready.set()
+    signal.pause()
 
 
 def test_a_worker_killed_while_counting_leaves_no_lock_held(tmp_path):
@@ -121,7 +123,7 @@ def test_under_gunicorn_the_limit_holds_for_the_address_whichever_worker_answers
 
         with ThreadPoolExecutor(4) as pool:  # with one thread a worker, both workers answer
             codes = list(pool.map(wrong_key, range(limit * 2)))
-        pids = set(re.findall(r"\[(\d+)\] WARNING ollama_exoscale.auth: 401", proxy.util.logs()))
+        pids = set(re.findall(r"\[(\d+)\] WARNING ollama_exoscale.auth: 401", proxy.logs()))
     assert len(pids) == 2, "both workers answered wrong keys"
     # Counted per worker, the two workers would have let about 2 × limit through.
     assert limit <= codes.count(401) < limit + 4  # 4 checked at once may pass the last check

@@ -90,7 +90,7 @@ def test_a_long_stream_outlives_gunicorns_worker_timeout(tmp_path):
                 lines.append(json.loads(line))
         assert time.monotonic() - started > 5  # well past the 2 s worker timeout
         assert lines[-1]["done"] is True and len(lines) == 25
-        assert "WORKER TIMEOUT" not in proxy.util.logs()
+        assert "WORKER TIMEOUT" not in proxy.logs()
 
 
 def test_idle_removal_waits_for_the_stream_then_happens_after_the_timeout(tmp_path):
@@ -274,7 +274,7 @@ def test_up_wait_shows_progress_until_ready_with_an_admin_key(tmp_path):
         assert len(lines) >= 2 and lines[-1].endswith("ready: ready")
         assert any("s to go (no cold start measured yet)" in line for line in lines)
         assert any("provisioning" in line or "starting" in line for line in lines[:-1])
-        assert "admin-key-123" not in proxy.util.logs() and "user-key-123" not in proxy.util.logs()
+        assert "admin-key-123" not in proxy.logs() and "user-key-123" not in proxy.logs()
         waited = subprocess.run(
             [sys.executable, "-m", "proxy.cli", "wait", "--url", proxy.url, "--key",
              "user-key-123", "--timeout", "5"], capture_output=True, text=True, timeout=30,
@@ -349,7 +349,7 @@ def test_api_keys_work_with_the_real_clients_and_stop_everyone_else(tmp_path, mo
         chat = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {key}"}).chat(
             model="llama3.2", messages=[{"role": "user", "content": "hi"}])
         assert chat.done
-        assert key not in proxy.util.logs()
+        assert key not in proxy.logs()
 
 
 def test_sigterm_lets_a_running_stream_finish_and_hands_the_lease_over(tmp_path):
@@ -380,5 +380,5 @@ def test_sigterm_lets_a_running_stream_finish_and_hands_the_lease_over(tmp_path)
         assert store.acquire("the-next-proxy", 60)  # given up on the way out
     finally:
         store.close()
-    assert "WORKER TIMEOUT" not in proxy.util.logs()
+    assert "WORKER TIMEOUT" not in proxy.logs()
 

@@ -23,7 +23,7 @@ def ready(tmp_path):
     with Proxy(tmp_path, **env) as proxy:
         requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()
         proxy.wait_phase("ready")
-        proxy.upstream.session = f"http://{env['PROXY_LOCAL_ADDR']}"
+        proxy.upstream = f"http://{env['PROXY_LOCAL_ADDR']}"
         yield proxy
 
 
@@ -38,7 +38,7 @@ def send_chat(proxy: Proxy, stream: bool, **headers: str) -> socket.socket:
 
 
 def cancelled(proxy: Proxy) -> int:
-    stats = requests.get(proxy.upstream.session + "/__stats", timeout=5).json()
+    stats = requests.get(proxy.upstream + "/__stats", timeout=5).json()
     return stats["requests"].get("cancelled", 0)
 
 

@@ -45,7 +45,7 @@ def test_a_hanging_store_delays_no_request_and_no_heartbeat(tmp_path):
             blocker.close()
         assert set(statuses) <= {200, 404}  # answered from memory (404: the model "x")
         assert set(proxy.workers()) == workers  # none killed and replaced
-        assert "WORKER TIMEOUT" not in proxy.util.logs()
+        assert "WORKER TIMEOUT" not in proxy.logs()
 
 
 def test_a_long_bring_up_delays_no_request_and_no_heartbeat(tmp_path):
@@ -58,7 +58,7 @@ def test_a_long_bring_up_delays_no_request_and_no_heartbeat(tmp_path):
         assert set(statuses) <= {200, 503}
         assert proxy.status()["provisioning_status"] in ("provisioning", "starting")
         assert set(proxy.workers()) == workers
-        assert "WORKER TIMEOUT" not in proxy.util.logs()
+        assert "WORKER TIMEOUT" not in proxy.logs()
 
 
 def test_held_requests_wait_on_the_loop_and_beyond_max_held_get_503_at_once(tmp_path):
@@ -82,7 +82,7 @@ def test_held_requests_wait_on_the_loop_and_beyond_max_held_get_503_at_once(tmp_
         assert {a.status_code for a in answers} == {503}
         applied = [a for a in answers if a.headers.get("Preference-Applied") == "wait=3"]
         assert len(applied) == 20  # held 3 s each; the other 10 were answered at once
-        assert "WORKER TIMEOUT" not in proxy.util.logs()
+        assert "WORKER TIMEOUT" not in proxy.logs()
 
 
 def test_proxy_threads_sizes_the_pool_that_runs_a_workers_blocking_calls():

@@ -49,7 +49,7 @@ def start(tmp_path):
     yield start
     for proxy in started:
         proxy.stop()
-        print(f"--- proxy {proxy.url} ---\n{proxy.util.logs()}")
+        print(f"--- proxy {proxy.url} ---\n{proxy.logs()}")
     if started:
         started[0].kill_upstream()
 
@@ -74,7 +74,7 @@ def holder_pid(holder: str) -> int:
 
 def assert_no_tracebacks(*proxies: Proxy) -> None:
     for proxy in proxies:
-        assert "Traceback" not in proxy.util.logs(), proxy.util.logs()
+        assert "Traceback" not in proxy.logs(), proxy.logs()
 
 
 def test_500_cold_requests_on_two_proxies_start_one_server(tmp_path, store_env, start):

@@ -37,7 +37,7 @@ def live(tmp_path_factory):
     )
     with proxy:
         yield proxy
-    assert USER_KEY not in proxy.util.logs() and ADMIN_KEY not in proxy.util.logs()
+    assert USER_KEY not in proxy.logs() and ADMIN_KEY not in proxy.logs()
 
 
 @schema.parametrize()

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from infra.automation import StackRunner, UpdateFailed
+from infra.errors import UpdateFailed
+from infra.runner import StackRunner
 from tests.standin_pulumi.harness import ROOT, base_env, settings_for, standin_world
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -69,7 +69,7 @@ def test_no_secret_appears_in_any_response_or_log_line(tmp_path):
         for _ in range(30):  # brute force from this address: 401s, then 429
             call("GET", "/status", headers={"Authorization": "Bearer wrong-wrong-wrong"})
         assert seen[-1].startswith("429")
-    logs = proxy.util.logs() + (tmp_path / "local-upstream.log").read_text(errors="replace")
+    logs = proxy.logs() + (tmp_path / "local-upstream.log").read_text(errors="replace")
     assert "401 for GET /status" in logs and "upstream stream broke" in logs  # logs were kept
     for name, secret in SECRETS.items():
         for text in seen + logs.splitlines():

@@ -11,7 +11,8 @@ import pulumi
 import pulumiverse_exoscale as exoscale
 import pytest
 
-from infra.automation import StackRunner, UpdateFailed
+from infra.errors import UpdateFailed
+from infra.runner import StackRunner
 from tests.standin_pulumi.cloud import Cloud
 from tests.standin_pulumi.harness import ROOT, settings_for, standin_world
 
@@ -75,11 +76,8 @@ def test_declaring_stopped_an_instance_that_is_stopped_already_changes_nothing(s
     stop_behind_the_stacks_back(standin)
 
     # Without reading the state back first, the provider stops it again and Exoscale refuses.
-    stack = runner._stack()
-    runner._instance_state = "stopped"
-    with pytest.raises(Exception, match="Only running instances can be stopped"):
-        stack.up(color="never")
-    runner._instance_state = "running"
+    with pytest.raises(UpdateFailed, match="Only running instances can be stopped"):
+        runner.up(lambda _: None, instance_state="stopped", refresh=False)
 
     said: list[str] = []
     outputs = runner.up(said.append, instance_state="stopped")  # refreshes first

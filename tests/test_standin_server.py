@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.automation import StackRunner
+from infra.runner import StackRunner
 from tests.standin_pulumi.harness import ROOT, get_tags, settings_for, standin_world
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

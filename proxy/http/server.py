@@ -16,7 +16,8 @@ of the request/response cycle is replaced):
   that;
 - a client whose answer stopped moving (uvicorn's write buffer full, so the app waits:
   backpressure) for PROXY_READ_TIMEOUT is dropped; the connection's watch tells the forwarder,
-  which closes the upstream at once (proxy/upstream/forward.py), as it does when the client hangs up;
+  which closes the upstream at once (proxy/upstream/forward.py), as it does when the client
+  hangs up;
 - beyond PROXY_MAX_CONNECTIONS open connections a worker answers `503` with a JSON error.
 Each piece of a forwarded request body has the same PROXY_CLIENT_TIMEOUT, in the forwarder.
 """

@@ -370,6 +370,13 @@ class Lifecycle:
         self.store.report(report)
         self._reported = report
 
+    def halt(self) -> None:
+        """Stop syncing and reconciling at once, handing nothing over: what a killed worker
+        leaves behind (its lease lapses by its time to live)."""
+        self._stop.set()
+        self._wake.set()
+        self.reconciler.halt()
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop syncing, let a running operation finish (up to `timeout`), give the lease up."""
         self._stop.set()

@@ -534,6 +534,10 @@ class Reconciler:
                 raise LeaseLost()
             self.state = state
 
+    def halt(self) -> None:
+        """Act no more, keeping the lease (it lapses by its time to live)."""
+        self._stop.set()
+
     def close(self, timeout: float) -> None:
         self._stop.set()
         if self._operation is not None and self._operation.is_alive():

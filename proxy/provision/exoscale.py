@@ -20,14 +20,9 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from infra.automation import (
-    INSTANCE_TYPE,
-    AutomationError,
-    StackLocked,
-    StackOutputs,
-    StackRunner,
-    UpdateFailed,
-)
+from infra.errors import AutomationError, StackLocked, UpdateFailed
+from infra.repair import INSTANCE_TYPE
+from infra.runner import StackOutputs, StackRunner
 from proxy.config import Config, ConfigError
 from proxy.provision.base import Endpoint, Progress, ProvisionError
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from proxy.config import Config, ConfigError, split_host_port
 from proxy.provision.base import Endpoint, Progress, Provisioner, ProvisionError
+from proxy.util import procfs
 
 log = logging.getLogger("ollama_exoscale.local")
 
@@ -120,7 +121,7 @@ class LocalProvisioner:
                 "PROXY_LOCAL_COMMAND"
             ) from None
         _children[process.pid] = process
-        record = {"pid": process.pid, "started": _start_time(process.pid), "addr": self.addr}
+        record = {"pid": process.pid, "started": procfs.start_time(process.pid), "addr": self.addr}
         self.pid_file.write_text(json.dumps(record))
         log.info("started local upstream pid %d on %s", process.pid, self.addr)
         return process
@@ -133,7 +134,7 @@ class LocalProvisioner:
         pid = record.get("pid")
         if not isinstance(pid, int) or not _alive(pid):
             return None
-        if record.get("started") != _start_time(pid):
+        if record.get("started") != procfs.start_time(pid):
             return None  # the pid was reused by another process
         return pid
 
@@ -173,34 +174,10 @@ def accepts(host: str, port: int) -> bool:
 
 def _alive(pid: int) -> bool:
     child = _children.get(pid)
-    if child is not None and child.poll() is not None:
+    if child is not None and child.poll() is not None:  # our own child: reap it
         _children.pop(pid, None)
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _proc_state(pid) not in ("Z", "X")  # a zombie is dead, merely not yet reaped
-
-
-def _proc_stat(pid: int) -> list[str]:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _proc_state(pid: int) -> str:
-    fields = _proc_stat(pid)
-    return fields[0] if fields else ""
-
-
-def _start_time(pid: int) -> str:
-    fields = _proc_stat(pid)
-    return fields[19] if len(fields) > 19 else ""  # field 22 of /proc/pid/stat: start time
+    return procfs.alive(pid)
 
 
 def make_provisioner(config: Config) -> Provisioner:

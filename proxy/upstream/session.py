@@ -54,7 +54,8 @@ class _NoRedirects(requests.Session):
 
 class Exchange:
     """One forwarded request's upstream connection (its protocol), for the verdict on its
-    framing once the answer has ended (proxy/upstream/forward.py): set by StrictConnector.connect."""
+    framing once the answer has ended (proxy/upstream/forward.py): set by
+    StrictConnector.connect."""
 
     __slots__ = ("protocol",)
 

@@ -1,8 +1,9 @@
 """Logging: one line per event that matters, to stderr, as text or JSON, never with a secret.
 
-Every known secret (API keys, Exoscale credentials, the upstream token once seen) is replaced
-by `[secret]` in every record that goes through the project's loggers: a last guard behind
-code that already avoids logging them.
+Every known secret (API keys, Exoscale credentials, the upstream token once seen), bearer
+token and URL password is replaced by `[secret]` in every record that goes through the
+project's loggers (proxy/util/secrets.py): a last guard behind code that already avoids
+logging them.
 """
 
 from __future__ import annotations
@@ -10,25 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
-_secrets: set[str] = set()
-_lock = threading.Lock()
+from proxy.util.secrets import known as scrub
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
-    """Values that must never appear in a log line (short ones would redact too much)."""
-    with _lock:
-        _secrets.update(v for v in values if v and len(v) >= 6)
-
-
-def scrub(text: str) -> str:
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, "[secret]")
-    return text
+    """Values that must never appear in a log line."""
+    scrub.learn(*values)
 
 
 class TextFormatter(logging.Formatter):

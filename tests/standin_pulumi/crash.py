@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from infra.automation import StackRunner
+from infra.runner import StackRunner
 
 from .harness import ROOT, settings_for
 

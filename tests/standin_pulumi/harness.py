@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.automation import required_plugins
 from infra.settings import Settings
+from infra.workspace import required_plugins
 
 ROOT = Path(__file__).resolve().parent  # PulumiCommand(root=ROOT) runs ROOT/bin/pulumi
 API_KEY = "EXOstandinkey0123456789"
