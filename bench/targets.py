@@ -65,7 +65,7 @@ class Target:
 
 def upstream_command(*flags: str) -> str:
     """The fake Ollama as a PROXY_LOCAL_COMMAND; it listens on OLLAMA_HOST."""
-    argv = [PYTHON, "-m", "tests.fake_ollama", "--models", MODELS,
+    argv = [PYTHON, "-m", "tests.doubles.fake_ollama", "--models", MODELS,
             "--chunk-interval", str(CHUNK_INTERVAL), *flags]
     return shlex.join(argv)
 

@@ -10,7 +10,7 @@ from proxy.config import Config
 from proxy.lifecycle.demand import Lifecycle
 from proxy.store.base import SqliteStore
 from proxy.upstream.session import Sessions
-from tests import fake_ollama
+from tests.doubles import fake_ollama
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def make(tmp_path):
 @pytest.fixture
 def tls_upstream(tmp_path):
     """(a fake Ollama over TLS that wants the token t0k3n, its certificate's PEM)."""
-    from tests.test_upstream import NAME, make_cert
+    from tests.unit.upstream.test_session import NAME, make_cert
 
     cert, key = make_cert(tmp_path, NAME, "server")
     server = fake_ollama.start_in_thread(models="llama3.2", token="t0k3n", tls_cert=cert,

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def fake_ollama_command(*flags: str) -> str:
     """PROXY_LOCAL_COMMAND that runs the test upstream with this interpreter."""
-    return " ".join([sys.executable, "-m", "tests.fake_ollama", *flags])
+    return " ".join([sys.executable, "-m", "tests.doubles.fake_ollama", *flags])
 
 
 def upstream_env(tmp_path, *flags: str, **env) -> dict:
@@ -212,7 +212,7 @@ class Proxy:
 
 
 class MotoS3:
-    """moto's S3 server (tests/moto_s3.py) on a free port, with a fresh bucket per call."""
+    """moto's S3 server (tests/doubles/moto_s3.py) on a free port, with a fresh bucket per call."""
 
     CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
@@ -221,7 +221,7 @@ class MotoS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.moto_s3", str(self.port)],
+            [sys.executable, "-m", "tests.doubles.moto_s3", str(self.port)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
         )
         wait_until(self._answers, 30, interval=0.1, what="moto's S3 server")

@@ -2,7 +2,7 @@
 clocks, the config and what the reconciler remembers go in; one action comes out.
 
 Nothing here starts a thread, touches the store or sleeps: `decide` is tested as a table
-(tests/test_decide.py), and the Reconciler only runs the action it returns.
+(tests/unit/lifecycle/test_decide.py), and the Reconciler only runs the action it returns.
 """
 
 from __future__ import annotations

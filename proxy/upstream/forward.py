@@ -416,7 +416,7 @@ def _end_with_connection(upstream: aiohttp.ClientResponse, protocol: Any
                          ) -> Callable[[], None]:
     """Have the body fail when its connection closes before the body ended: when llhttp
     refuses a piece of a body (a chunk size of -2), aiohttp 3.14 closes the connection but
-    leaves the body waiting, for the read timeout (tests/test_framing.py). Returns what
+    leaves the body waiting, for the read timeout (tests/integration/test_framing.py). Returns what
     undoes it once the answer is over (a kept connection carries many answers)."""
     payload = upstream.content
     if protocol is None or payload.is_eof():

@@ -71,7 +71,7 @@ class StrictConnector(aiohttp.TCPConnector):
     """aiohttp's connector, but a kept connection that received bytes while it sat idle (an
     upstream that sent more than its last answer's framing, later than that answer) is closed,
     never handed to the next request: aiohttp 3.14 parses such bytes as that request's answer
-    (tests/test_framing.py). `should_close` is the protocol's own verdict (queued messages, a
+    (test_framing.py). `should_close` is the protocol's own verdict (queued messages, a
     parse error, leftover bytes); `_get` is where aiohttp picks a kept connection. The
     connection each request got is noted in its Exchange: an answer read whole (or one with
     no body) has released its connection before the forwarder sees it."""
