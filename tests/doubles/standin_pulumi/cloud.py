@@ -4,11 +4,11 @@ Exoscale objects live in `standin-cloud.json` in the backend directory, so a tes
 instances that exist whatever Pulumi's state says. A compute instance boots from its user data:
 `python -m tests.doubles.standin_pulumi.server` (in a session of its own) writes the user
 data's files on a folder standing for its disk and runs the bring-up, so its public front is
-Debian's nginx with the site the program rendered (TLS with the stack's certificate, the
-bearer token, the 503-until-ready gate, the progress route) in front of the test Ollama; deleting or stopping the
-instance stops that process group. `random` and `tls` resources exist only in the state, as
-with the real providers; their keys and certificates are real (made with the `openssl` command).
-"""
+Debian's nginx with the site the program rendered (TLS with the stack's certificate, the bearer
+token, the 503-until-ready gate, the progress route) in front of the test Ollama; deleting or
+stopping the instance stops that process group. `random` and `tls` resources exist only in the
+state, as with the real providers; their keys and certificates are real (made with the
+`openssl` command)."""
 
 from __future__ import annotations
 
