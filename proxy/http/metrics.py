@@ -111,32 +111,32 @@ class LifecycleCollector:
             "ollama_exoscale_phase", "1 for the lifecycle's current phase.", labels=["phase"]
         )
         for name in PHASES:
-            phase.add_metric([name], 1.0 if snapshot.phase == name else 0.0)
+            phase.add_metric([name], 1.0 if snapshot.state.phase == name else 0.0)
         yield phase
         yield GaugeMetricFamily(
             "ollama_exoscale_in_flight", "Requests and streams forwarded right now, all workers.",
-            value=snapshot.inflight,
+            value=snapshot.demand.inflight,
         )
         yield GaugeMetricFamily(
             "ollama_exoscale_phase_seconds", "Seconds in the current phase.",
-            value=max(0.0, time.time() - snapshot.phase_since) if snapshot.phase_since else 0.0,
+            value=max(0.0, time.time() - since) if (since := snapshot.state.phase_since) else 0.0,
         )
         yield GaugeMetricFamily(
             "ollama_exoscale_provisioning_failures",
             "Failed provisioning attempts in a row (0 after a success).",
-            value=snapshot.failures,
+            value=snapshot.state.failures,
         )
-        yield _cold_starts(snapshot.cold_starts)
+        yield _cold_starts(snapshot.state.cold_starts)
         now = time.time()
         yield CounterMetricFamily(
             "ollama_exoscale_gpu_seconds",
             "Seconds GPU servers have existed, in all (gone ones and the current one).",
-            value=gputime.total_seconds(snapshot.gpu_record, now),
+            value=gputime.total_seconds(snapshot.state.gpu_record, now),
         )
         yield GaugeMetricFamily(
             "ollama_exoscale_gpu_seconds_today",
             "GPU seconds used today (PROXY_TIMEZONE), the figure the daily budget is held to.",
-            value=gputime.today_seconds(snapshot.gpu_record, now, self.lifecycle.config.tz),
+            value=gputime.today_seconds(snapshot.state.gpu_record, now, self.lifecycle.config.tz),
         )
 
 

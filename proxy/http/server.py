@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from proxy.config import Config
+from proxy.http.errors import error_json
 
 log = logging.getLogger("ollama_exoscale.server")
 
@@ -182,7 +182,7 @@ class Protocol(HttpToolsProtocol):
     def _write_error(self, status: int, message: str) -> None:
         reasons = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long",
                    431: "Request Header Fields Too Large"}
-        body = json.dumps({"error": message}).encode()
+        body = error_json("", message)  # the request may not even have a path
         head = (f"HTTP/1.1 {status} {reasons[status]}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
         if not self.transport.is_closing():
@@ -213,8 +213,8 @@ class Protocol(HttpToolsProtocol):
 
 async def _busy(scope, receive, send) -> None:
     """The answer beyond PROXY_MAX_CONNECTIONS."""
-    body = json.dumps({"error": "the proxy has too many connections open; retry in a moment"
-                       " (PROXY_MAX_CONNECTIONS)"}).encode()
+    body = error_json(scope["path"], "the proxy has too many connections open; retry in a "
+                      "moment (PROXY_MAX_CONNECTIONS)")
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"1"), (b"connection", b"close")]})

@@ -27,8 +27,8 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.lifecycle import gputime
-from proxy.lifecycle.decide import Demand
 from proxy.lifecycle.reconciler import Reconciler, cold_start_estimate
+from proxy.lifecycle.snapshot import Snapshot
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Endpoint, Provisioner
 from proxy.store.base import Store, StoreError, WorkerReport
@@ -50,79 +50,6 @@ def after(now: float, *known: float) -> float:
     every worker had recorded before it, so a clock stepped back an hour hides none of them."""
     latest = max(known)
     return now if now > latest else latest + 0.001
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The shared state as of the last sync, plus demand summed over live workers."""
-
-    phase: str = "idle"
-    phase_since: float = 0.0
-    detail: str = ""
-    removal_reason: str = ""  # while destroying: "idle", or why it goes under demand
-    steps: tuple[dict[str, Any], ...] = ()  # this operation's progress: {at, phase, text}
-    endpoint: Endpoint | None = None
-    instance_status: str = "absent"  # of a server without an endpoint: absent or stopped
-    last_error: str | None = None
-    retry_at: float = 0.0
-    failures: int = 0
-    cold_starts: tuple[float, ...] = ()
-    timelines: tuple[dict[str, float], ...] = ()  # each cold start's seconds by stage
-    provisioning_started_at: float = 0.0
-    ready_since: float = 0.0
-    upstream_version: str | None = None
-    instance_since: float = 0.0  # when the current GPU server was asked for; 0: none
-    gpu_days: tuple[tuple[str, float], ...] = ()  # GPU seconds of servers gone, by day
-    gpu_seconds: float = 0.0  # GPU seconds of servers gone, in all
-    inflight: int = 0
-    last_activity: float = 0.0
-    wanted_at: float = 0.0
-    demand_cutoff: float = 0.0  # demand up to this time has been answered (or set aside)
-    down_handled: float = 0.0  # the last operator's `down` acted on
-    reconciler: str = ""  # the lease holder (host:pid:id) as last seen; "" when none is known
-
-    @property
-    def serving(self) -> bool:
-        """Requests can be forwarded: ready, with an upstream to forward to."""
-        return self.phase == Phase.READY and self.endpoint is not None
-
-    @property
-    def gpu_record(self) -> dict[str, Any]:
-        """The document's GPU-time fields, as proxy.lifecycle.gputime reads them."""
-        return {"instance_since": self.instance_since, "gpu_days": dict(self.gpu_days),
-                "gpu_seconds": self.gpu_seconds}
-
-    @classmethod
-    def build(
-        cls, state: State, reports: list[WorkerReport], now: float, reconciler: str = ""
-    ) -> Snapshot:
-        demand = Demand.of(reports, now)
-        return cls(
-            phase=state.phase,
-            phase_since=state.phase_since,
-            detail=state.detail,
-            removal_reason=state.removal_reason,
-            steps=state.steps,
-            endpoint=state.endpoint,
-            instance_status=state.instance_status,
-            last_error=state.last_error,
-            retry_at=state.retry_at,
-            failures=state.failures,
-            cold_starts=state.cold_starts,
-            timelines=state.timelines,
-            provisioning_started_at=state.provisioning_started_at,
-            ready_since=state.ready_since,
-            upstream_version=state.upstream_version,
-            instance_since=state.instance_since,
-            gpu_days=tuple(state.gpu_days.items()),
-            gpu_seconds=state.gpu_seconds,
-            inflight=demand.inflight,
-            last_activity=demand.last_activity,
-            wanted_at=demand.wanted_at,
-            demand_cutoff=state.demand_cutoff,
-            down_handled=state.down_handled,
-            reconciler=reconciler,
-        )
 
 
 @dataclass
@@ -186,7 +113,7 @@ class Lifecycle:
                 first = self._inflight == 1
             if first:  # report it soon: the reconciler may be about to call the server idle
                 self._wake.set()
-            return Ticket(snapshot.endpoint, demand)
+            return Ticket(snapshot.state.endpoint, demand)
         if demand:
             self.want()
         return None
@@ -228,7 +155,8 @@ class Lifecycle:
         """Demand while not ready: ask the reconciler to bring the server up."""
         now, known = time.time(), self._snapshot
         with self._lock:
-            self._wanted_at = after(now, self._wanted_at, known.wanted_at, known.demand_cutoff)
+            self._wanted_at = after(now, self._wanted_at, known.demand.wanted_at,
+                                    known.state.demand_cutoff)
             self._last_activity = self._activity_stamp(now)
         if not self._wake.is_set():  # a burst of 503s wakes the loop once, not per request
             self._wake.set()
@@ -237,12 +165,13 @@ class Lifecycle:
         """When this activity happened, as the idle clock must see it: after the last activity
         and the server's ready time that every worker knows (the idle time counts from both)."""
         known = self._snapshot
-        return after(now, self._last_activity, known.last_activity, known.ready_since)
+        return after(now, self._last_activity, known.demand.last_activity,
+                     known.state.ready_since)
 
     def down(self) -> None:
         """An operator asks to remove the GPU server now (after its streams end)."""
         with self._lock:
-            self._down_at = after(time.time(), self._down_at, self._snapshot.down_handled)
+            self._down_at = after(time.time(), self._down_at, self._snapshot.state.down_handled)
         self._wake.set()
 
     def hold(self, seconds: float) -> Snapshot:
@@ -252,7 +181,7 @@ class Lifecycle:
             while True:
                 snapshot = self._snapshot
                 left = deadline - time.monotonic()
-                if snapshot.phase in ("ready", "error") or left <= 0 or self._stop.is_set():
+                if snapshot.state.phase in ("ready", "error") or left <= 0 or self._stop.is_set():
                     return snapshot
                 self._changed.wait(min(left, 1.0))
 
@@ -275,7 +204,7 @@ class Lifecycle:
     def budget_used_up(self, snapshot: Snapshot | None = None) -> bool:
         """No new GPU server today: PROXY_DAILY_GPU_HOURS is used up."""
         snapshot = snapshot or self._snapshot
-        return gputime.over_budget(snapshot.gpu_record, time.time(), self.config.tz,
+        return gputime.over_budget(snapshot.state.gpu_record, time.time(), self.config.tz,
                                    self.config.daily_gpu_hours)
 
     def retry_after(self, snapshot: Snapshot | None = None) -> int:
@@ -283,7 +212,7 @@ class Lifecycle:
         at least RETRY_AFTER_OVERDUE while a bring-up runs past its expected end."""
         snapshot = snapshot or self._snapshot
         wait = self.expected_wait(snapshot)
-        if snapshot.phase in ("provisioning", "starting") and wait <= 0:
+        if snapshot.state.phase in ("provisioning", "starting") and wait <= 0:
             return RETRY_AFTER_OVERDUE
         return _clamp(wait)
 
@@ -291,26 +220,27 @@ class Lifecycle:
         """Seconds until ready (or a retry is allowed), from the phase and past cold starts."""
         snapshot = snapshot or self._snapshot
         now = time.time()
-        if snapshot.phase == "idle" and self.budget_used_up(snapshot):
+        if snapshot.state.phase == "idle" and self.budget_used_up(snapshot):
             return gputime.next_midnight(now, self.config.tz) - now
-        if snapshot.phase == "error":
-            return snapshot.retry_at - now
+        if snapshot.state.phase == "error":
+            return snapshot.state.retry_at - now
         typical = self.typical_cold_start(snapshot)
-        if snapshot.phase in ("provisioning", "starting"):
-            return typical - (now - snapshot.provisioning_started_at)
+        if snapshot.state.phase in ("provisioning", "starting"):
+            return typical - (now - snapshot.state.provisioning_started_at)
         return typical
 
     def cold_start_estimate(self, snapshot: Snapshot | None = None) -> dict[str, Any]:
         """The next cold start's stages, from the recorded ones of the same mode (a stopped
         server starts again; otherwise one is made)."""
         snapshot = snapshot or self._snapshot
-        stopped = snapshot.endpoint is None and snapshot.instance_status == "stopped"
-        return cold_start_estimate(snapshot.timelines, self.provisioner.cold_start_mode(stopped))
+        stopped = snapshot.state.endpoint is None and snapshot.state.instance_status == "stopped"
+        mode = self.provisioner.cold_start_mode(stopped)
+        return cold_start_estimate(snapshot.state.timelines, mode)
 
     def typical_cold_start(self, snapshot: Snapshot | None = None) -> float:
         snapshot = snapshot or self._snapshot
-        if snapshot.cold_starts:
-            return statistics.median(snapshot.cold_starts)
+        if snapshot.state.cold_starts:
+            return statistics.median(snapshot.state.cold_starts)
         return self.provisioner.typical_cold_start
 
     # -- background: the sync loop ----------------------------------------------------------

@@ -12,7 +12,7 @@ from openapi_spec_validator.readers import read_from_filename
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import unsupported_method
 
-from proxy.http.app import FORWARDED_METHODS
+from proxy.http.forwarding import FORWARDED_METHODS
 from tests.harness import REPO, Proxy, free_port
 
 pytestmark = pytest.mark.slow

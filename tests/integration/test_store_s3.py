@@ -193,7 +193,7 @@ def test_a_hanging_store_delays_no_request_and_starts_nothing(monkeypatch, tmp_p
         wait_until(lambda: life.store_error, 5, what="the store error")
         assert "cannot reach" in life.store_error
         time.sleep(0.5)
-        assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+        assert provisioner.bring_ups == 0 and life.snapshot().state.phase == "idle"
     finally:
         life.close(timeout=2)
         hole.close()
@@ -222,10 +222,10 @@ def test_two_workers_on_s3_bring_up_one_server_and_agree_on_the_reconciler(
     try:
         for life in lives:
             assert life.admit() is None
-        wait_until(lambda: all(x.snapshot().phase == "provisioning" for x in lives), 10,
+        wait_until(lambda: all(x.snapshot().state.phase == "provisioning" for x in lives), 10,
                    what="provisioning on both")
         provisioner.gate.set()
-        wait_until(lambda: all(x.snapshot().phase == "ready" for x in lives), 10,
+        wait_until(lambda: all(x.snapshot().state.phase == "ready" for x in lives), 10,
                    what="ready on both")
         assert provisioner.bring_ups == 1
         holders = {life.snapshot().reconciler for life in lives}

@@ -49,7 +49,7 @@ def test_root_says_ollama_is_running_without_provisioning(proxy):
         assert answer.status_code == 200
     assert client.simulate_get("/").text == "Ollama is running"
     time.sleep(0.2)
-    assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+    assert provisioner.bring_ups == 0 and life.snapshot().state.phase == "idle"
 
 
 def test_model_listing_routes_answer_without_waking_the_gpu(proxy):
@@ -62,7 +62,7 @@ def test_model_listing_routes_answer_without_waking_the_gpu(proxy):
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["llama3.2:latest", "qwen3:8b"]
     time.sleep(0.2)
-    assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+    assert provisioner.bring_ups == 0 and life.snapshot().state.phase == "idle"
 
 
 def test_demand_gets_503_with_retry_after_and_starts_provisioning(proxy):
@@ -98,7 +98,7 @@ def test_error_phase_says_why_and_that_it_is_not_provisioning(proxy):
     provisioner.fail_with = "quota exceeded for gpua5000 in at-vie-2"
     provisioner.gate.set()
     client.simulate_post("/api/generate", json={})
-    wait_until(lambda: life.snapshot().phase == "error", 5, what="error")
+    wait_until(lambda: life.snapshot().state.phase == "error", 5, what="error")
     answer = client.simulate_post("/api/generate", json={})
     assert answer.status_code == 503
     assert answer.json["provisioning"] is False
@@ -304,7 +304,7 @@ def test_a_method_ollama_does_not_use_gets_405_and_does_not_wake_the_gpu(proxy, 
     v1 = client.simulate_request(method, "/v1/chat/completions")
     assert v1.status_code == 405 and v1.json["error"]["message"]
     time.sleep(0.2)
-    assert provisioner.bring_ups == 0 and life.snapshot().phase == "idle"
+    assert provisioner.bring_ups == 0 and life.snapshot().state.phase == "idle"
 
 
 def test_retry_after_stays_at_least_10_s_once_a_cold_start_is_overdue(proxy, tmp_path):
@@ -313,7 +313,7 @@ def test_retry_after_stays_at_least_10_s_once_a_cold_start_is_overdue(proxy, tmp
     client, life, provisioner = proxy()
     first = client.simulate_post("/api/chat", json={})
     assert first.status_code == 503
-    wait_until(lambda: life.snapshot().phase == "provisioning", 5, what="provisioning")
+    wait_until(lambda: life.snapshot().state.phase == "provisioning", 5, what="provisioning")
     time.sleep(1)  # the typical cold start (0.5 s) has passed: the bring-up is overdue
     for _ in range(3):
         answer = client.simulate_post("/api/chat", json={})

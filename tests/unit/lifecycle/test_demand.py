@@ -16,7 +16,7 @@ from tests.harness import wait_until
 
 
 def phase_of(life: Lifecycle) -> str:
-    return life.snapshot().phase
+    return life.snapshot().state.phase
 
 
 def test_demand_on_two_workers_brings_up_one_server(make, upstream):
@@ -39,7 +39,7 @@ def test_not_ready_until_the_upstream_lists_the_model(make):
         life = make(GatedProvisioner(Endpoint(slow.url)))
         life.want()
         wait_until(lambda: phase_of(life) == "starting", 5, what="starting")
-        assert "llama3.2" in life.snapshot().detail
+        assert "llama3.2" in life.snapshot().state.detail
         assert life.admit() is None
         wait_until(lambda: phase_of(life) == "ready", 10, what="ready")
     finally:
@@ -52,7 +52,7 @@ def test_every_progress_step_reaches_the_store_even_in_a_burst(make, upstream):
     a, b = make(provisioner), make(provisioner)
     a.want()
     wait_until(lambda: phase_of(b) == "ready", 10, what="ready")
-    steps = b.snapshot().steps
+    steps = b.snapshot().state.steps
     texts = [step["text"] for step in steps]
     assert texts[:6] == ["starting the GPU server"] + provisioner.sentences
     assert {step["phase"] for step in steps[:6]} == {"provisioning"}
@@ -66,8 +66,8 @@ def test_failed_provisioning_shows_the_reason_and_backs_off(make, upstream):
     life.want()
     wait_until(lambda: phase_of(life) == "error", 5, what="error")
     snapshot = life.snapshot()
-    assert snapshot.last_error == "quota exceeded for gpua5000"
-    assert snapshot.retry_at > time.time()
+    assert snapshot.state.last_error == "quota exceeded for gpua5000"
+    assert snapshot.state.retry_at > time.time()
     # Demand during the back-off does not retry at once: no tight loop of cloud calls.
     for _ in range(10):
         life.want()
@@ -75,11 +75,11 @@ def test_failed_provisioning_shows_the_reason_and_backs_off(make, upstream):
     assert provisioner.bring_ups == 1
     assert 1 <= life.retry_after() <= 1
     provisioner.fail_with = None
-    wait_until(lambda: time.time() >= snapshot.retry_at, 3)
+    wait_until(lambda: time.time() >= snapshot.state.retry_at, 3)
     life.want()
     wait_until(lambda: phase_of(life) == "ready", 5, what="ready after the retry")
     assert provisioner.bring_ups == 2
-    assert life.snapshot().last_error is None
+    assert life.snapshot().state.last_error is None
 
 
 def test_back_off_doubles_with_each_failure(make, upstream):
@@ -89,10 +89,10 @@ def test_back_off_doubles_with_each_failure(make, upstream):
     delays = []
     for attempt in range(3):
         life.want()
-        wait_until(lambda n=attempt + 1: life.snapshot().failures == n, 5, what="a failure")
+        wait_until(lambda n=attempt + 1: life.snapshot().state.failures == n, 5, what="a failure")
         snapshot = life.snapshot()
-        delays.append(snapshot.retry_at - snapshot.phase_since)
-        time.sleep(max(0.0, snapshot.retry_at - time.time()))
+        delays.append(snapshot.state.retry_at - snapshot.state.phase_since)
+        time.sleep(max(0.0, snapshot.state.retry_at - time.time()))
     assert delays == pytest.approx([0.2, 0.4, 0.8], abs=0.01)
 
 
@@ -117,7 +117,7 @@ def test_no_removal_while_a_request_is_in_flight_on_another_worker(make, upstrea
     stream = b.admit()  # a long stream on worker b; worker a sees no traffic
     time.sleep(2.0)
     assert phase_of(a) == "ready" and provisioner.tear_downs == 0
-    assert a.snapshot().inflight == 1
+    assert a.snapshot().demand.inflight == 1
     b.finish(stream)
     ended = time.time()
     wait_until(lambda: phase_of(a) == "idle", 10, what="idle after the stream")
@@ -134,7 +134,7 @@ def test_demand_after_removal_brings_the_server_back(make, upstream):
     life.want()
     wait_until(lambda: phase_of(life) == "ready", 5, what="ready again")
     assert provisioner.bring_ups == 2
-    assert len(life.snapshot().cold_starts) == 2
+    assert len(life.snapshot().state.cold_starts) == 2
 
 
 def test_a_restart_adopts_the_server_that_exists(make, upstream):
@@ -161,10 +161,10 @@ def test_hold_returns_when_ready(make, upstream):
     life = make(provisioner)
     life.want()
     started = time.monotonic()
-    assert life.hold(0.3).phase != "ready"
+    assert life.hold(0.3).state.phase != "ready"
     assert time.monotonic() - started >= 0.3
     provisioner.gate.set()
-    assert life.hold(10).phase == "ready"
+    assert life.hold(10).state.phase == "ready"
 
 
 # -- removal under demand: an operator's `down`, the caps; warm windows -------------------------
@@ -186,7 +186,7 @@ def test_down_waits_for_the_stream_then_removes_the_server_and_books_its_time(ma
     b.down()  # the operator asks worker b
     wait_until(lambda: phase_of(b) == "destroying", 5, what="destroying")
     assert b.admit() is None  # new requests wait
-    from proxy.http.app import explain
+    from proxy.lifecycle.status import explain
 
     assert "(an operator asked for it (ollama-exoscale down))" in explain(b.snapshot(), 5)[1]
     time.sleep(1.0)
@@ -195,8 +195,8 @@ def test_down_waits_for_the_stream_then_removes_the_server_and_books_its_time(ma
     wait_until(lambda: phase_of(a) == "idle", 10, what="idle")
     assert provisioner.tear_downs == 1
     snapshot = a.snapshot()
-    assert snapshot.instance_since == 0.0 and snapshot.gpu_seconds > 0
-    assert sum(seconds for _, seconds in snapshot.gpu_days) == snapshot.gpu_seconds
+    assert snapshot.state.instance_since == 0.0 and snapshot.state.gpu_seconds > 0
+    assert sum(seconds for seconds in snapshot.state.gpu_days.values()) == snapshot.state.gpu_seconds
     time.sleep(0.5)  # the 503s of the drain do not bring it back
     assert provisioner.bring_ups == 1 and phase_of(a) == "idle"
 
@@ -205,7 +205,7 @@ def test_a_server_past_max_instance_hours_is_drained_then_removed(make, upstream
     provisioner, a, b = ready_pair(make, upstream, max_instance_hours=1.5 / 3600)
     ticket = a.admit()
     wait_until(lambda: phase_of(b) == "destroying", 10, what="destroying at the cap")
-    assert "PROXY_MAX_INSTANCE_HOURS" in b.snapshot().detail
+    assert "PROXY_MAX_INSTANCE_HOURS" in b.snapshot().state.detail
     time.sleep(0.5)
     assert provisioner.tear_downs == 0
     a.finish(ticket)
@@ -265,11 +265,12 @@ def test_idle_action_stop_keeps_the_server_stopped_and_demand_starts_it(make, up
     wait_until(lambda: phase_of(life) == "idle", 10, what="stopped when idle")
     assert (provisioner.stops, provisioner.tear_downs) == (1, 0)
     snapshot = life.snapshot()
-    assert snapshot.instance_status == "stopped" and snapshot.gpu_seconds > 0
-    assert snapshot.steps[0]["text"] == "idle: stopping the GPU server"
+    assert snapshot.state.instance_status == "stopped" and snapshot.state.gpu_seconds > 0
+    assert snapshot.state.steps[0]["text"] == "idle: stopping the GPU server"
     life.want()
     wait_until(lambda: phase_of(life) == "ready", 10, what="ready again")
-    assert provisioner.bring_ups == 2 and life.snapshot().endpoint.instance_status == "running"
+    assert provisioner.bring_ups == 2
+    assert life.snapshot().state.endpoint.instance_status == "running"
 
 
 def test_a_cold_start_loads_the_model_and_records_each_stage(make):
@@ -287,12 +288,12 @@ def test_a_cold_start_loads_the_model_and_records_each_stage(make):
         expires = datetime.fromisoformat(loaded[0]["expires_at"].replace("Z", "+00:00"))
         assert 500 < (expires - datetime.now(timezone.utc)).total_seconds() <= 600
         snapshot = life.snapshot()
-        assert any(s["text"] == "loading llama3.2 into GPU memory" for s in snapshot.steps)
-        (timeline,) = snapshot.timelines
+        assert any(s["text"] == "loading llama3.2 into GPU memory" for s in snapshot.state.steps)
+        (timeline,) = snapshot.state.timelines
         assert list(timeline) == ["stack_update", "boot", "model_pull", "model_load", "mode"]
         assert timeline.pop("mode") == "create"  # the GatedProvisioner made a server
         assert timeline["model_pull"] >= 0.5  # the upstream listed the model 0.6 s late
-        assert sum(timeline.values()) == pytest.approx(snapshot.cold_starts[-1], abs=0.3)
+        assert sum(timeline.values()) == pytest.approx(snapshot.state.cold_starts[-1], abs=0.3)
     finally:
         slow.close()
 
@@ -318,8 +319,8 @@ def test_a_server_that_never_becomes_ready_is_removed_not_billed(make):
         life.want()
         wait_until(lambda: phase_of(life) == "error", 10, what="error")
         assert provisioner.tear_downs == 1 and not provisioner.exists
-        assert "did not become ready in 0.5 s" in life.snapshot().last_error
-        assert life.snapshot().instance_since == 0.0  # its GPU time is booked as ended
+        assert "did not become ready in 0.5 s" in life.snapshot().state.last_error
+        assert life.snapshot().state.instance_since == 0.0  # its GPU time is booked as ended
     finally:
         silent.close()
 

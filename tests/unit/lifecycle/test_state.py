@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.lifecycle.demand import Snapshot
+from proxy.lifecycle.snapshot import Snapshot
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Endpoint
 from proxy.store.base import StoreError
@@ -37,7 +37,7 @@ def test_the_ready_document_reads_as_typed_values():
     assert isinstance(state.endpoint, Endpoint) and state.endpoint.instance_status == "running"
     assert state.cold_starts and set(state.marks) >= {"requested", "server", "listed"}
     snapshot = Snapshot.build(state, [], state.ready_since)
-    assert snapshot.phase == "ready" and snapshot.endpoint == state.endpoint
+    assert snapshot.state.phase == "ready" and snapshot.state.endpoint == state.endpoint
 
 
 def test_the_stopped_document_keeps_its_gpu_time_and_instance():
