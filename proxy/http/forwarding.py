@@ -18,7 +18,8 @@ from proxy.http.metrics import HELD
 from proxy.lifecycle.demand import Lifecycle, Ticket
 from proxy.lifecycle.snapshot import Snapshot
 from proxy.lifecycle.status import refusal
-from proxy.upstream.forward import Forwarder, UpstreamError
+from proxy.upstream.errors import UpstreamError
+from proxy.upstream.forward import Forwarder
 
 # A 503 answer is computed once per snapshot and kept this long (Retry-After is whole
 # seconds): a burst of demand while provisioning would otherwise redo it for every request.

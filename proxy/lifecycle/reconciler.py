@@ -45,7 +45,8 @@ from proxy.lifecycle.decide import (
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Endpoint, Provisioner, ProvisionError
 from proxy.store.base import Store, StoreError, WorkerReport
-from proxy.upstream.session import Sessions, load_model, probe, server_progress
+from proxy.upstream.probe import load_model, probe, server_progress
+from proxy.upstream.session import Sessions
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 

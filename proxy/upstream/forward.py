@@ -11,11 +11,7 @@ begun, and the upstream connection is closed, never reused.
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import re
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -24,209 +20,38 @@ import falcon
 import falcon.asgi
 from yarl import URL
 
-from proxy.http.metrics import HANGUPS, route_label
 from proxy.http.server import WATCH
 from proxy.provision.base import Endpoint
+from proxy.upstream.bodies import RequestBody, ResponseStream, hung_up
+from proxy.upstream.errors import (
+    BodyStalled,
+    BodyTooLarge,
+    ClientGone,
+    UpstreamError,
+    malformed,
+    reason,
+    timed_out,
+    unreachable,
+)
+from proxy.upstream.framing import (
+    BODILESS,
+    UNTIL_CLOSE,
+    beyond_framing,
+    end_with_connection,
+    response_head,
+    upstream_headers,
+)
 from proxy.upstream.session import EXCHANGE, Exchange, Sessions
 
-log = logging.getLogger("ollama_exoscale.forward")
-
-# RFC 9110 §7.6.1, plus headers this proxy sets itself for the upstream.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-        "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect",
-    }
-)
-HOP_BY_HOP_AND_AUTHORIZATION = HOP_BY_HOP | {"authorization"}
-RESPONSE_DROP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-connection", "trailer",
-     "transfer-encoding", "upgrade", "content-length"}
-)
-CHUNK = 64 * 1024  # the most of the upstream's answer read at once: a token goes out as it comes
 # An answer with a Content-Length up to this is read whole before its head goes out: a broken
 # one becomes a clean 502 instead of a cut body.
 WHOLE = 1024 * 1024
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
-BODILESS = (204, 304)
-UNTIL_CLOSE = -1  # _head's length of a body that ends where its connection closes (no framing)
-# What uvicorn refuses in a header (it would raise mid-answer): NUL..US but HTAB, and DEL.
-_BAD_HEADER_BYTE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
-class UpstreamError(Exception):
-    """The request could not be completed upstream: 502, 504, 499 (client gone), 408 (its body
-    stalled) or 413 (its body too large)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class BodyTooLarge(Exception):
-    """A chunked request body grew past the limit while it was being sent upstream."""
-
-
-class BodyStalled(Exception):
-    """A piece of the request body did not arrive within PROXY_CLIENT_TIMEOUT."""
-
-
-class ClientGone(Exception):
-    """The client closed its connection before the upstream answered."""
-
-
-class Malformed(Exception):
-    """The upstream's answer breaks HTTP's framing or carries what may not be forwarded."""
-
 
 def watch_of(req: falcon.asgi.Request) -> Any:
     """The client connection's watch (proxy/http/server.py), None outside our uvicorn protocol."""
     extensions = req.scope.get("extensions")
     return extensions.get(WATCH) if extensions else None
-
-
-if sys.version_info >= (3, 11):
-    async def _within(seconds: float, awaitable):
-        """`await awaitable`, TimeoutError after `seconds` (a timer, not a task per read)."""
-        async with asyncio.timeout(seconds):
-            return await awaitable
-else:  # pragma: no cover - Python 3.10
-    async def _within(seconds: float, awaitable):
-        return await asyncio.wait_for(awaitable, seconds)
-
-
-class RequestBody:
-    """The request body as it arrives, each piece within `timeout`, at most `limit` bytes.
-
-    aiohttp wraps what its body writer raises into a connection error: the failure is kept
-    here too, for the client's answer (413, 408)."""
-
-    def __init__(self, stream, limit: int, timeout: float, watch: Any = None):
-        self._stream = stream
-        self._pieces = None  # falcon's iterator over the pieces, once streaming began
-        self._limit = limit
-        self._timeout = timeout
-        self._watch = watch
-        self._sent = 0
-        self.failure: Exception | None = None
-
-    def __aiter__(self) -> RequestBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._pieces is None:
-            self._pieces = self._stream.__aiter__()
-        try:
-            piece = await _within(self._timeout, self._pieces.__anext__())
-        except asyncio.TimeoutError:
-            self.failure = BodyStalled()
-            raise self.failure from None
-        except StopAsyncIteration:
-            # falcon ends the body when the client goes (or the server refused a malformed
-            # chunk): a cut body must not reach the upstream as a complete one.
-            if self._watch is not None and self._watch.gone:
-                self.failure = ClientGone()
-                raise self.failure from None
-            raise
-        self._sent += len(piece)
-        if self._limit and self._sent > self._limit:
-            self.failure = BodyTooLarge()
-            raise self.failure
-        return piece
-
-    async def read(self) -> bytes:
-        """The whole (small) body, within one `timeout`."""
-        try:
-            body = await _within(self._timeout, self._stream.read())
-        except asyncio.TimeoutError:
-            self.failure = BodyStalled()
-            raise self.failure from None
-        if self._watch is not None and self._watch.gone:
-            self.failure = ClientGone()
-            raise self.failure
-        return body
-
-
-class ResponseStream:
-    """The upstream's body as falcon's `resp.stream`: each piece as it arrives; close() (falcon
-    calls it when the answer ends, however it ends) frees the upstream and runs on_close."""
-
-    def __init__(self, upstream: aiohttp.ClientResponse, protocol: Any,
-                 on_close: Callable[[], None], on_broken: Callable[[], None] | None, watch: Any,
-                 path: str, framed_length: bool, detach: Callable[[], None]):
-        self.upstream = upstream
-        self._protocol = protocol
-        self._detach = detach
-        self._on_close = on_close
-        self._on_broken = on_broken
-        self._watch = watch
-        self._path = path
-        self._framed_length = framed_length  # a Content-Length went to the client
-        self._closed = False
-        self._done = False
-        self.ndjson = "ndjson" in upstream.headers.get("Content-Type", "")
-        if watch is not None:
-            watch.on_gone(self._client_gone)
-
-    def _client_gone(self) -> None:
-        self.upstream.close()  # the upstream stops at once: its connection is closed
-
-    def __aiter__(self) -> ResponseStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._done:
-            raise StopAsyncIteration
-        failure: BaseException | None = None
-        if not self._gone():
-            try:
-                piece = await self.upstream.content.readany()
-                if piece:
-                    return piece
-                if _beyond_framing(self.upstream, self._protocol):
-                    failure = Malformed("bytes beyond the end of the answer")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                failure = exc
-        self._done = True
-        if self._gone():  # the client hung up, or was dropped for not reading
-            _hung_up(self._path, "mid-answer")
-            raise StopAsyncIteration
-        if failure is not None:
-            return self._broke_off(failure)
-        raise StopAsyncIteration
-
-    def _gone(self) -> bool:
-        return self._watch is not None and self._watch.gone
-
-    def _broke_off(self, exc: BaseException) -> bytes:
-        """The upstream's answer broke off after its head was forwarded: the last bytes for the
-        client (Ollama's clients read a last {"error"} line), or a cut connection when the
-        client was promised a length."""
-        log.warning("upstream stream broke on %s: %s", self._path, _reason(exc))
-        self.upstream.close()
-        if self._on_broken is not None:
-            self._on_broken()
-        if self._framed_length or not self.ndjson:
-            if self._watch is not None:
-                self._watch.abort()  # the client sees a cut answer, never a complete-looking one
-            raise StopAsyncIteration
-        return json.dumps({"error": "the upstream connection broke mid-stream"}).encode() + b"\n"
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._detach()
-            if self._watch is not None:
-                self._watch.on_gone(None)
-            if not self._done:
-                self.upstream.close()  # not read to its end: dropped, the upstream stops
-            else:
-                self.upstream.release()
-        finally:
-            self._on_close()
 
 
 class Forwarder:
@@ -269,9 +94,9 @@ class Forwarder:
                 upstream = await self._send(req, endpoint, strip_authorization, body_limit, watch)
             finally:
                 EXCHANGE.reset(token)
-            detach = _end_with_connection(upstream, exchange.protocol)
+            detach = end_with_connection(upstream, exchange.protocol)
             try:
-                framed = self._head(upstream, resp)
+                framed = response_head(upstream, resp)
                 whole = await self._whole_body(req, upstream, framed, exchange.protocol)
             except BaseException:
                 detach()
@@ -335,7 +160,7 @@ class Forwarder:
                     raise
             return await _unless_gone(request, watch)
         except ClientGone:
-            _hung_up(req.path, "before the upstream answered")
+            hung_up(req.path, "before the upstream answered")
             raise UpstreamError(499, "the client closed the connection") from None
         except BodyTooLarge:
             raise UpstreamError(413, f"the request body is larger than {limit} bytes") from None
@@ -345,52 +170,13 @@ class Forwarder:
                 "(PROXY_CLIENT_TIMEOUT)"
             ) from None
         except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
-            raise _timed_out(self.read_timeout) from None
+            raise timed_out(self.read_timeout) from None
         except aiohttp.ClientResponseError as exc:  # llhttp refused the answer's head
-            raise _malformed(exc.message) from None
+            raise malformed(exc.message) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise _unreachable(exc) from None
+            raise unreachable(exc) from None
         except ValueError as exc:  # a CR or LF in a header (uvicorn lets none through)
             raise UpstreamError(400, str(exc)) from None
-
-    @staticmethod
-    def _head(upstream: aiohttp.ClientResponse, resp: falcon.asgi.Response) -> int | None:
-        """Copy the answer's status and headers to `resp`; the body's length if it has one.
-
-        Raises UpstreamError(502) for what may not be forwarded: an upgrade nobody asked for,
-        a body on a bodiless status, control bytes in a header (uvicorn would refuse them after
-        the answer began), a Content-Length beside chunked framing.
-        """
-        status = upstream.status
-        if status == 101:
-            raise _malformed("it switched protocols unasked (101)")
-        listed: set[str] = set()
-        length: int | None = None
-        chunked = False
-        headers = []
-        for name, value in upstream.raw_headers:
-            if _BAD_HEADER_BYTE.search(value) or not _TOKEN.match(name):
-                raise _malformed("a header holds a control byte")
-            lowered = name.lower()
-            if lowered == b"connection":
-                listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
-            elif lowered == b"content-length":
-                length = int(value)  # llhttp accepted it: digits only, one value
-            elif lowered == b"transfer-encoding":
-                chunked = True
-            headers.append((lowered.decode("latin-1"), name, value))
-        if status in BODILESS and (chunked or length):
-            raise _malformed(f"a {status} answer declares a body")
-        if chunked and length is not None:
-            raise _malformed("it has both Transfer-Encoding and Content-Length")
-        if not chunked and length is None and status not in BODILESS:
-            length = UNTIL_CLOSE
-        resp.status = status
-        drop = RESPONSE_DROP | listed if listed else RESPONSE_DROP
-        for lowered, name, value in headers:
-            if lowered not in drop:
-                resp.append_header(name.decode("latin-1"), value.decode("latin-1"))
-        return None if chunked else length
 
     @staticmethod
     async def _whole_body(req, upstream: aiohttp.ClientResponse, length: int | None,
@@ -404,49 +190,12 @@ class Forwarder:
             try:
                 body = await upstream.read()
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise _malformed(f"its body broke off ({_reason(exc)})") from None
+                raise malformed(f"its body broke off ({reason(exc)})") from None
             except asyncio.TimeoutError:
                 raise UpstreamError(504, "the upstream's body stalled") from None
-        if _beyond_framing(upstream, protocol):
-            raise _malformed("bytes beyond the end of the answer")
+        if beyond_framing(upstream, protocol):
+            raise malformed("bytes beyond the end of the answer")
         return body
-
-
-def _end_with_connection(upstream: aiohttp.ClientResponse, protocol: Any
-                         ) -> Callable[[], None]:
-    """Have the body fail when its connection closes before the body ended: when llhttp
-    refuses a piece of a body (a chunk size of -2), aiohttp 3.14 closes the connection but
-    leaves the body waiting, for the read timeout (tests/integration/test_framing.py). Returns what
-    undoes it once the answer is over (a kept connection carries many answers)."""
-    payload = upstream.content
-    if protocol is None or payload.is_eof():
-        return _nothing
-
-    def closed(future: asyncio.Future | None = None) -> None:
-        if future is not None and not future.cancelled():
-            future.exception()  # retrieved: a connection lost with an error is no news here
-        if not payload.is_eof() and payload.exception() is None:
-            payload.set_exception(aiohttp.ClientPayloadError("the connection closed mid-body"))
-
-    future = protocol.closed
-    if future is None:
-        closed()  # closed already
-        return _nothing
-    future.add_done_callback(closed)
-    return lambda: future.remove_done_callback(closed)
-
-
-def _nothing() -> None:
-    pass
-
-
-def _beyond_framing(upstream: aiohttp.ClientResponse, protocol: Any) -> bool:
-    """Whether the connection got more than the answer's framing held (a parse error, leftover
-    bytes or another answer, in aiohttp's words `should_close`) though it asked to be kept."""
-    if protocol is None or not protocol.should_close:
-        return False
-    said_close = "close" in upstream.headers.get("Connection", "").lower()
-    return not said_close and upstream.version >= (1, 1)
 
 
 async def _unless_gone(request, watch: Any):
@@ -465,55 +214,3 @@ async def _unless_gone(request, watch: Any):
         raise ClientGone() from None
     finally:
         watch.on_gone(None)
-
-
-def _hung_up(path: str, when: str) -> None:
-    HANGUPS.labels(route_label(path)).inc()
-    log.info("499 %s: the client hung up %s; its upstream request was closed", path, when)
-
-
-def upstream_headers(
-    headers: Mapping[str, str], strip_authorization: bool
-) -> list[tuple[str, str]]:
-    """The client's headers (falcon's `req.headers`: names lower-cased, repeats joined) minus
-    hop-by-hop ones and those its Connection header lists; names in title case, as clients
-    send them (the server lower-cased them; names are case-insensitive either way)."""
-    drop = HOP_BY_HOP_AND_AUTHORIZATION if strip_authorization else HOP_BY_HOP
-    listed = headers.get("connection")
-    if listed:
-        drop = drop | {token.strip().lower() for token in listed.split(",")}
-    return [(name.title(), value) for name, value in headers.items() if name not in drop]
-
-
-def _timed_out(seconds: float) -> UpstreamError:
-    return UpstreamError(504, f"the upstream Ollama did not answer within {seconds:g} s")
-
-
-def _unreachable(exc: Exception) -> UpstreamError:
-    return UpstreamError(502, f"the upstream Ollama is unreachable ({_reason(exc)})")
-
-
-def _malformed(why: str) -> UpstreamError:
-    first = why.splitlines()[0] if why else "malformed"
-    return UpstreamError(502, f"the upstream Ollama's answer is not valid HTTP: {first}")
-
-
-def _reason(exc: BaseException) -> str:
-    """A short cause without URLs or headers (they may carry a token)."""
-    text = str(exc).lower()
-    for needle, reason in (
-        ("certificate", "TLS certificate did not verify"),
-        ("refused", "connection refused"),
-        ("connect call failed", "connection refused"),
-        ("name or service not known", "unknown host"),
-        ("failed to resolve", "unknown host"),
-        ("cannot connect to host", "connection failed"),
-        ("reset", "connection reset"),
-        ("timeout", "timed out"),
-        ("timed out", "timed out"),
-        ("not completed", "body cut short"),
-        ("disconnected", "connection closed"),
-    ):
-        if needle in text:
-            return reason
-    return type(exc).__name__

@@ -1,5 +1,6 @@
-"""Talking to the upstream Ollama: a pooled aiohttp client per endpoint for forwarding, and
-requests sessions for the readiness probe (both with the upstream's certificate pinned).
+"""The clients to the upstream Ollama: a pooled aiohttp client per endpoint for forwarding, and
+requests sessions for the probes (proxy/upstream/probe.py), both with the upstream's
+certificate pinned (proxy/upstream/tls.py).
 
 Forwarding runs on each worker's event loop, through one `aiohttp.ClientSession` per endpoint
 (llhttp parses the answers; a connection is pooled only when its answer ended where its
@@ -21,25 +22,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import requests
-from requests.adapters import HTTPAdapter
-from requests.certs import where as default_ca_bundle
 
 from proxy.provision.base import Endpoint
+from proxy.upstream.tls import PinnedAdapter
+from proxy.upstream.tls import context as tls_context
 from proxy.util.logs import register_secrets
-
-
-class _PinnedAdapter(HTTPAdapter):
-    """Verifies the upstream's certificate against the name it was issued to, not the IP."""
-
-    def __init__(self, server_hostname: str | None, **kwargs):
-        self._server_hostname = server_hostname
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
-        if self._server_hostname:
-            pool_kwargs["server_hostname"] = self._server_hostname
-            pool_kwargs["assert_hostname"] = self._server_hostname
-        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
 
 
 class _NoRedirects(requests.Session):
@@ -147,12 +134,7 @@ class Sessions:
             raise ValueError(f"an upstream URL is scheme://host:port, not {endpoint.url}")
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"an upstream URL is http(s)://host:port, not {endpoint.url}")
-        tls: ssl.SSLContext | bool = False
-        if url.scheme == "https":
-            tls = ssl.create_default_context(
-                cafile=None if endpoint.ca_cert else default_ca_bundle(),  # as the probes
-                cadata=endpoint.ca_cert or None,
-            )
+        tls: ssl.SSLContext | bool = tls_context(endpoint) if url.scheme == "https" else False
         # aiohttp sends a request again on a new connection only when a kept one turned out
         # closed, and only for idempotent methods with a body it still holds (never a POST,
         # never a streamed body): what Ollama is asked to generate is asked once.
@@ -173,9 +155,8 @@ class Sessions:
         session = _NoRedirects()
         session.headers.clear()  # forward the client's headers, not requests' defaults
         session.trust_env = False  # never route upstream traffic through an env proxy
-        adapter = _PinnedAdapter(
-            endpoint.server_hostname, pool_connections=4, pool_maxsize=max(1, self.pool_size)
-        )
+        adapter = PinnedAdapter(endpoint, pool_connections=4,
+                                pool_maxsize=max(1, self.pool_size))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         if endpoint.ca_cert:
@@ -213,73 +194,3 @@ def auth_headers(endpoint: Endpoint) -> dict[str, str]:
 def normalise_model(name: str) -> str:
     """Ollama lists `llama3.2` as `llama3.2:latest`."""
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
-@dataclass(frozen=True)
-class Probe:
-    ready: bool
-    reason: str  # for a person: why it is not ready yet
-    version: str | None = None
-    answered: bool = True  # False: nothing answered at all (not booted, or gone)
-
-
-def probe(sessions: Sessions, endpoint: Endpoint, models: tuple[str, ...]) -> Probe:
-    """Ready means the upstream answers and `/api/tags` lists every configured model."""
-    session = sessions.get(endpoint)
-    try:
-        answer = session.get(
-            endpoint.url + "/api/tags", headers=auth_headers(endpoint), timeout=(3, 10)
-        )
-    except requests.RequestException as exc:
-        return Probe(False, f"the upstream does not answer yet ({type(exc).__name__})",
-                     answered=False)
-    if answer.status_code != 200:
-        return Probe(False, f"the upstream answers /api/tags with HTTP {answer.status_code}")
-    try:
-        listed = {normalise_model(m.get("name", "")) for m in answer.json().get("models", [])}
-    except (ValueError, AttributeError):
-        return Probe(False, "the upstream's /api/tags is not Ollama's JSON")
-    missing = [m for m in models if normalise_model(m) not in listed]
-    if missing:
-        return Probe(False, f"waiting for the upstream to list {', '.join(missing)}")
-    version = None
-    try:
-        version = session.get(
-            endpoint.url + "/api/version", headers=auth_headers(endpoint), timeout=(3, 10)
-        ).json().get("version")
-    except (requests.RequestException, ValueError, AttributeError):
-        pass
-    return Probe(True, "ready", version)
-
-
-def load_model(
-    sessions: Sessions, endpoint: Endpoint, model: str, keep_alive: float, timeout: float
-) -> str | None:
-    """Load `model` into GPU memory (Ollama's empty generate); None when done, else why not."""
-    try:
-        answer = sessions.get(endpoint).post(
-            endpoint.url + "/api/generate",
-            json={"model": model, "keep_alive": int(keep_alive), "stream": False},
-            headers=auth_headers(endpoint),
-            timeout=(3, timeout),
-        )
-    except requests.RequestException as exc:
-        return f"loading {model} failed ({type(exc).__name__})"
-    if answer.status_code != 200:
-        return f"loading {model} failed: HTTP {answer.status_code}"
-    return None
-
-
-PROGRESS_PATH = "/ollama-exoscale/status"  # served by the GPU server's front (cloud-init)
-
-
-def server_progress(sessions: Sessions, endpoint: Endpoint) -> dict | None:
-    """The GPU server's own bring-up progress, if its front serves it (None otherwise)."""
-    try:
-        answer = sessions.get(endpoint).get(
-            endpoint.url + PROGRESS_PATH, headers=auth_headers(endpoint), timeout=(3, 5)
-        )
-        doc = answer.json() if answer.status_code == 200 else None
-    except (requests.RequestException, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("detail"), str) else None

@@ -19,7 +19,8 @@ from urllib3.util import parse_url
 
 from proxy.config import Config, ConfigError
 from proxy.provision.base import Endpoint
-from proxy.upstream.forward import HOP_BY_HOP, Forwarder
+from proxy.upstream.forward import Forwarder
+from proxy.upstream.framing import HOP_BY_HOP
 from proxy.upstream.session import Sessions
 from tests.harness import read_message
 

@@ -196,7 +196,7 @@ def test_down_waits_for_the_stream_then_removes_the_server_and_books_its_time(ma
     assert provisioner.tear_downs == 1
     snapshot = a.snapshot()
     assert snapshot.state.instance_since == 0.0 and snapshot.state.gpu_seconds > 0
-    assert sum(seconds for seconds in snapshot.state.gpu_days.values()) == snapshot.state.gpu_seconds
+    assert sum(snapshot.state.gpu_days.values()) == snapshot.state.gpu_seconds
     time.sleep(0.5)  # the 503s of the drain do not bring it back
     assert provisioner.bring_ups == 1 and phase_of(a) == "idle"
 

@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from proxy.provision.base import Endpoint
-from proxy.upstream.forward import Forwarder, UpstreamError
+from proxy.upstream.errors import UpstreamError
+from proxy.upstream.forward import Forwarder
 from proxy.upstream.session import Sessions
 from tests.doubles import fake_ollama
 from tests.unit.upstream.test_session import NAME, make_cert

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from proxy.provision.base import Endpoint
-from proxy.upstream.session import Sessions, load_model, normalise_model, probe, server_progress
+from proxy.upstream.probe import load_model, probe, server_progress
+from proxy.upstream.session import Sessions, normalise_model
 
 NAME = "ollama-exoscale.invalid"  # the certificate's name; the server is reached by IP
 
