@@ -27,7 +27,8 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.lifecycle import gputime
-from proxy.lifecycle.reconciler import Reconciler, cold_start_estimate
+from proxy.lifecycle.coldstart import cold_start_estimate
+from proxy.lifecycle.reconciler import Reconciler
 from proxy.lifecycle.snapshot import Snapshot
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Endpoint, Provisioner

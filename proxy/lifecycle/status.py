@@ -6,7 +6,6 @@ client sees, a sentence for a person, Retry-After, GPU time and its cost, the wa
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,6 +13,7 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.lifecycle import gputime, schedule
+from proxy.lifecycle.coldstart import median_timeline
 from proxy.lifecycle.demand import Lifecycle
 from proxy.lifecycle.snapshot import Snapshot
 
@@ -101,16 +101,6 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "gpu": gpu_usage(config, lifecycle, snapshot, now),
         "warm_windows": warm_windows(config, now),
     }
-
-
-def median_timeline(timelines: tuple[dict[str, Any], ...]) -> dict[str, float] | None:
-    """Each stage's median over the recent cold starts that saw it (the proxy's stages)."""
-    stages = [stage for timeline in timelines for stage, seconds in timeline.items()
-              if isinstance(seconds, (int, float))]
-    return {
-        stage: round(statistics.median(t[stage] for t in timelines if stage in t), 3)
-        for stage in dict.fromkeys(stages)
-    } or None
 
 
 def gpu_usage(config: Config, lifecycle: Lifecycle, snapshot: Snapshot, now: float

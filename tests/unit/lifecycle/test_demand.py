@@ -299,9 +299,9 @@ def test_a_cold_start_loads_the_model_and_records_each_stage(make):
 
 
 def test_a_failed_model_load_still_ends_ready(make, upstream, monkeypatch, caplog):
-    import proxy.lifecycle.reconciler
+    import proxy.lifecycle.operations
 
-    monkeypatch.setattr(proxy.lifecycle.reconciler, "load_model",
+    monkeypatch.setattr(proxy.lifecycle.operations, "load_model",
                         lambda *args: "loading llama3.2 failed: HTTP 500")
     life = make(GatedProvisioner(Endpoint(upstream.url)))
     life.want()
@@ -326,7 +326,7 @@ def test_a_server_that_never_becomes_ready_is_removed_not_billed(make):
 
 
 def test_the_servers_stages_become_spans_that_may_overlap():
-    from proxy.lifecycle.reconciler import server_spans
+    from proxy.lifecycle.coldstart import server_spans
 
     doc = {"stages": {
         "packages": {"track": "main", "start": 100.0, "end": 130.0},
