@@ -17,7 +17,7 @@ from proxy.config import Config
 from proxy.http.app import create_app
 from proxy.lifecycle.demand import Lifecycle
 from proxy.provision.local import make_provisioner
-from proxy.store.base import open_store
+from proxy.store import open_store
 from proxy.upstream.forward import Forwarder
 from proxy.upstream.session import Sessions
 from proxy.util.logs import register_secrets, setup_logging

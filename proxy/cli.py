@@ -128,7 +128,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from proxy.provision.local import make_provisioner
 
     make_provisioner(config)
-    from proxy.store.base import open_store
+    from proxy.store import open_store
 
     open_store(config.state_url, config.state_dir).close()  # a bad store: one line, here
     from gunicorn.app.wsgiapp import WSGIApplication  # loads an ASGI app as well

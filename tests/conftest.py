@@ -8,7 +8,7 @@ import pytest
 
 from proxy.config import Config
 from proxy.lifecycle.demand import Lifecycle
-from proxy.store.base import SqliteStore
+from proxy.store.sqlite import SqliteStore
 from proxy.upstream.session import Sessions
 from tests.doubles import fake_ollama
 

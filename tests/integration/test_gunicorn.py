@@ -355,7 +355,7 @@ def test_api_keys_work_with_the_real_clients_and_stop_everyone_else(tmp_path, mo
 def test_sigterm_lets_a_running_stream_finish_and_hands_the_lease_over(tmp_path):
     import signal
 
-    from proxy.store.base import SqliteStore
+    from proxy.store.sqlite import SqliteStore
 
     # A lease of a minute: taken at once afterwards only if it was given up, not expired.
     env = upstream_env(tmp_path, "--chunk-interval", "0.2", "--chunks", "15",

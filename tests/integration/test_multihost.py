@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from proxy.store.base import open_store
+from proxy.store import open_store
 from tests import harness
 from tests.harness import MotoS3, Proxy, starts, wait_until
 

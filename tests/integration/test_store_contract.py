@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from proxy.store.base import SqliteStore, WorkerReport, open_store
+from proxy.store import open_store
+from proxy.store.base import WorkerReport
+from proxy.store.sqlite import SqliteStore
 from tests.harness import MotoS3
 
 

@@ -16,9 +16,10 @@ import pytest
 from proxy.config import Config, ConfigError
 from proxy.lifecycle.demand import Lifecycle
 from proxy.provision.base import Endpoint
-from proxy.store import s3 as s3_store
-from proxy.store.base import StoreError, WorkerReport, open_store
-from proxy.store.s3 import S3Client, S3Location, S3Store, Signer
+from proxy.store import open_store, s3client
+from proxy.store.base import StoreError, WorkerReport
+from proxy.store.s3 import S3Store
+from proxy.store.s3client import S3Client, S3Location, Signer
 from proxy.upstream.session import Sessions
 from tests.doubles import fake_ollama
 from tests.doubles.provisioners import GatedProvisioner
@@ -178,7 +179,7 @@ class BlackHole:
 
 
 def test_a_hanging_store_delays_no_request_and_starts_nothing(monkeypatch, tmp_path):
-    monkeypatch.setattr(s3_store, "TIMEOUT", (0.3, 0.3))
+    monkeypatch.setattr(s3client, "TIMEOUT", (0.3, 0.3))
     hole = BlackHole()
     where = S3Location("state", "p", hole.url, "us-east-1")
     store = S3Store(S3Client(where, Signer("AKID", "secret", "us-east-1")))

@@ -188,7 +188,7 @@ def test_every_time_on_the_page_is_in_the_proxys_time_zone(tmp_path, browser):
 
 def test_the_last_cold_start_is_drawn_as_bars_with_the_servers_stages_side_by_side(
         tmp_path, browser):
-    from proxy.store.base import SqliteStore
+    from proxy.store.sqlite import SqliteStore
 
     timeline = {"stack_update": 40.0, "boot": 60.0, "model_pull": 150.0, "model_load": 5.0,
                 "on_server": {"packages": 20.0, "driver": 100.0, "pulling": 115.0},

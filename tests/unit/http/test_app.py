@@ -13,7 +13,7 @@ from proxy.config import Config
 from proxy.http.app import create_app
 from proxy.lifecycle.demand import Lifecycle
 from proxy.provision.base import Endpoint
-from proxy.store.base import SqliteStore
+from proxy.store.sqlite import SqliteStore
 from proxy.upstream.forward import Forwarder
 from proxy.upstream.session import Sessions
 from tests.doubles.provisioners import GatedProvisioner

@@ -4,7 +4,9 @@ import os
 import stat
 import time
 
-from proxy.store.base import SqliteStore, WorkerReport, open_store
+from proxy.store import open_store
+from proxy.store.base import WorkerReport
+from proxy.store.sqlite import SqliteStore
 
 
 def two_stores(tmp_path):
@@ -63,7 +65,9 @@ def test_many_processes_can_open_a_new_store_at_once(tmp_path):
 
     # Each waits for the same instant, then opens the new file and writes at once.
     code = (
-        "import sys, time; from proxy.store.base import SqliteStore, WorkerReport\n"
+        "import sys, time\n"
+        "from proxy.store.base import WorkerReport\n"
+        "from proxy.store.sqlite import SqliteStore\n"
         "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
         "store = SqliteStore(sys.argv[1]); store.report(WorkerReport(sys.argv[3]))\n"
         "store.acquire(sys.argv[3], 5)"
