@@ -19,8 +19,9 @@ from pulumi.runtime import rpc
 from pulumi.runtime.mocks import MockMonitor
 
 from infra import program
+from infra.checks import MIN_DISK_GB
 from infra.cloudinit import TLS_SERVER_NAME, decompressed
-from infra.settings import MIN_DISK_GB, Settings, SettingsError
+from infra.settings import Settings, SettingsError
 
 INSTANCE = "exoscale:index/computeInstance:ComputeInstance"
 SECURITY_GROUP = "exoscale:index/securityGroup:SecurityGroup"

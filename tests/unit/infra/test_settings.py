@@ -9,14 +9,8 @@ import sys
 
 import pytest
 
-from infra.settings import (
-    BLOCK_STORAGE_ZONES,
-    INSTANCE_FAMILIES,
-    INSTANCE_SIZES,
-    ZONES,
-    Settings,
-    SettingsError,
-)
+from infra.checks import BLOCK_STORAGE_ZONES, INSTANCE_FAMILIES, INSTANCE_SIZES, ZONES
+from infra.settings import Settings, SettingsError
 from proxy.config import Config, ConfigError
 from tests.doubles.standin_pulumi.harness import ROOT, base_env
 
