@@ -8,13 +8,13 @@ import os
 import signal
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from proxy.config import Config, ConfigError
+from proxy.console import estimate, format_status, nothing_coming
 
 # Exit codes a script can rely on.
 OK, FAILED, USAGE, UNREACHABLE, TIMEOUT, NOTHING_COMING = 0, 1, 2, 3, 4, 5
@@ -192,13 +192,13 @@ def follow(args: argparse.Namespace, goal: str, asked: bool = False) -> int:
             last = line
         if goal == "ready" and not estimated and phase in ("provisioning", "starting"):
             estimated = True
-            print(f"          {_estimate(status)}", flush=True)
+            print(f"          {estimate(status)}", flush=True)
         if phase == goal:
             return OK
         if phase == "error":
             print(f"ollama-exoscale: {status.get('last_error')}", file=sys.stderr)
             return FAILED
-        why = _nothing_coming(status, started + args.timeout - time.monotonic(), asked) \
+        why = nothing_coming(status, started + args.timeout - time.monotonic(), asked) \
             if goal == "ready" else ""
         if not why:
             idle_since = None
@@ -215,27 +215,6 @@ def follow(args: argparse.Namespace, goal: str, asked: bool = False) -> int:
                   file=sys.stderr)
             return TIMEOUT
         time.sleep(1.0)
-
-
-def _nothing_coming(status: dict[str, Any], left: float, asked: bool) -> str:
-    """Why nothing will start the GPU server in the `left` seconds, or "" when something may:
-    it is not idle, a warm window starts it in time, or we asked for it ourselves."""
-    if status.get("provisioning_status") != "idle":
-        return ""
-    warm = status.get("warm_windows") or {}
-    if (status.get("gpu") or {}).get("budget_used_up"):
-        return ("the daily GPU budget is used up (PROXY_DAILY_GPU_HOURS): no request starts "
-                f"the GPU server before midnight ({warm.get('timezone') or 'UTC'})")
-    if asked:
-        return ""
-    try:
-        starts_in = datetime.fromisoformat(warm["next_start"]).timestamp() - time.time()
-    except (KeyError, TypeError, ValueError):
-        starts_in = None
-    if starts_in is not None and starts_in <= left:
-        return ""
-    return ("the GPU server is idle and no request asks for it: `wait` only watches; ask for "
-            "the server with `ollama-exoscale wait --up` (admin key) or send a request")
 
 
 def doctor_command(args: argparse.Namespace) -> int:
@@ -322,63 +301,6 @@ def status_command(args: argparse.Namespace) -> int:
     else:
         print(format_status(status))
     return FAILED if status.get("provisioning_status") == "error" else OK
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """A table for a person."""
-    cold = status.get("cold_starts") or {}
-    rows = [
-        ("phase", status.get("provisioning_status")),
-        ("detail", status.get("detail") or "-"),
-        ("instance", status.get("instance_status")),
-        ("upstream", status.get("remote_url") or "-"),
-        ("provider", _provider(status)),
-        ("model", status.get("ollama_model")),
-        ("in flight", status.get("in_flight")),
-        ("idle timeout", f"{status.get('idle_timeout'):g} s"),
-        ("idle left", _seconds(status.get("idle_seconds_left"))),
-        ("last activity", status.get("last_activity") or "-"),
-        ("phase since", status.get("phase_since") or "-"),
-        ("cold starts", f"{cold.get('count', 0)} (last {_seconds(cold.get('last'))}, "
-                        f"median {_seconds(cold.get('median'))})"),
-        ("last error", status.get("last_error") or "-"),
-        ("GPU time", _gpu_time(status.get("gpu") or {})),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
-
-
-def _provider(status: dict[str, Any]) -> str:
-    if status.get("provider") != "exoscale":
-        return str(status.get("provider"))
-    return f"exoscale ({status.get('instance_type')} in {status.get('zone')})"
-
-
-def _estimate(status: dict[str, Any]) -> str:
-    """How long the rest should take, from the measured cold starts (or the provider's guess)."""
-    cold = status.get("cold_starts") or {}
-    basis = (f"the median of the last {cold['count']} cold starts is {cold['median']:.0f} s"
-             if cold.get("count") else "no cold start measured yet")
-    return f"about {status.get('expected_wait') or 1} s to go ({basis})"
-
-
-def _gpu_time(gpu: dict[str, Any]) -> str:
-    """'12 min this server, 3.4 h today (of 8 h), 10.0 h in all, ~ 4.10 EUR today'."""
-    spent = {k: _duration(gpu.get(f"{k}_seconds") or 0) for k in ("instance", "today", "total")}
-    limit = f" (of {gpu['daily_gpu_hours']:g} h)" if gpu.get("daily_gpu_hours") else ""
-    text = (f"{spent['instance']} this server, {spent['today']} today{limit}, "
-            f"{spent['total']} in all")
-    if gpu.get("today_cost") is not None:
-        text += f", ~ {gpu['today_cost']:.2f} {gpu.get('currency', '')} today"
-    return text + (" — budget used up" if gpu.get("budget_used_up") else "")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
-
-
-def _seconds(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.0f} s"
 
 
 def _error_of(answer: requests.Response) -> str:

@@ -9,7 +9,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from proxy.cli import _nothing_coming, format_status
+from proxy.console import format_status, nothing_coming
 from tests.doubles.standin_pulumi.harness import ROOT, base_env
 from tests.harness import fake_ollama_command, free_port
 
@@ -133,22 +133,22 @@ def test_wait_waits_for_a_warm_window_that_starts_before_its_timeout():
     soon = datetime.fromtimestamp(time.time() + 600, timezone.utc).isoformat(timespec="minutes")
     status = idle_status(warm_windows={"timezone": "UTC", "next_start": soon})
 
-    assert _nothing_coming(status, left=1800, asked=False) == ""
-    assert "wait --up" in _nothing_coming(status, left=60, asked=False)  # too late for us
+    assert nothing_coming(status, left=1800, asked=False) == ""
+    assert "wait --up" in nothing_coming(status, left=60, asked=False)  # too late for us
 
 
 def test_wait_says_an_idle_proxy_gets_no_server_from_wait_itself_and_offers_up():
-    why = _nothing_coming(idle_status(), left=1800, asked=False)
+    why = nothing_coming(idle_status(), left=1800, asked=False)
 
     assert why.startswith("the GPU server is idle and no request asks for it")
     assert "`ollama-exoscale wait --up` (admin key)" in why
-    assert _nothing_coming(idle_status(), left=1800, asked=True) == ""  # `--up`: we asked
-    assert _nothing_coming({"provisioning_status": "starting"}, 1800, asked=False) == ""
+    assert nothing_coming(idle_status(), left=1800, asked=True) == ""  # `--up`: we asked
+    assert nothing_coming({"provisioning_status": "starting"}, 1800, asked=False) == ""
 
 
 def test_wait_says_a_used_up_budget_starts_nothing_even_when_asked():
     status = idle_status(gpu={"budget_used_up": True})
 
-    why = _nothing_coming(status, left=1800, asked=True)
+    why = nothing_coming(status, left=1800, asked=True)
 
     assert "daily GPU budget is used up" in why and "midnight (Europe/Vienna)" in why
