@@ -15,9 +15,9 @@ from typing import Any
 
 from pulumi.automation.events import EngineEvent, OpType
 
-log = logging.getLogger("ollama_exoscale.pulumi")
+from proxy.provision.base import Progress
 
-Progress = Callable[[str], None]
+log = logging.getLogger("ollama_exoscale.pulumi")
 
 
 _VERBS = {

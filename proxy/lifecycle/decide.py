@@ -188,10 +188,17 @@ def _decide_ready(state: State, demand: Demand, clock: Clock, config: Config,
     return Wait(), memory
 
 
+def answered_until(now: float, wanted_seen: float) -> float:
+    """The time up to which demand counts as answered: now, or the latest demand seen when the
+    clock has been stepped back behind it (else that old demand would act again: start a
+    server the moment this one is gone, or ask for another probe)."""
+    return max(now, wanted_seen)
+
+
 def probed(memory: Memory, clock: Clock, wanted_seen: float) -> Memory:
-    """The memory once the upstream is probed now: wishes up to now are answered (or up to the
-    latest demand seen, when the clock was stepped back behind it)."""
-    return replace(memory, last_health=clock.monotonic, health_wish=max(clock.now, wanted_seen))
+    """The memory once the upstream is probed now: the wishes it answers are forgotten."""
+    return replace(memory, last_health=clock.monotonic,
+                   health_wish=answered_until(clock.now, wanted_seen))
 
 
 def _idle_for(memory: Memory, idle_since: float, clock: Clock) -> tuple[Memory, float]:

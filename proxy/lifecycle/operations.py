@@ -18,7 +18,14 @@ from typing import Any
 from proxy.config import Config
 from proxy.lifecycle import coldstart, gputime, schedule
 from proxy.lifecycle.coldstart import server_spans
-from proxy.lifecycle.decide import PROBE_EVERY, Clock, Memory, live_inflight, probed
+from proxy.lifecycle.decide import (
+    PROBE_EVERY,
+    Clock,
+    Memory,
+    answered_until,
+    live_inflight,
+    probed,
+)
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Endpoint, Provisioner, ProvisionError
 from proxy.store.base import Store
@@ -58,10 +65,7 @@ class Operations:
         return self.state or State()
 
     def _cutoff(self, now: float) -> float:
-        """The time up to which demand counts as answered: now, or the latest demand seen when
-        the clock has been stepped back behind it (else that old demand would start a server
-        again the moment this one is gone)."""
-        return max(now, self._wanted_seen)
+        return answered_until(now, self._wanted_seen)
 
     def _warm_off(self, local: datetime) -> dict[str, Any]:
         """After an operator's `down` inside a warm window, that window no longer warms."""
