@@ -1,4 +1,4 @@
-"""An upstream that breaks HTTP's framing on purpose, for tests/test_framing.py.
+"""An upstream that breaks HTTP's framing on purpose, for tests/integration/test_framing.py.
 
 Run as `python -m tests.doubles.hostile_ollama` (the `local` provisioner starts it with OLLAMA_HOST,
 as it starts `ollama serve`). It answers Ollama's readiness routes as Ollama does (`/api/tags`
