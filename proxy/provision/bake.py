@@ -117,6 +117,12 @@ class TemplateBaker:
         progress("starting the GPU server again")
         self._wait("starting the instance", lambda: self.client.start_instance(id=instance_id))
 
+    def start_if_stopped(self, instance_id: str, progress: Progress) -> None:
+        instance = self._call("reading the instance",
+                              lambda: self.client.get_instance(id=instance_id))
+        if instance.get("state") == "stopped":
+            self.start(instance_id, progress)
+
     def templates(self) -> list[dict]:
         """The organisation's private templates in the zone."""
         return self._call("listing templates",
