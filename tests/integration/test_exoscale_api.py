@@ -11,8 +11,8 @@ import pytest
 from exoscale.api.exceptions import ExoscaleAPIAuthException, ExoscaleAPIClientException
 from exoscale.api.v2 import Client
 
-from proxy.provision.base import ProvisionError
 from proxy.provision.bake import TemplateBaker, template_name
+from proxy.provision.base import ProvisionError
 from tests.doubles.exoscale_api import ExoscaleApi
 from tests.doubles.standin_pulumi.cloud import Cloud
 
@@ -140,3 +140,15 @@ def test_the_bakers_template_name_carries_the_date():
 
     assert template_name(datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)) == (
         "ollama-exoscale-20260102-0304")
+
+
+def test_removing_the_instance_as_destroy_does_leaves_the_template(api, tmp_path):
+    """`down` runs `pulumi destroy` (or `up` without the instance): the provider deletes the
+    stack's objects only; a template is none of them."""
+    from tests.doubles.standin_pulumi.cloud import INSTANCE
+
+    instance_id = an_instance(tmp_path)
+    template = TemplateBaker(client(api), "at-vie-2").bake(instance_id, "kept", lambda s: None)
+    Cloud(tmp_path, {}).delete(INSTANCE, instance_id)
+    assert client(api).get_template(id=template.id)["name"] == "kept"
+    assert not (tmp_path / "disk").exists()  # the instance's disk went; the template's copy not

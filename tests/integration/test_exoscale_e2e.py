@@ -106,12 +106,13 @@ def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
         assert status["cold_start_estimate"]["mode"] == "destroy"
         assert timeline["boot"] >= 0.9 and timeline["model_pull"] >= 1.5
         # The phases cloud-init/progress.py timed on the server, as its front served them.
-        assert set(timeline["on_server"]) == {"packages", "image", "pulling", "container"}
+        assert set(timeline["on_server"]) == {"packages", "toolkit", "image", "pulling",
+                                              "driver", "container"}
         assert timeline["on_server"]["pulling"] >= 1.5
         assert status["cold_start_timeline"]["median"] == {
             k: v for k, v in timeline.items() if not k.startswith("on_server") and k != "mode"}
         spans = timeline["on_server_spans"]  # each stage's [start, end], in the order they began
-        assert list(spans) == ["packages", "image", "pulling", "container"]
+        assert list(spans) == ["packages", "toolkit", "image", "pulling", "driver", "container"]
         assert spans["pulling"][1] - spans["pulling"][0] >= 1.5
         assert status["remote_url"].startswith("https://127.0.0.1:")
         token = stored_token(w.state)
