@@ -84,6 +84,18 @@ driver_installed() {
   grep -q '^install ok installed nvidia-' <<<"$listed"
 }
 
+# reset_if_new_instance: a server made from a baked template (ollama-exoscale bake) carries the
+# markers of the instance it was baked from; they are that instance's, not this one's.
+reset_if_new_instance() {
+  local id
+  id=$(cat /var/lib/cloud/data/instance-id 2>/dev/null || true)
+  if [ -z "$id" ] || [ "$(cat "$STATE_DIR/instance-id" 2>/dev/null || true)" = "$id" ]; then
+    return 0
+  fi
+  rm -f "$READY" "$FAILED" "$STATE_DIR/rebooted-for-driver" "$STATE_DIR/status.json"
+  echo "$id" >"$STATE_DIR/instance-id"
+}
+
 retry() {  # retry N COMMAND...: downloads fail now and then
   local tries=$1 n=1
   shift
@@ -300,6 +312,7 @@ mark_ready() {
 main() {
   mkdir -p "$STATE_DIR"
   chmod 0755 "$STATE_DIR"  # the front's workers read the progress document in it
+  reset_if_new_instance
   if [ -e "$FAILED" ]; then give_up "$(cat "$FAILED")"; fi  # a reboot changes nothing
   if [ -e "$READY" ]; then rm -f "$STATE_DIR/status.json"; fi  # a restart: time this boot only
   say packages "starting the bring-up"

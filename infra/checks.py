@@ -37,6 +37,9 @@ _LABEL_VALUE = re.compile(r"^[A-Za-z0-9._/:@-]{0,255}$")
 _SSH_PUBLIC_KEY = re.compile(r"^(ssh-|ecdsa-|sk-)")
 
 INSTANCE_STATES = ("running", "stopped", "absent")
+# Where `getTemplate` looks for the template by name (the provider's `visibility` argument):
+# Exoscale's own templates, or the organisation's (a template `ollama-exoscale bake` made).
+TEMPLATE_VISIBILITIES = ("public", "private")
 MIN_VOLUME_GB = 10  # Exoscale's smallest block storage volume
 
 
@@ -81,6 +84,16 @@ def check_template(template: str) -> str:
             "expected a template name on one line, like 'Linux Ubuntu 24.04 LTS 64-bit'",
         )
     return template.strip()
+
+
+def check_template_visibility(visibility: str) -> str:
+    if visibility not in TEMPLATE_VISIBILITIES:
+        raise SettingsError(
+            "template_visibility", visibility,
+            "expected public (Exoscale's templates) or private (your organisation's, like one "
+            "`ollama-exoscale bake` made)",
+        )
+    return visibility
 
 
 def check_volume(size: int) -> int:

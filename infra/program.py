@@ -28,7 +28,8 @@ def declare(settings: Settings) -> None:
     """Declare the GPU server of `settings` and export how to reach it."""
     name = object_name(settings, pulumi.get_stack())
 
-    template = exoscale.get_template_output(zone=settings.zone, name=settings.template)
+    template = exoscale.get_template_output(zone=settings.zone, name=settings.template,
+                                            visibility=settings.template_visibility)
 
     token = random.RandomPassword("token", length=TOKEN_LENGTH, special=False)
 

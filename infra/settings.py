@@ -29,6 +29,7 @@ from infra.checks import (
     check_ssh_cidrs,
     check_ssh_key,
     check_template,
+    check_template_visibility,
     check_volume,
     check_zone,
 )
@@ -38,6 +39,7 @@ ENV_NAMES = {
     "zone": "EXOSCALE_ZONE",
     "instance_type": "EXOSCALE_INSTANCE_TYPE",
     "template": "EXOSCALE_TEMPLATE",
+    "template_visibility": "EXOSCALE_TEMPLATE_VISIBILITY",
     "disk_size": "EXOSCALE_DISK_SIZE",
     "models": "OLLAMA_MODEL",
     "allowed_cidrs": "EXOSCALE_ALLOWED_CIDRS",
@@ -52,6 +54,7 @@ CONFIG_KEYS = {
     "zone": "zone",
     "instance_type": "instanceType",
     "template": "template",
+    "template_visibility": "templateVisibility",
     "disk_size": "diskSize",
     "models": "models",
     "allowed_cidrs": "allowedCidrs",
@@ -71,6 +74,7 @@ class Settings:
     zone: str = "at-vie-2"
     instance_type: str = "gpua5000.small"
     template: str = "Linux Ubuntu 24.04 LTS 64-bit"
+    template_visibility: str = "public"  # `private`: a template of the organisation (bake)
     disk_size: int = 100
     models: tuple[str, ...] = ("llama3.2",)
     # Who may reach the public port; no default that opens the world.
@@ -91,6 +95,7 @@ class Settings:
         normalise(self, "zone", check_zone(self.zone))
         normalise(self, "instance_type", check_instance_type(self.instance_type))
         normalise(self, "template", check_template(self.template))
+        normalise(self, "template_visibility", check_template_visibility(self.template_visibility))
         normalise(self, "disk_size", check_disk_size(self.disk_size))
         normalise(self, "models", check_models(self.models))
         normalise(self, "allowed_cidrs", check_allowed_cidrs(self.allowed_cidrs))
@@ -225,7 +230,8 @@ def _json(setting: str, raw: str, kind: type, accepted: str) -> Any:
 
 # How each setting is read from text, and the check `Settings` applies to it (shared above).
 _READERS: dict[str, Callable[[str, str], Any]] = {
-    "zone": _text, "instance_type": _text, "template": _text, "ssh_key": _text,
+    "zone": _text, "instance_type": _text, "template": _text, "template_visibility": _text,
+    "ssh_key": _text,
     "name": _text, "disk_size": _whole_number, "port": _whole_number,
     "model_volume_gb": _whole_number,
     "models": _list, "allowed_cidrs": _list, "ssh_cidrs": _list, "labels": _labels,

@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("--timeout", type=float, default=1800, help="with --wait: seconds")
     down.set_defaults(run=down_command)
 
+    bake = commands.add_parser(
+        "bake", help="make a private template of the GPU server (driver, Docker, the toolkit, "
+        "the Ollama image), bringing one up if none; prints the settings to use it (admin key)")
+    _client_flags(bake)
+    bake.add_argument("--models", action="store_true",
+                      help="keep the models in the template too (a bigger template, no pull)")
+    bake.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
+    bake.set_defaults(run=bake_command)
+
     wait = commands.add_parser("wait", help="block until the GPU server is ready")
     _client_flags(wait)
     wait.add_argument("--up", action="store_true",
@@ -158,6 +167,40 @@ def _ask(args: argparse.Namespace, path: str, said: str, goal: str) -> int:
     if goal == "idle":
         time.sleep(1.0)  # the reconciler takes the removal on its next tick
     return follow(args, goal=goal, asked=True)
+
+
+def bake_command(args: argparse.Namespace) -> int:
+    """POST /admin/bake, follow its steps until the bake ends, print the two lines to set."""
+    asked = call(args, "POST", "/admin/bake?models=" + ("1" if args.models else "0"),
+                 expected=202)
+    if isinstance(asked, int):
+        return asked
+    requested = asked["bake_requested_at"]
+    started = time.monotonic()
+    seen: set[tuple[str, str]] = set()
+    while True:
+        status = fetch_status(args)
+        if isinstance(status, int):
+            return status
+        for step in status.get("steps") or []:
+            if (step.get("at"), step.get("text")) not in seen:
+                seen.add((step.get("at"), step.get("text")))
+                print(f"[{time.monotonic() - started:5.0f} s] {step.get('phase')}: "
+                      f"{step.get('text')}", flush=True)
+        bake = status.get("bake") or {}
+        if (bake.get("requested_at") or 0) >= requested and not bake.get("running"):
+            if bake.get("error"):
+                print(f"ollama-exoscale: the bake failed: {bake['error']}", file=sys.stderr)
+                return FAILED
+            print("Set these to use the template (EXOSCALE_TEMPLATE_VISIBILITY: a private one):")
+            print(f"EXOSCALE_TEMPLATE={bake['template']}")
+            print("EXOSCALE_TEMPLATE_VISIBILITY=private")
+            return OK
+        if time.monotonic() - started > args.timeout:
+            print(f"ollama-exoscale: the bake did not end in {args.timeout:g} s (phase "
+                  f"{status.get('provisioning_status')})", file=sys.stderr)
+            return TIMEOUT
+        time.sleep(1.0)
 
 
 def wait_command(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from proxy.http.forwarding import Demand
 from proxy.http.metrics import Counting, MetricsResource
 from proxy.http.paths import CanonicalPath
 from proxy.http.resources import (
+    BakeTemplate,
     Page,
     Passive,
     Root,
@@ -44,6 +45,7 @@ def create_app(config: Config, lifecycle: Lifecycle, forwarder: Forwarder) -> fa
     app.add_route("/ui", Page())
     app.add_route("/admin/up", WarmUp(config, lifecycle))
     app.add_route("/admin/down", ShutDown(config, lifecycle))
+    app.add_route("/admin/bake", BakeTemplate(config, lifecycle))
     for path, local in (
         ("/api/version", local_version),
         ("/api/tags", local_tags),

@@ -28,14 +28,19 @@ class Demand:
     last_activity: float = 0.0
     wanted_at: float = 0.0
     down_at: float = 0.0
+    bake_at: float = 0.0  # the latest operator's `bake`
+    bake_models: bool = False  # whether that bake keeps the models
 
     @classmethod
     def of(cls, reports: list[WorkerReport], now: float) -> Demand:
+        bake = max(reports, key=lambda r: r.bake_at, default=None)
         return cls(
             inflight=live_inflight(reports, now),
             last_activity=max((r.last_activity for r in reports), default=0.0),
             wanted_at=max((r.wanted_at for r in reports), default=0.0),
             down_at=max((r.down_at for r in reports), default=0.0),
+            bake_at=bake.bake_at if bake else 0.0,
+            bake_models=bake.bake_models if bake else False,
         )
 
 
@@ -130,8 +135,31 @@ class CheckHealth:
     """Probe the ready upstream (due by time, or a request found it failing)."""
 
 
+@dataclass(frozen=True)
+class Bake:
+    """Make a template of the ready server (an operator's `bake`): demand is held meanwhile."""
+
+    bake_at: float
+    models: bool
+
+
+@dataclass(frozen=True)
+class ResumeBake:
+    """An interrupted bake goes on (the server may be stopped, a snapshot under way)."""
+
+
+@dataclass(frozen=True)
+class DropBake:
+    """A `bake` asked for while the bring-up failed: answered with the failure, not kept for a
+    server that may come hours later."""
+
+    bake_at: float
+    reason: str
+
+
 Action = (Wait | SetAside | Provision | AckDown | RetryTearDown | ResumeBringUp
-          | ResumeAwaitReady | ResumeRemoval | Retire | TearDownIdle | CheckHealth)
+          | ResumeAwaitReady | ResumeRemoval | Retire | TearDownIdle | CheckHealth | Bake
+          | ResumeBake | DropBake)
 
 
 def decide(state: State, demand: Demand, clock: Clock, config: Config,
@@ -144,14 +172,20 @@ def decide(state: State, demand: Demand, clock: Clock, config: Config,
     warm = schedule.is_warm(config.warm_windows, local) and now >= state.warm_off_until
     over_budget = gputime.over_budget(state.gpu_record, now, config.tz, config.daily_gpu_hours)
     new_demand = demand.wanted_at > state.demand_cutoff
+    bake = demand.bake_at > state.bake_handled  # a bake needs a ready server: it brings one up
 
     if phase == Phase.IDLE:
         if over_budget:
             return (SetAside(demand.wanted_at) if new_demand else Wait()), memory
-        if warm or new_demand:
+        if warm or new_demand or bake:
             return Provision(), memory
         return (AckDown(demand.down_at) if down else Wait()), memory
+    if phase == Phase.BAKING:
+        return ResumeBake(), memory
     if phase == Phase.ERROR:
+        if bake:
+            return DropBake(demand.bake_at, f"no GPU server to bake from: {state.last_error}"
+                            ), memory
         if now < state.retry_at:
             return Wait(), memory
         since = max(state.phase_since, state.demand_cutoff)
@@ -180,6 +214,8 @@ def _decide_ready(state: State, demand: Demand, clock: Clock, config: Config,
     memory, idle_for = _idle_for(memory, idle_since, clock)
     if reason:
         return Retire(reason, demand.down_at, config.idle_action == "stop" and not fresh), memory
+    if demand.bake_at > state.bake_handled:  # before idle: a bake is why the server is up
+        return Bake(demand.bake_at, demand.bake_models), memory
     if not warm and demand.inflight == 0 and idle_for >= config.idle_timeout:
         return TearDownIdle(idle_since, idle_for), memory
     every = PROBE_EVERY if memory.health_failures else HEALTH_EVERY

@@ -15,6 +15,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+import requests
+
 from proxy.config import Config
 from proxy.lifecycle import coldstart, gputime, schedule
 from proxy.lifecycle.coldstart import server_spans
@@ -30,7 +32,7 @@ from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Endpoint, Provisioner, ProvisionError
 from proxy.store.base import Store
 from proxy.upstream.probe import load_model, probe, server_progress
-from proxy.upstream.session import Sessions
+from proxy.upstream.session import Sessions, auth_headers
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
@@ -223,6 +225,77 @@ class Operations:
             self._commit(phase=Phase.STARTING, phase_since=time.time(), endpoint=found)
             self._await_ready()
 
+    # -- bake: a template of the ready server; demand is held (503) until it serves again ---
+
+    def _bake(self, bake_at: float, models: bool) -> None:
+        """Stop the ready server, snapshot it, promote the snapshot to a private template, then
+        serve again (demand came meanwhile, or the server had served) or go idle."""
+        state = self._current
+        now = time.time()
+        # With idle action stop the server always starts again (then stops when idle, through
+        # the stack): a stop outside Pulumi would leave its state saying `running`.
+        serve = self._activity_since(state.ready_since) or self.config.idle_action == "stop"
+        self._commit(phase=Phase.BAKING, phase_since=now, bake_handled=bake_at,
+                     bake_models=models, bake_serve=serve, bake_error=None,
+                     **self._detail(Phase.BAKING, "baking a template of the GPU server", now))
+        if not self._drain(now + self.config.drain_timeout):
+            return
+        bake = getattr(self.provisioner, "bake", None)
+        try:
+            if bake is None:
+                raise ProvisionError(f"the {self.provisioner.name} provisioner cannot bake a "
+                                     "template: bake needs PROXY_PROVISIONER=exoscale")
+            if not models:
+                self._delete_models(state.endpoint)
+            template = bake(self._progress)
+        except ProvisionError as exc:
+            log.error("the bake failed: %s", exc)
+            self._commit(bake_error=str(exc))
+        else:
+            self._progress(f"made the private template {template.name} in {template.zone}")
+            self._commit(bake_template=template.name)
+        self._after_bake()
+
+    def _bake_resumed(self) -> None:
+        """A bake interrupted (a crash, the lease moved): what it made is not known here, so it
+        counts as failed; the server is brought back as the bake would have."""
+        self._commit(bake_error=self._current.bake_error or
+                     "the bake was interrupted (the proxy restarted); run bake again")
+        self._after_bake()
+
+    def _after_bake(self) -> None:
+        """Back to serving (the instance started again) or, with nobody to serve, idle."""
+        state = self._current
+        resume = getattr(self.provisioner, "resume_after_bake", None)
+        demand_since = max((r.wanted_at for r in self.store.reports()), default=0.0)
+        serve = state.bake_serve or demand_since > state.phase_since
+        try:
+            if not serve and self.config.idle_action != "stop":
+                self._commit(removal="destroy", removal_reason="idle after a bake")
+                self._remove()
+                return
+            if resume is not None:
+                resume(self._progress)  # the stack's declared state is `running`: it is again
+        except ProvisionError as exc:
+            self._fail(f"starting the GPU server after the bake failed: {exc}", teardown=True)
+            return
+        self._commit(phase=Phase.STARTING, phase_since=time.time(),
+                     detail="the bake is over; waiting for Ollama and the model")
+        self._await_ready()
+
+    def _delete_models(self, endpoint: Endpoint | None) -> None:
+        """Without --models the template holds no model: Ollama deletes them before the
+        snapshot (the next server pulls them, or its volume has them)."""
+        if endpoint is None:
+            return
+        for model in self.config.models:
+            self._progress(f"deleting {model} from the disk (bake without --models)")
+            try:
+                sessions_delete(self.sessions, endpoint, model)
+            except requests.RequestException as exc:
+                raise ProvisionError(f"deleting {model} before the snapshot failed "
+                                     f"({type(exc).__name__})") from None
+
     def _tear_down_idle(self, idle_since: float, idle_for: float) -> None:
         now = time.time()
         stop = self.config.idle_action == "stop"
@@ -360,3 +433,11 @@ _PERCENT = re.compile(r"\s*\d+%$")
 def _grown(last: str, sentence: str) -> bool:
     """The same sentence with another percent at its end."""
     return bool(_PERCENT.search(sentence)) and _PERCENT.sub("", last) == _PERCENT.sub("", sentence)
+
+
+def sessions_delete(sessions: Sessions, endpoint: Endpoint, model: str) -> None:
+    """Ollama's DELETE /api/delete for one model; a model it does not have is no error."""
+    answer = sessions.get(endpoint).delete(endpoint.url + "/api/delete", json={"model": model},
+                                           headers=auth_headers(endpoint), timeout=(3, 60))
+    if answer.status_code not in (200, 404):
+        raise requests.HTTPError(f"HTTP {answer.status_code}")

@@ -20,12 +20,15 @@ from proxy.config import Config
 from proxy.lifecycle.decide import (
     AckDown,
     Action,
+    Bake,
     CheckHealth,
     Clock,
     Demand,
+    DropBake,
     Memory,
     Provision,
     ResumeAwaitReady,
+    ResumeBake,
     ResumeBringUp,
     ResumeRemoval,
     Retire,
@@ -167,6 +170,12 @@ class Reconciler(Operations):
                             "tear down (idle)")
             case CheckHealth():
                 self._start(self._check_health, "health")
+            case Bake(bake_at, models):
+                self._start(lambda: self._bake(bake_at, models), "bake")
+            case ResumeBake():
+                self._start(self._bake_resumed, "bake (resumed)")
+            case DropBake(bake_at, reason):
+                self._commit(bake_handled=bake_at, bake_error=reason)
 
     def _begin_provisioning(self, now: float) -> None:
         self._commit(

@@ -23,6 +23,7 @@ class Phase(str, Enum):
     READY = "ready"
     DESTROYING = "destroying"
     ERROR = "error"
+    BAKING = "baking"  # the server is stopped and snapshotted into a template (bake)
 
     def __str__(self) -> str:
         return self.value
@@ -58,6 +59,11 @@ class State:
     down_handled: float = 0.0  # the last operator's `down` acted on
     warm_off_until: float = 0.0  # a `down` inside a warm window turns it off until its end
     reports_pruned: float = 0.0
+    bake_handled: float = 0.0  # the last operator's `bake` acted on (done, failed or dropped)
+    bake_models: bool = False  # while baking: the models go into the template
+    bake_serve: bool = False  # while baking: serve again afterwards (else go idle)
+    bake_template: str = ""  # the template the last bake made
+    bake_error: str | None = None  # why the last bake failed
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer version, kept
 
     @classmethod

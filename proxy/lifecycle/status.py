@@ -95,11 +95,26 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
             "median": median_timeline(snapshot.state.timelines),
         },
         "cold_start_estimate": lifecycle.cold_start_estimate(snapshot),
+        "bake": bake_status(snapshot),
         "upstream_version": snapshot.state.upstream_version,
         "store_error": lifecycle.store_error,
         "reconciler": snapshot.reconciler,
         "gpu": gpu_usage(config, lifecycle, snapshot, now),
         "warm_windows": warm_windows(config, now),
+    }
+
+
+def bake_status(snapshot: Snapshot) -> dict[str, Any]:
+    """The last `bake`: asked for when (`requested_at`, the request it answers), whether it
+    runs, the template it made or why it failed. `pending`: asked for, not taken up yet."""
+    state = snapshot.state
+    return {
+        "running": state.phase == "baking",
+        "pending": snapshot.demand.bake_at > state.bake_handled,
+        "requested_at": state.bake_handled or None,
+        "models": state.bake_models,
+        "template": state.bake_template or None,
+        "error": state.bake_error,
     }
 
 
@@ -169,6 +184,11 @@ def explain(snapshot: Snapshot, retry_after: int) -> tuple[str, str]:
         return phase, (
             f"The GPU server is being removed ({why}); it will start again for this "
             f"request. Retry in {retry_after} s."
+        )
+    if phase == "baking":
+        return phase, (
+            f"The GPU server is baking a template (ollama-exoscale bake): it is stopped and "
+            f"snapshotted, and serves again when the bake ends{detail}. Retry in {retry_after} s."
         )
     if phase == "ready":  # became ready between the check and now
         return phase, "The GPU server is ready. Retry now."

@@ -24,6 +24,7 @@ from infra.errors import AutomationError, StackLocked, UpdateFailed
 from infra.repair import INSTANCE_TYPE
 from infra.runner import StackOutputs, StackRunner
 from proxy.config import Config, ConfigError
+from proxy.provision.bake import Template, TemplateBaker, template_name
 from proxy.provision.base import Endpoint, Progress, ProvisionError
 
 log = logging.getLogger("ollama_exoscale.exoscale")
@@ -76,6 +77,29 @@ class ExoscaleProvisioner:
 
     def tear_down(self, progress: Progress) -> None:
         self._run(lambda: self._destroy(progress), progress)
+
+    def bake(self, progress: Progress) -> Template:
+        """A private template of the server (proxy/provision/bake.py): it is left stopped."""
+        baker, instance_id = self._baker()
+        return baker.bake(instance_id, template_name(), progress)
+
+    def resume_after_bake(self, progress: Progress) -> None:
+        """Start the server a bake stopped (outside Pulumi, whose state still says running)."""
+        baker, instance_id = self._baker()
+        baker.start_if_stopped(instance_id, progress)
+
+    def _baker(self) -> tuple[TemplateBaker, str]:
+        outputs = self.observe_outputs()
+        if outputs is None:
+            raise ProvisionError("there is no GPU server to bake a template from")
+        zone = self.runner.settings.zone if self.runner.settings else "at-vie-2"
+        return TemplateBaker.from_env(self.runner.env, zone), outputs.instance_id
+
+    def observe_outputs(self) -> StackOutputs | None:
+        try:
+            return self.runner.outputs()
+        except AutomationError as exc:
+            raise ProvisionError(str(exc)) from None
 
     def _up(self, progress: Progress, state: str) -> StackOutputs:
         self._repair_if_interrupted(progress)

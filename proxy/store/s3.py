@@ -223,6 +223,8 @@ def _report(fields: dict[str, Any], where: S3Location) -> WorkerReport:
             float(fields.get("wanted_at", 0.0)),
             float(fields.get("heartbeat", 0.0)),
             float(fields.get("down_at", 0.0)),
+            float(fields.get("bake_at", 0.0)),
+            bool(fields.get("bake_models", False)),
         )
     except (KeyError, TypeError, ValueError):
         raise StoreError(f"state store {where}: a worker report is malformed") from None

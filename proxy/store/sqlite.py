@@ -44,6 +44,8 @@ class SqliteStore:
             """
         )
         self._add_column("workers", "down_at REAL DEFAULT 0")
+        self._add_column("workers", "bake_at REAL DEFAULT 0")
+        self._add_column("workers", "bake_models INTEGER DEFAULT 0")
 
     def _add_column(self, table: str, column: str) -> None:
         """Bring a store made by an older version up to date (any worker may be first)."""
@@ -108,19 +110,22 @@ class SqliteStore:
 
     def report(self, report: WorkerReport) -> None:
         self._run(
-            "INSERT INTO workers (worker, inflight, last_activity, wanted_at, heartbeat, down_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(worker) DO UPDATE SET "
-            "inflight = excluded.inflight, last_activity = excluded.last_activity, "
+            "INSERT INTO workers (worker, inflight, last_activity, wanted_at, heartbeat, down_at, "
+            "bake_at, bake_models) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(worker) DO UPDATE "
+            "SET inflight = excluded.inflight, last_activity = excluded.last_activity, "
             "wanted_at = excluded.wanted_at, heartbeat = excluded.heartbeat, "
-            "down_at = excluded.down_at",
+            "down_at = excluded.down_at, bake_at = excluded.bake_at, "
+            "bake_models = excluded.bake_models",
             tuple(asdict(report).values()),
         )
 
     def reports(self) -> list[WorkerReport]:
         rows = self._run(
-            "SELECT worker, inflight, last_activity, wanted_at, heartbeat, down_at FROM workers"
+            "SELECT worker, inflight, last_activity, wanted_at, heartbeat, down_at, bake_at, "
+            "bake_models FROM workers"
         )
-        return [WorkerReport(*row[:5], down_at=row[5] or 0.0) for row in rows]
+        return [WorkerReport(*row[:5], down_at=row[5] or 0.0, bake_at=row[6] or 0.0,
+                             bake_models=bool(row[7])) for row in rows]
 
     def forget(self, worker: str) -> None:
         self._run("DELETE FROM workers WHERE worker = ?", (worker,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from proxy.provision.bake import Template
 from proxy.provision.base import Endpoint, ProvisionError
 
 
@@ -52,3 +53,28 @@ class GatedProvisioner:
         with self.lock:
             self.stops += 1
         self.exists = False
+
+
+class BakingProvisioner(GatedProvisioner):
+    """A GatedProvisioner that bakes templates (as ExoscaleProvisioner.bake does, stopping the
+    server) once `bake_gate` opens; `resume_after_bake` starts it again."""
+
+    def __init__(self, endpoint: Endpoint | None = None):
+        super().__init__(endpoint)
+        self.bake_gate = threading.Event()
+        self.bakes = 0
+        self.resumes = 0
+        self.bake_fails_with: str | None = None
+
+    def bake(self, progress) -> Template:
+        with self.lock:
+            self.bakes += 1
+        progress("taking a snapshot of the instance's disk")
+        self.bake_gate.wait(30)
+        if self.bake_fails_with:
+            raise ProvisionError(self.bake_fails_with)
+        return Template("tmpl-1", f"ollama-exoscale-test-{self.bakes}", "at-vie-2", "ubuntu")
+
+    def resume_after_bake(self, progress) -> None:
+        with self.lock:
+            self.resumes += 1

@@ -106,12 +106,13 @@ def test_cold_request_to_ready_to_stream_to_idle_destroy(world):
         assert status["cold_start_estimate"]["mode"] == "destroy"
         assert timeline["boot"] >= 0.9 and timeline["model_pull"] >= 1.5
         # The phases cloud-init/progress.py timed on the server, as its front served them.
-        assert set(timeline["on_server"]) == {"packages", "image", "pulling", "container"}
+        assert set(timeline["on_server"]) == {"packages", "toolkit", "image", "pulling",
+                                              "driver", "container"}
         assert timeline["on_server"]["pulling"] >= 1.5
         assert status["cold_start_timeline"]["median"] == {
             k: v for k, v in timeline.items() if not k.startswith("on_server") and k != "mode"}
         spans = timeline["on_server_spans"]  # each stage's [start, end], in the order they began
-        assert list(spans) == ["packages", "image", "pulling", "container"]
+        assert list(spans) == ["packages", "toolkit", "image", "pulling", "driver", "container"]
         assert spans["pulling"][1] - spans["pulling"][0] >= 1.5
         assert status["remote_url"].startswith("https://127.0.0.1:")
         token = stored_token(w.state)
@@ -325,3 +326,34 @@ def test_the_openai_sdk_without_proxy_keys_passes_the_real_front(world):
         assert len(chunks) > 2
         assert [m.id for m in client.models.list()] == ["llama3.2:latest"]
         assert "sk-any-client-key" not in proxy.logs()
+
+
+@pytest.mark.parametrize("models", [False, True])
+def test_bake_then_serve_from_the_template_skips_the_install_stages(world, models, capsys):
+    from proxy.cli import main
+    from tests.doubles.exoscale_api import ExoscaleApi
+
+    w = world(PROXY_IDLE_TIMEOUT="600")
+    w.state.mkdir(parents=True, exist_ok=True)
+    with ExoscaleApi(w.state / "pulumi-backend", API_KEY, API_SECRET) as api:
+        w.env["EXOSCALE_API_URL"] = api.url
+        with w.proxy() as proxy:
+            args = ["bake", "--url", proxy.url, "--timeout", "180"] + (["--models"] * models)
+            assert main(args) == 0
+            printed = capsys.readouterr().out.splitlines()
+            template = next(line for line in printed if line.startswith("EXOSCALE_TEMPLATE="))
+            assert "EXOSCALE_TEMPLATE_VISIBILITY=private" in printed
+            assert "create-snapshot" in api.calls and "promote-snapshot-to-template" in api.calls
+            assert main(["down", "--url", proxy.url, "--wait", "--timeout", "120"]) == 0
+        assert w.instances() == {}  # down removed the server
+        cloud = __import__("json").loads(
+            (w.state / "pulumi-backend" / "standin-cloud.json").read_text())
+        assert [t["name"] for t in cloud["templates"].values()] == [template.split("=", 1)[1]]
+        w.env.update(EXOSCALE_TEMPLATE=template.split("=", 1)[1],
+                     EXOSCALE_TEMPLATE_VISIBILITY="private")
+        with w.proxy() as proxy:
+            requests.post(proxy.url + "/admin/up", timeout=5)
+            status = proxy.wait_phase("ready", timeout=120)
+            stages = set(status["cold_start_timeline"]["last"]["on_server"])
+            assert not stages & {"driver", "toolkit", "image"}, stages
+            assert ("pulling" in stages) is (not models), stages

@@ -55,6 +55,9 @@ MAX_USER_DATA = 32768
 # The public templates `getTemplate` finds by name (STANDIN_TEMPLATES: others, comma-separated).
 PUBLIC_TEMPLATES = ",".join(("Linux Ubuntu 24.04 LTS 64-bit", "Linux Ubuntu 22.04 LTS 64-bit",
                              "Linux Debian 12 (Bookworm) 64-bit"))
+# What Exoscale's API v2 keeps beside the provider's objects (tests/doubles/exoscale_api.py):
+# snapshots of instances, the private templates made from them, and the async operations.
+API_OBJECTS = ("snapshots", "templates", "operations")
 # What the simulated machine keeps in an instance's record, not the provider's outputs.
 MACHINE = ("pid", "port", "disk", "models_dir")
 # Inputs whose change the Exoscale provider applies in place; any other change replaces.
@@ -78,7 +81,7 @@ class Cloud:
         with open(self.files / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = json.loads(self.path.read_text()) if self.path.exists() else {}
-            for kind in EXOSCALE_OBJECTS.values():
+            for kind in (*EXOSCALE_OBJECTS.values(), *API_OBJECTS):
                 data.setdefault(kind, {})
             yield data
             scratch = self.path.with_suffix(".tmp")
@@ -176,6 +179,12 @@ class Cloud:
     def invoke(self, token: str, args: dict) -> dict:
         if token == "exoscale:index/getTemplate:getTemplate":
             name = args.get("name") or "Linux Ubuntu 24.04 LTS 64-bit"
+            visibility = args.get("visibility") or "public"
+            if visibility not in ("public", "private"):  # the API's `list-templates` enum
+                raise StepError(f"invoking exoscale:index/getTemplate:getTemplate: invalid "
+                                f"visibility {visibility!r}")
+            if visibility == "private":  # the organisation's own, e.g. promoted snapshots
+                return self._private_template(name, args.get("zone"))
             known = (self.env.get("STANDIN_TEMPLATES") or PUBLIC_TEMPLATES).split(",")
             if name not in known:  # egoscale v2 GetTemplateByName finds none: ErrNotFound
                 raise StepError("invoking exoscale:index/getTemplate:getTemplate: resource "
@@ -201,6 +210,19 @@ class Cloud:
             return {"id": args.get("zone"), "zone": args.get("zone"), "instances": found}
         raise StepError(f"unknown function {token}")
 
+    def _private_template(self, name: str, zone: str | None) -> dict:
+        """The newest private template of that name in the zone (the provider's data source:
+        "when multiple templates have the same name, the newest one will be returned")."""
+        with self.objects() as data:
+            found = [(t["created-at"], template_id, t)
+                     for template_id, t in data["templates"].items()
+                     if t["name"] == name and zone in t["zones"]]
+        if not found:
+            raise StepError("invoking exoscale:index/getTemplate:getTemplate: resource not found")
+        _, template_id, template = max(found)
+        return {"id": template_id, "name": name, "zone": zone,
+                "defaultUser": template.get("default-user") or "", "visibility": "private"}
+
     # -- the compute instance ---------------------------------------------------------------
 
     def _create_instance(self, plain: dict, inputs: dict, stack: list[dict]) -> tuple[str, dict]:
@@ -212,6 +234,10 @@ class Cloud:
             raise StepError(f"creating Compute instance: {failure}")
         object_id = str(uuid.uuid4())
         disk = make_disk(prefix=f"standin-{object_id[:8]}-")
+        with self.objects() as data:
+            template = data["templates"].get(plain.get("templateId") or "")
+        if template is not None:  # a private template: its disk is the snapshot's, copied
+            shutil.copytree(template["disk"], disk, symlinks=True, dirs_exist_ok=True)
         (disk / "user-data").write_text(plain.get("userData") or "")
         record = {
             **plain,
@@ -228,7 +254,7 @@ class Cloud:
         record["models_on_volume"] = (models_dir / "pulled").exists()
         record["models_dir"] = str(models_dir)
         if record["state"] == "running":
-            record["pid"] = self._boot(object_id, record)
+            record["pid"] = self.boot(object_id, record)
         with self.objects() as data:
             data["instances"][object_id] = record
         return object_id, {**inputs, **_instance_outputs(record)}
@@ -252,9 +278,9 @@ class Cloud:
             start = bool(changed) and new.get("state", "running") == "running"
             if start and actual == "stopped":
                 record["state"] = "running"
-                record["pid"] = self._boot(object_id, record)  # its disk keeps what it pulled
+                record["pid"] = self.boot(object_id, record)  # its disk keeps what it pulled
         if stop and pid:
-            _stop(pid)
+            stop_process(pid)
 
     def _port(self, plain: dict, stack: list[dict]) -> int:
         if self.env.get("STANDIN_INSTANCE_PORT"):
@@ -268,7 +294,7 @@ class Cloud:
                     return port
         raise StepError("the stand-in cannot tell the instance's port: open it in a rule")
 
-    def _boot(self, object_id: str, record: dict) -> int:
+    def boot(self, object_id: str, record: dict) -> int:
         """Start the instance's server (tests/doubles/standin_pulumi/server.py) on its disk.
 
         Its front listens once STANDIN_BOOT_DELAY has passed; each model it lacks takes
@@ -276,6 +302,7 @@ class Cloud:
         """
         disk = Path(record["disk"])
         (disk / "boot.json").write_text(json.dumps({
+            "instance_id": object_id,  # what cloud-init keys its once-per-instance work on
             "port": record["port"],
             "boot_delay": float(self.env.get("STANDIN_BOOT_DELAY") or 0),
             "pull_seconds": float(self.env.get("STANDIN_PULL_SECONDS") or 0),
@@ -325,12 +352,12 @@ def _matches(pattern: str | None, value: str | None) -> bool:
 def stop_server(record: dict) -> None:
     """The instance is gone: its server stopped, its disk removed."""
     if record.get("pid"):
-        _stop(record["pid"])
+        stop_process(record["pid"])
     if record.get("disk"):
         shutil.rmtree(record["disk"], ignore_errors=True)
 
 
-def _stop(pid: int) -> None:
+def stop_process(pid: int) -> None:
     """Stop the instance's process group: SIGTERM, then SIGKILL after 5 s."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
         try:

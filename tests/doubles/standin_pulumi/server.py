@@ -7,7 +7,11 @@ boot, the bring-up: the progress document (by the rendered `ollama-exoscale-prog
 setup.sh runs it), the front (Debian's nginx with the rendered site: tests/doubles/nginx_front.py),
 Ollama on loopback (tests/doubles/fake_ollama.py: plain HTTP and no token, the front guards it), the
 missing models pulled through Ollama's API by the progress script, then the ready marker that
-opens the front. Left out: the NVIDIA driver, Docker, the container toolkit, the volume's mount.
+opens the front. The NVIDIA driver, the container toolkit and the Ollama image are not
+installed, only simulated: each is a marker under DISK/standin-installed/ (standing for dpkg's
+database and Docker's image store), made by the stage that "installs" it, so a disk that has it
+(a snapshot's copy: an instance made from a template `ollama-exoscale bake` promoted) skips the
+stage, as setup.sh's checks do. Left out: the volume's mount.
 
 DISK/boot.json, written by the stand-in cloud, holds what the machine itself decides: the
 public port, the boot delay (before anything listens), how long a pull takes, the folder
@@ -39,14 +43,18 @@ def log(text: str) -> None:
     print(f"standin-server: {text}", file=sys.stderr, flush=True)
 
 
-def cloud_init(disk: Path) -> None:
-    """The user data's files, written on the first boot only (cloud-init: once per instance)."""
-    done = on_disk(disk, "/var/lib/cloud/instance/boot-finished")
-    if done.exists():
+INSTALLED = "standin-installed"  # on the disk: what the simulated install stages left there
+
+
+def cloud_init(disk: Path, instance_id: str) -> None:
+    """The user data's files, written on the first boot of each instance only (cloud-init keys
+    its once-per-instance work on the instance ID: a disk copied from a template runs it again)."""
+    done = on_disk(disk, "/var/lib/cloud/data/instance-id")
+    if done.exists() and done.read_text().strip() == instance_id:
         return
     write_files((disk / "user-data").read_text(), disk)
     done.parent.mkdir(parents=True, exist_ok=True)
-    done.touch()
+    done.write_text(instance_id + "\n")
 
 
 def script_models(disk: Path) -> list[str]:
@@ -83,9 +91,11 @@ class Server:
         self.state.mkdir(parents=True, exist_ok=True)
         self.state.chmod(0o755)  # the front's workers read the progress document in it
         ready = self.state / "ready"
+        self.reset_if_new_instance()
         if ready.exists():
             (self.state / "status.json").unlink(missing_ok=True)  # a restart: this boot only
         self.say("packages", "starting the bring-up")
+        self.install("toolkit", "installing the NVIDIA container toolkit")
         ollama_port = fake_ollama.free_port()
         self.front = Front(self.disk, ollama_port, int(self.boot["port"])).start()
         if self.boot.get("gives_up"):  # as setup.sh's give_up: the reason, then no more
@@ -95,7 +105,7 @@ class Server:
         # As setup.sh's fetch_downloads: the image and the models on the downloads' own track
         # (beside the driver install, which a server without a GPU leaves out).
         self.env["PROGRESS_TRACK"] = "fetch"
-        self.say("image", "pulling the Ollama image")
+        self.install("image", "pulling the Ollama image")
         self.models_dir.mkdir(parents=True, exist_ok=True)
         pulled = self.models_dir / PULLED
         kept = pulled.read_text().split() if pulled.exists() else []
@@ -113,15 +123,41 @@ class Server:
                 file.write(model + "\n")
         self.progress("end", "pulling")
         self.env["PROGRESS_TRACK"] = "main"
+        self.install("driver", "installing the NVIDIA driver (attempt 1 of 3)")
         self.say("container", "starting Ollama with the GPU")
         self.progress("ready")  # as setup.sh's mark_ready: the document, then the gate
         ready.touch()
         log(f"ready: the front answers on 127.0.0.1:{self.boot['port']}")
 
+    def reset_if_new_instance(self) -> None:
+        """setup.sh's reset_if_new_instance: markers of the instance a template was baked from
+        (ready, failed, the driver's reboot, the progress) are not this instance's."""
+        instance_id = on_disk(self.disk, "/var/lib/cloud/data/instance-id").read_text().strip()
+        mine = self.state / "instance-id"
+        if mine.exists() and mine.read_text().strip() == instance_id:
+            return
+        for name in ("ready", "failed", "rebooted-for-driver", "status.json"):
+            (self.state / name).unlink(missing_ok=True)
+        mine.write_text(instance_id + "\n")
+
+    def install(self, stage: str, detail: str) -> None:
+        """A simulated install stage: said and marked as done, or skipped when the disk has it."""
+        marker = self.disk / INSTALLED / stage
+        if marker.exists():
+            return
+        self.say(stage, detail)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
     def close(self) -> None:
         if self.front is not None:
             self.front.stop()
         if self.ollama is not None:
+            # The disk keeps what Ollama's store holds now (a model deleted through its API
+            # is gone from a snapshot too).
+            with self.ollama.state.lock:
+                held = list(self.ollama.state.models)
+            (self.models_dir / PULLED).write_text("".join(m + "\n" for m in held))
             self.ollama.close()
 
 
@@ -133,7 +169,7 @@ def main(argv: list[str]) -> int:
     boot = json.loads((disk / "boot.json").read_text())
     if stop.wait(float(boot["boot_delay"])):
         return 0
-    cloud_init(disk)
+    cloud_init(disk, boot.get("instance_id") or disk.name)
     server = Server(disk)
     try:
         server.bring_up()

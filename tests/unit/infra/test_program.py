@@ -152,6 +152,15 @@ def test_template_is_looked_up_by_name_in_the_zone(run_program):
     call = run.mocks.calls[0]
     assert call.args["zone"] == "ch-gva-2"
     assert call.args["name"] == "Linux Ubuntu 22.04 LTS 64-bit"
+    assert call.args["visibility"] == "public"
+
+
+def test_a_private_template_is_looked_up_among_the_organisations(run_program):
+    run = run_program(settings(template="ollama-exoscale-20260101-1200",
+                               template_visibility="private"))
+    call = run.mocks.calls[0]
+    assert (call.args["name"], call.args["visibility"]) == (
+        "ollama-exoscale-20260101-1200", "private")
 
 
 def test_instance_inputs(run_program):

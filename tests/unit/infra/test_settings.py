@@ -103,3 +103,21 @@ def test_the_proxy_reads_shared_variables_as_the_program_does():
     for field in ("models", "zone", "instance_type", "disk_size", "template"):
         assert getattr(config, field) == getattr(settings, field), field
     assert Config.from_env({}).models == Settings.models == ("llama3.2",)
+
+
+def test_template_visibility_is_public_by_default_and_private_when_set():
+    assert Settings(allowed_cidrs=CIDRS).template_visibility == "public"
+    settings = Settings.from_env({"EXOSCALE_ALLOWED_CIDRS": "203.0.113.7",
+                                  "EXOSCALE_TEMPLATE": "ollama-exoscale-20260101-1200",
+                                  "EXOSCALE_TEMPLATE_VISIBILITY": "private"})
+    assert (settings.template, settings.template_visibility) == (
+        "ollama-exoscale-20260101-1200", "private")
+
+
+def test_another_template_visibility_is_refused_naming_the_variable_and_the_choices():
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"EXOSCALE_ALLOWED_CIDRS": "203.0.113.7",
+                           "EXOSCALE_TEMPLATE_VISIBILITY": "Private"})
+    message = str(caught.value)
+    assert message.startswith("EXOSCALE_TEMPLATE_VISIBILITY='Private' is not valid:")
+    assert "public" in message and "private" in message and "\n" not in message
