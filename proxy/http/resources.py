@@ -95,7 +95,7 @@ class BakeTemplate:
             raise falcon.HTTPBadRequest(
                 description=f"models={models!r} is not valid: expected 1 (keep the models in "
                 "the template) or 0")
-        if not hasattr(self.lifecycle.provisioner, "bake"):
+        if not self.lifecycle.provisioner.can_bake:
             raise falcon.HTTPConflict(
                 description=f"the {self.lifecycle.provisioner.name} provisioner cannot bake a "
                 "template: bake needs PROXY_PROVISIONER=exoscale")

@@ -31,8 +31,8 @@ from proxy.lifecycle.decide import (
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Endpoint, Provisioner, ProvisionError
 from proxy.store.base import Store
-from proxy.upstream.probe import load_model, probe, server_progress
-from proxy.upstream.session import Sessions, auth_headers
+from proxy.upstream.probe import delete_model, load_model, probe, server_progress
+from proxy.upstream.session import Sessions
 
 log = logging.getLogger("ollama_exoscale.lifecycle")
 
@@ -240,14 +240,13 @@ class Operations:
                      **self._detail(Phase.BAKING, "baking a template of the GPU server", now))
         if not self._drain(now + self.config.drain_timeout):
             return
-        bake = getattr(self.provisioner, "bake", None)
         try:
-            if bake is None:
+            if not self.provisioner.can_bake:
                 raise ProvisionError(f"the {self.provisioner.name} provisioner cannot bake a "
                                      "template: bake needs PROXY_PROVISIONER=exoscale")
             if not models:
                 self._delete_models(state.endpoint)
-            template = bake(self._progress)
+            template = self.provisioner.bake(self._progress)
         except ProvisionError as exc:
             log.error("the bake failed: %s", exc)
             self._commit(bake_error=str(exc))
@@ -266,7 +265,6 @@ class Operations:
     def _after_bake(self) -> None:
         """Back to serving (the instance started again) or, with nobody to serve, idle."""
         state = self._current
-        resume = getattr(self.provisioner, "resume_after_bake", None)
         demand_since = max((r.wanted_at for r in self.store.reports()), default=0.0)
         serve = state.bake_serve or demand_since > state.phase_since
         try:
@@ -274,8 +272,8 @@ class Operations:
                 self._commit(removal="destroy", removal_reason="idle after a bake")
                 self._remove()
                 return
-            if resume is not None:
-                resume(self._progress)  # the stack's declared state is `running`: it is again
+            if self.provisioner.can_bake:  # it stopped the server; the stack says `running`
+                self.provisioner.resume_after_bake(self._progress)
         except ProvisionError as exc:
             self._fail(f"starting the GPU server after the bake failed: {exc}", teardown=True)
             return
@@ -291,7 +289,7 @@ class Operations:
         for model in self.config.models:
             self._progress(f"deleting {model} from the disk (bake without --models)")
             try:
-                sessions_delete(self.sessions, endpoint, model)
+                delete_model(self.sessions, endpoint, model)
             except requests.RequestException as exc:
                 raise ProvisionError(f"deleting {model} before the snapshot failed "
                                      f"({type(exc).__name__})") from None
@@ -433,11 +431,3 @@ _PERCENT = re.compile(r"\s*\d+%$")
 def _grown(last: str, sentence: str) -> bool:
     """The same sentence with another percent at its end."""
     return bool(_PERCENT.search(sentence)) and _PERCENT.sub("", last) == _PERCENT.sub("", sentence)
-
-
-def sessions_delete(sessions: Sessions, endpoint: Endpoint, model: str) -> None:
-    """Ollama's DELETE /api/delete for one model; a model it does not have is no error."""
-    answer = sessions.get(endpoint).delete(endpoint.url + "/api/delete", json={"model": model},
-                                           headers=auth_headers(endpoint), timeout=(3, 60))
-    if answer.status_code not in (200, 404):
-        raise requests.HTTPError(f"HTTP {answer.status_code}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # Called with a short sentence for a person, e.g. "creating compute instance (2/4)".
 Progress = Callable[[str], None]
@@ -32,6 +32,7 @@ class ProvisionError(Exception):
 class Provisioner(Protocol):
     name: str
     typical_cold_start: float  # seconds, used for Retry-After before any cold start is measured
+    can_bake: bool  # whether `bake` and `resume_after_bake` exist (templates: exoscale only)
 
     def observe(self) -> Endpoint | None:
         """What exists now (None: nothing). Cheap enough to call on every lease take-over."""
@@ -55,3 +56,10 @@ class Provisioner(Protocol):
 
         A provisioner with nothing worth keeping may simply tear down.
         """
+
+    def bake(self, progress: Progress) -> Any:
+        """(can_bake only) Make a private template of the ready server, leaving it stopped;
+        returns the template (proxy/provision/bake.py `Template`)."""
+
+    def resume_after_bake(self, progress: Progress) -> None:
+        """(can_bake only) Start the server a bake stopped."""

@@ -37,6 +37,7 @@ STALE_LOCK_AFTER = 3 * 3600.0
 
 class ExoscaleProvisioner:
     name = "exoscale"
+    can_bake = True
     typical_cold_start = 420.0  # create and boot (~2 min), drivers and Docker, the model pull
 
     def __init__(self, runner: StackRunner, *, stale_lock_after: float = STALE_LOCK_AFTER):

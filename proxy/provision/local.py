@@ -30,6 +30,7 @@ _children: dict[int, subprocess.Popen] = {}  # started by this process: polled s
 
 class LocalProvisioner:
     name = "local"
+    can_bake = False
     typical_cold_start = 5.0
 
     def __init__(

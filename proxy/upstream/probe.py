@@ -1,5 +1,6 @@
 """What the lifecycle asks the upstream Ollama from its background thread: is it ready (it
-answers and lists every model), load a model, and the GPU server's own bring-up progress.
+answers and lists every model), load a model, delete one (before a bake without models),
+and the GPU server's own bring-up progress.
 Through the requests sessions of proxy/upstream/session.py: no redirects followed.
 """
 
@@ -81,3 +82,11 @@ def server_progress(sessions: Sessions, endpoint: Endpoint) -> dict | None:
     except (requests.RequestException, ValueError):
         return None
     return doc if isinstance(doc, dict) and isinstance(doc.get("detail"), str) else None
+
+
+def delete_model(sessions: Sessions, endpoint: Endpoint, model: str) -> None:
+    """Ollama's DELETE /api/delete for one model; a model it does not have is no error."""
+    answer = sessions.get(endpoint).delete(endpoint.url + "/api/delete", json={"model": model},
+                                           headers=auth_headers(endpoint), timeout=(3, 60))
+    if answer.status_code not in (200, 404):
+        raise requests.HTTPError(f"HTTP {answer.status_code}")

@@ -12,6 +12,7 @@ class GatedProvisioner:
     """Brings up `endpoint` when the test opens the gate; counts every call."""
 
     name = "gated"
+    can_bake = False
     typical_cold_start = 30.0
 
     def __init__(self, endpoint: Endpoint | None = None, *, open_gate: bool = True):
@@ -58,6 +59,8 @@ class GatedProvisioner:
 class BakingProvisioner(GatedProvisioner):
     """A GatedProvisioner that bakes templates (as ExoscaleProvisioner.bake does, stopping the
     server) once `bake_gate` opens; `resume_after_bake` starts it again."""
+
+    can_bake = True
 
     def __init__(self, endpoint: Endpoint | None = None):
         super().__init__(endpoint)
