@@ -4,8 +4,6 @@ clients poll (answered here until the GPU server is ready, forwarded after).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +11,9 @@ import falcon
 
 from proxy.config import Config
 from proxy.http.forwarding import forward
-from proxy.lifecycle.demand import Lifecycle, after
+from proxy.lifecycle.demand import Lifecycle
 from proxy.lifecycle.snapshot import Snapshot
 from proxy.lifecycle.status import status_document
-from proxy.store.base import WorkerReport
 from proxy.upstream.forward import Forwarder
 from proxy.upstream.session import normalise_model
 
@@ -82,8 +79,8 @@ class ShutDown:
 class BakeTemplate:
     """POST /admin/bake[?models=1]: make a private template of the GPU server (admin key).
 
-    The request is a report of its own (`<worker>/bake`) that the lease holder reads on its
-    next tick: it brings a server up if none is ready, then bakes while demand waits."""
+    The lease holder reads the request from this worker's report on its next tick: it brings
+    a server up if none is ready, then bakes while demand waits."""
 
     def __init__(self, config: Config, lifecycle: Lifecycle):
         self.config = config
@@ -95,17 +92,14 @@ class BakeTemplate:
             raise falcon.HTTPBadRequest(
                 description=f"models={models!r} is not valid: expected 1 (keep the models in "
                 "the template) or 0")
-        if not self.lifecycle.provisioner.can_bake:
+        if not self.lifecycle.can_bake:
             raise falcon.HTTPConflict(
                 description=f"the {self.lifecycle.provisioner.name} provisioner cannot bake a "
                 "template: bake needs PROXY_PROVISIONER=exoscale")
         snapshot = self.lifecycle.snapshot()
         if snapshot.state.phase == "baking":
             raise falcon.HTTPConflict(description="a bake is under way; follow it in /status")
-        at = after(time.time(), snapshot.demand.bake_at, snapshot.state.bake_handled)
-        report = WorkerReport(f"{self.lifecycle.worker}/bake", heartbeat=at, bake_at=at,
-                              bake_models=models in ("1", "true"))
-        await asyncio.to_thread(self.lifecycle.store.report, report)
+        at = self.lifecycle.bake(models=models in ("1", "true"))
         resp.status = falcon.HTTP_202
         resp.media = {**status_document(self.config, self.lifecycle), "bake_requested_at": at}
 

@@ -22,7 +22,7 @@ import statistics
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.config import Config
@@ -86,6 +86,8 @@ class Lifecycle:
         self._last_activity = 0.0
         self._wanted_at = 0.0
         self._down_at = 0.0
+        self._bake_at = 0.0
+        self._bake_models = False
         self._held = 0
         self._reported: WorkerReport | None = None
         self._wake = threading.Event()
@@ -174,6 +176,22 @@ class Lifecycle:
         with self._lock:
             self._down_at = after(time.time(), self._down_at, self._snapshot.state.down_handled)
         self._wake.set()
+
+    @property
+    def can_bake(self) -> bool:
+        return self.provisioner.can_bake
+
+    def bake(self, models: bool) -> float:
+        """An operator asks for a template of the GPU server (bringing one up if none); the
+        lease holder bakes on its next tick. Returns when the request was stamped."""
+        known = self._snapshot
+        with self._lock:
+            self._bake_at = after(time.time(), self._bake_at, known.demand.bake_at,
+                                  known.state.bake_handled)
+            self._bake_models = models
+            stamped = self._bake_at
+        self._wake.set()
+        return stamped
 
     def hold(self, seconds: float) -> Snapshot:
         """Wait up to `seconds` for ready (or error); False-y slot means the hold cap is full."""
@@ -287,15 +305,10 @@ class Lifecycle:
         with self._lock:
             report = WorkerReport(
                 self.worker, self._inflight, self._last_activity, self._wanted_at, now,
-                self._down_at,
+                self._down_at, self._bake_at, self._bake_models,
             )
         last = self._reported
-        unchanged = last is not None and (
-            last.inflight,
-            last.last_activity,
-            last.wanted_at,
-            last.down_at,
-        ) == (report.inflight, report.last_activity, report.wanted_at, report.down_at)
+        unchanged = last is not None and replace(last, heartbeat=now) == report
         if unchanged and abs(now - last.heartbeat) < HEARTBEAT:  # a clock stepped back too
             return
         self.store.report(report)

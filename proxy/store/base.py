@@ -25,8 +25,8 @@ class WorkerReport:
     wanted_at: float = 0.0  # last time this worker saw demand while not ready
     heartbeat: float = 0.0
     down_at: float = 0.0  # last time an operator asked this worker to remove the GPU server
-    # An operator's `bake` (POST /admin/bake): when, and whether the models go in the template.
-    # Written under a report of its own (`<worker>/bake`), so the demand loop never clears it.
+    # The last operator's `bake` (POST /admin/bake) on this worker: when, and whether the
+    # models go in the template.
     bake_at: float = 0.0
     bake_models: bool = False
 

@@ -1,4 +1,4 @@
-"""The lifecycle while a template is baked (POST /admin/bake's report): demand is held with a
+"""The lifecycle while a template is baked (POST /admin/bake, Lifecycle.bake): demand is held with a
 503 that says so, no bring-up and no idle removal start meanwhile, and the server serves again
 (or goes idle) when the bake ends."""
 
@@ -9,7 +9,6 @@ import time
 from proxy.lifecycle.demand import Lifecycle
 from proxy.lifecycle.status import refusal, status_document
 from proxy.provision.base import Endpoint
-from proxy.store.base import WorkerReport
 from tests.doubles.provisioners import BakingProvisioner, GatedProvisioner
 from tests.harness import wait_until
 
@@ -19,11 +18,8 @@ def phase_of(life: Lifecycle) -> str:
 
 
 def ask_bake(life: Lifecycle, models: bool = False) -> float:
-    """What POST /admin/bake writes: a report of its own."""
-    at = time.time()
-    life.store.report(WorkerReport(f"{life.worker}/bake", heartbeat=at, bake_at=at,
-                                   bake_models=models))
-    return at
+    """What POST /admin/bake does."""
+    return life.bake(models)
 
 
 def test_demand_is_held_while_baking_then_the_server_serves_again(make, upstream):
