@@ -65,7 +65,8 @@ STEPS = {"503": scenarios.fast_503, "forward": scenarios.forward,
 # The figures a partial run (--only) prints, where a row has them.
 SHOWN = ("target", "body", "clients", "streams", "requests_per_s", "p50_ms", "p99_ms",
          "chunk_p99_ms", "settled_p99_ms", "ttfb_p50_ms", "upstream_open_max", "errors",
-         "connections_by_worker", "cpu_ms_per_chunk", "load1", "others")
+         "connections_by_worker", "cpu_ms_per_chunk", "upstream_cpu_ms_per_chunk", "load1",
+         "others")
 
 
 def run_all(plan: scenarios.Plan, workdir: Path, profile: bool, previous_ref: str | None,

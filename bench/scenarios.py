@@ -220,15 +220,19 @@ def _stream_rows(ctx: Context, target: Target, direct: Target, name: str | None 
                      **streams.summarize(records, CHUNK_INTERVAL), **busy})
     workers = target.workers()
     cpu = cpu_seconds(workers or [target.master])  # direct: the upstream, one process
+    upstream_cpu = cpu_seconds([direct.master])
     with RssSampler(workers) as rss, MaxPoller(lambda: _open_streams(direct)) as up, \
             ConnectionSampler(workers, port) as spread:
         records, busy = measured(ctx, lambda: streams.concurrent_streams(
             host, port, count, plan.stream_chunks, timeout=60))
     cpu = cpu_seconds(workers or [target.master]) - cpu
+    upstream_cpu = cpu_seconds([direct.master]) - upstream_cpu
+    relayed = max(1, count * (plan.stream_chunks + 1))
     rows.append({"target": name, "streams": count,
                  **streams.summarize(records, CHUNK_INTERVAL), **busy,
                  "upstream_open_max": up.highest, "connections_by_worker": spread.counts,
-                 "cpu_ms_per_chunk": 1e3 * cpu / max(1, count * (plan.stream_chunks + 1)),
+                 "cpu_ms_per_chunk": 1e3 * cpu / relayed,
+                 "upstream_cpu_ms_per_chunk": 1e3 * upstream_cpu / relayed,
                  **rss.summary()})
     return rows
 
