@@ -55,7 +55,17 @@ class Streamed:
         resp.stream = pieces()
 
 
-async def exchange(request: bytes) -> list[bytes]:
+def exchange(request: bytes) -> list[bytes]:
+    """What the protocol writes for `request`, on a loop of its own (asyncio.run would unset
+    the thread's loop for good, and the Pulumi mocks of later tests want one)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_exchange(request))
+    finally:
+        loop.close()
+
+
+async def _exchange(request: bytes) -> list[bytes]:
     app = falcon.asgi.App()
     app.add_route("/small", Small())
     app.add_route("/streamed", Streamed())
@@ -75,13 +85,13 @@ async def exchange(request: bytes) -> list[bytes]:
 
 
 def test_a_small_answer_leaves_in_one_write():
-    writes = asyncio.run(exchange(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"))
+    writes = exchange(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(writes) == 1
     head, _, body = writes[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == b'{"error": "not ready"}'
 
 
 def test_a_streamed_answer_sends_its_head_before_the_first_piece_arrives():
-    writes = asyncio.run(exchange(b"GET /streamed HTTP/1.1\r\nHost: x\r\n\r\n"))
+    writes = exchange(b"GET /streamed HTTP/1.1\r\nHost: x\r\n\r\n")
     assert writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"\r\n\r\n")
     assert b"".join(writes[1:]) == b"4\r\none\n\r\n4\r\ntwo\n\r\n0\r\n\r\n"
