@@ -206,6 +206,18 @@ def cpu_ticks_of_sessions(sids: set[int]) -> int:
     return total
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """utime+stime (seconds) these processes have used so far; 0 for one that is gone."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def established_by_worker(workers: list[int], port: int) -> list[int]:
     """Client connections to `port` each worker holds open now (from /proc/net/tcp*)."""
     inodes = _established_inodes(port)

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where RESULTS.md and results.png go (default: bench/)")
     parser.add_argument("--previous", metavar="REF",
                         help="the previous proxy's commit (default: see bench/previous.py)")
+    parser.add_argument("--only", metavar="NAMES", type=lambda text: text.split(","),
+                        help=f"only these scenarios, comma-separated ({', '.join(STEPS)}); "
+                        "the figures go to bench/out/results.json, no RESULTS.md")
     parser.add_argument("--before", type=Path, default=BEFORE,
                         help="an earlier run's results.json for a before/after section "
                         "(default: bench/before.json, when it exists)")
@@ -54,8 +57,20 @@ def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def run_all(plan: scenarios.Plan, workdir: Path, profile: bool, previous_ref: str | None
-            ) -> dict:
+STEPS = {"503": scenarios.fast_503, "forward": scenarios.forward,
+         "streaming": scenarios.streaming, "large": scenarios.large,
+         "streams_1000": scenarios.many_streams}
+
+
+# The figures a partial run (--only) prints, where a row has them.
+SHOWN = ("target", "body", "clients", "streams", "requests_per_s", "p50_ms", "p99_ms",
+         "chunk_p99_ms", "settled_p99_ms", "ttfb_p50_ms", "upstream_open_max", "errors",
+         "connections_by_worker", "cpu_ms_per_chunk", "upstream_cpu_ms_per_chunk", "load1",
+         "others")
+
+
+def run_all(plan: scenarios.Plan, workdir: Path, profile: bool, previous_ref: str | None,
+            only: list[str] | None = None) -> dict:
     tree, python, previous_label = previous.checkout(previous_ref, log)
     previous_build = targets.Build(str(python), tree)
     results: dict = {"previous": {"commit": previous_label}}
@@ -73,14 +88,14 @@ def run_all(plan: scenarios.Plan, workdir: Path, profile: bool, previous_ref: st
         ctx = scenarios.Context(plan, procs, workdir, machine.CpuMeter(procs.sessions), found,
                                 profiler, previous_build)
         idle_start = scenarios.idle_rss(ctx, ("ours", "previous", "naive", "nginx"))
-        steps = (("503", scenarios.fast_503), ("forward", scenarios.forward),
-                 ("streaming", scenarios.streaming), ("large", scenarios.large),
-                 ("streams_1000", scenarios.many_streams))
-        for name, step in steps:
+        for name, step in STEPS.items():
+            if only and name not in only:
+                continue
             log(f"scenario {name} (load {machine.load_text()})")
             results[name] = step(ctx)
             scenarios.settle()
-        idle_start["bare-falcon"] = results["503"].pop("bare_idle_mib")
+        if "503" in results:
+            idle_start["bare-falcon"] = results["503"].pop("bare_idle_mib")
         results["memory"] = {"idle_start": idle_start,
                              "idle_end": scenarios.idle_rss(ctx, ("ours", "previous", "naive",
                                                                   "nginx"))}
@@ -101,6 +116,9 @@ def _commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    unknown = set(args.only or ()) - set(STEPS)
+    if unknown:
+        raise SystemExit(f"--only: no scenario {', '.join(sorted(unknown))}")
     plan = scenarios.Plan.quick() if args.quick else scenarios.Plan()
     results_dir = args.results or (OUT if args.quick else BENCH)
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -114,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     info = machine.describe()
     try:
-        results = run_all(plan, workdir, args.profile, args.previous)
+        results = run_all(plan, workdir, args.profile, args.previous, args.only)
     except KeyboardInterrupt:
         log("interrupted: every process the bench started is stopped")
         return 130
@@ -132,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _commit(),
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if args.only:  # a partial run: its figures are in results.json, not a report
+        for name in args.only:
+            for row in results[name]["rows"]:
+                log(f"{name}: " + ", ".join(f"{key}={row[key]}" for key in SHOWN if key in row))
+        log(f"done in {results['meta']['minutes']:.1f} min: {OUT / 'results.json'}")
+        return 0
     results_dir.mkdir(parents=True, exist_ok=True)
     before = json.loads(args.before.read_text()) if args.before.exists() else None
     write_markdown(results, results_dir / "RESULTS.md", before)

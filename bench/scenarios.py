@@ -19,7 +19,7 @@ import requests
 
 from . import streams, targets, transfer, wrk
 from .machine import CpuMeter
-from .procs import Processes
+from .procs import Processes, cpu_seconds
 from .profile import Profiler
 from .sampling import ConnectionSampler, MaxPoller, RssSampler, rss_mib
 from .targets import CHUNK_INTERVAL, Target
@@ -219,13 +219,20 @@ def _stream_rows(ctx: Context, target: Target, direct: Target, name: str | None 
         rows.append({"target": name, "streams": 1,
                      **streams.summarize(records, CHUNK_INTERVAL), **busy})
     workers = target.workers()
+    cpu = cpu_seconds(workers or [target.master])  # direct: the upstream, one process
+    upstream_cpu = cpu_seconds([direct.master])
     with RssSampler(workers) as rss, MaxPoller(lambda: _open_streams(direct)) as up, \
             ConnectionSampler(workers, port) as spread:
         records, busy = measured(ctx, lambda: streams.concurrent_streams(
             host, port, count, plan.stream_chunks, timeout=60))
+    cpu = cpu_seconds(workers or [target.master]) - cpu
+    upstream_cpu = cpu_seconds([direct.master]) - upstream_cpu
+    relayed = max(1, count * (plan.stream_chunks + 1))
     rows.append({"target": name, "streams": count,
                  **streams.summarize(records, CHUNK_INTERVAL), **busy,
                  "upstream_open_max": up.highest, "connections_by_worker": spread.counts,
+                 "cpu_ms_per_chunk": 1e3 * cpu / relayed,
+                 "upstream_cpu_ms_per_chunk": 1e3 * upstream_cpu / relayed,
                  **rss.summary()})
     return rows
 
@@ -248,6 +255,11 @@ def many_streams(ctx: Context) -> dict:
         row["growth_kib_per_stream"] = growth_kib / ctx.plan.many_streams
         rows.append(row)
         settle()
+    if ctx.profiler:
+        ours, plan = ctx.targets["ours"], ctx.plan
+        ctx.profiler.record(f"{plan.many_streams} streams at once", ours,
+                            lambda: streams.concurrent_streams(
+                                *ours.host_port, plan.many_streams, plan.stream_chunks, 60))
     return {"rows": rows, "chunks": ctx.plan.stream_chunks}
 
 

@@ -21,11 +21,21 @@ from pathlib import Path
 import requests
 
 from . import nginx
-from .procs import PYTHON, Processes, StartError, answers, children, free_port, wait_until
+from .procs import (
+    PYTHON,
+    REPO,
+    Processes,
+    StartError,
+    answers,
+    children,
+    free_port,
+    wait_until,
+)
 
 MODELS = "llama3.2,nomic-embed-text"
 CHUNK_INTERVAL = 0.02  # seconds between the upstream's stream chunks
 GUNICORN_CONF = "proxy/gunicorn_conf.py"
+FAKE_OLLAMA = REPO / "tests" / "doubles" / "fake_ollama.py"
 TICK = 0.25  # the proxy's default PROXY_TICK: how often a worker syncs its state
 
 
@@ -64,8 +74,10 @@ class Target:
 
 
 def upstream_command(*flags: str) -> str:
-    """The fake Ollama as a PROXY_LOCAL_COMMAND; it listens on OLLAMA_HOST."""
-    argv = [PYTHON, "-m", "tests.doubles.fake_ollama", "--models", MODELS,
+    """The fake Ollama as a PROXY_LOCAL_COMMAND; it listens on OLLAMA_HOST. Run by its path
+    (it imports nothing of the project): the previous proxy's checkout has the tests' old
+    layout on its PYTHONPATH."""
+    argv = [PYTHON, str(FAKE_OLLAMA), "--models", MODELS,
             "--chunk-interval", str(CHUNK_INTERVAL), *flags]
     return shlex.join(argv)
 

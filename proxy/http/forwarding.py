@@ -53,7 +53,8 @@ class Demand:
             )
         ticket = self.lifecycle.admit()
         # Another worker may know it is ready; the store is read in a thread, off the loop.
-        if ticket is None and await asyncio.to_thread(self.lifecycle.refresh):
+        if ticket is None and self.lifecycle.refresh_needed() and \
+                await asyncio.to_thread(self.lifecycle.refresh):
             ticket = self.lifecycle.admit()
         if ticket is None:
             ticket = await self._hold(req, resp)

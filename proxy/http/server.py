@@ -74,6 +74,56 @@ class Watch:
             callback()
 
 
+class HeadWithBody:
+    """The client's transport as uvicorn writes to it: an answer's head waits for the first
+    bytes of its body, within this turn of the event loop, and leaves with them in one write.
+
+    uvicorn writes the head and the body apart, and uvloop sends each write at once: a small
+    answer (a 503, most forwarded ones) cost two sends and two segments. Writes keep their
+    order; a held head leaves at the next write, on close, or at the loop's next turn."""
+
+    __slots__ = ("_transport", "_loop", "_held", "_release", "hold_next")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._release: asyncio.Handle | None = None
+        self.hold_next = False  # set when a request head is complete: its answer's head is next
+
+    def write(self, data: bytes) -> None:
+        if self.hold_next:
+            self.hold_next = False
+            self._held = data
+            self._release = self._loop.call_soon(self._flush)
+            return
+        if self._held is not None:
+            data = self._take() + data
+        self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def _flush(self) -> None:
+        if self._held is not None:
+            held = self._take()
+            if not self._transport.is_closing():  # the client may have gone meanwhile
+                self._transport.write(held)
+
+    def _take(self) -> bytes:
+        held, self._held = self._held, None
+        self._release.cancel()
+        return held
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)  # is_closing, abort, get_extra_info, …
+
+
 class Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the time and size limits above."""
 
@@ -94,6 +144,7 @@ class Protocol(HttpToolsProtocol):
     # -- connection events ---------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        transport = HeadWithBody(transport, self.loop)
         super().connection_made(transport)
         self.watch = Watch(transport)
         self._arm(self.head_timeout)  # a connection that never sends a request
@@ -151,6 +202,7 @@ class Protocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
+        self.transport.hold_next = True  # the answer's head: it leaves with its body
         if len(self.connections) > self.max_connections:
             log.warning("more than %d connections (PROXY_MAX_CONNECTIONS): 503",
                         self.max_connections)

@@ -96,6 +96,8 @@ class Lifecycle:
         self._reports: list[WorkerReport] = []  # as of the last sync, for refresh()
         self._refresh_lock = threading.Lock()
         self._refreshed_at = 0.0  # monotonic time the last refresh() read began
+        self._changes = store.change_counter()
+        self._seen = -1  # the counter's value just before this worker's last store read
         self.store_error: str | None = None
         self._sync()
         self._thread = threading.Thread(target=self._loop, name="lifecycle-sync", daemon=True)
@@ -121,6 +123,18 @@ class Lifecycle:
             self.want()
         return None
 
+    def refresh_needed(self) -> bool:
+        """Whether refresh() might find the server ready, from memory alone (for the event
+        loop): another worker may have shown a ready snapshot this one has not read yet.
+
+        With the host's change counter (SQLite): only when it moved since this worker's last
+        store read, so a burst of 503s while provisioning reads nothing. Without one (S3: the
+        workers of other hosts cannot move it), always: each refusal waits for a store read,
+        shared by the refusals that asked meanwhile. A rate limit on that read would leave a
+        window in which a client told "ready" by one host is refused by another.
+        """
+        return self._changes is None or self._changes.read() != self._seen
+
     def refresh(self) -> bool:
         """Read the shared state now, not as of the last tick; True when it says ready.
 
@@ -132,17 +146,27 @@ class Lifecycle:
         with self._refresh_lock:
             if self._refreshed_at < asked:  # no read began since this caller asked: read now
                 self._refreshed_at = time.monotonic()
+                mark = self._mark()
                 try:
                     state = State.from_doc(self.store.load())
                 except StoreError:
                     return False  # the sync loop reports the store's trouble
+                self._seen = mark
                 if state.phase == Phase.READY:  # only then can this request be served
-                    snapshot = Snapshot.build(state, self._reports, time.time(),
-                                              reconciler=self._snapshot.reconciler)
-                    with self._changed:
-                        self._snapshot = snapshot
-                        self._changed.notify_all()
+                    self._publish(Snapshot.build(state, self._reports, time.time(),
+                                                 reconciler=self._snapshot.reconciler))
         return self._snapshot.serving
+
+    def _mark(self) -> int:
+        """The change counter's value, noted just before a store read."""
+        return self._changes.read() if self._changes is not None else 0
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        if snapshot.serving and self._changes is not None:
+            self._changes.bump()  # before any client can see it (refresh_needed)
+        with self._changed:
+            self._snapshot = snapshot
+            self._changed.notify_all()
 
     def finish(self, ticket: Ticket) -> None:
         """The request or stream has ended (idempotent)."""
@@ -280,6 +304,7 @@ class Lifecycle:
     def _sync(self) -> None:
         """Flush this worker's demand, read the shared state back, let the reconciler act."""
         now = time.time()
+        mark = self._mark()
         try:
             self._flush(now)
             doc = self.store.load()
@@ -293,13 +318,11 @@ class Lifecycle:
             self.store_error = str(exc)
             return
         self._reports = reports
-        snapshot = Snapshot.build(
+        self._publish(Snapshot.build(
             self.reconciler.state or State.from_doc(doc), reports, now,
             reconciler=self.reconciler.leader,
-        )
-        with self._changed:
-            self._snapshot = snapshot
-            self._changed.notify_all()
+        ))
+        self._seen = mark
 
     def _flush(self, now: float) -> None:
         with self._lock:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy.store.changes import ChangeCounter
+
 
 @dataclass(frozen=True)
 class WorkerReport:
@@ -59,5 +61,9 @@ class Store(Protocol):
 
     def lease(self) -> tuple[str, float]:
         """(holder, expires_at); ("", 0) when nobody ever held it."""
+
+    def change_counter(self) -> ChangeCounter | None:
+        """The counter every worker of this host bumps before it shows a ready snapshot
+        (proxy/store/changes.py); None when workers elsewhere write the store too."""
 
     def close(self) -> None: ...

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.store.base import StoreError, WorkerReport
+from proxy.store.changes import ChangeCounter
 
 
 class SqliteStore:
@@ -146,6 +147,9 @@ class SqliteStore:
     def lease(self) -> tuple[str, float]:
         rows = self._run("SELECT holder, expires_at FROM lease WHERE id = 1")
         return (rows[0][0], rows[0][1]) if rows else ("", 0.0)
+
+    def change_counter(self) -> ChangeCounter:
+        return ChangeCounter(self.path.with_name(self.path.name + ".changes"))
 
     def close(self) -> None:
         with self._lock:

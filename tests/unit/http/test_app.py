@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import falcon.testing
@@ -81,6 +82,25 @@ def test_demand_gets_503_with_retry_after_and_starts_provisioning(proxy):
     }
     assert "starting" in answer.json["error"] and isinstance(answer.json["error"], str)
     wait_until(lambda: provisioner.bring_ups == 1, 5, what="a bring-up")
+
+
+def test_a_burst_of_503s_reads_the_store_in_no_request(proxy, monkeypatch):
+    """No worker shows ready: nothing another worker knows could turn a 503 into an answer."""
+    client, life, provisioner = proxy()
+    client.simulate_post("/api/chat", json={"model": "llama3.2", "messages": []})
+    wait_until(lambda: life.snapshot().state.phase == "provisioning", 5, what="provisioning")
+    reads, load = [], life.store.load
+
+    def counted():
+        if threading.current_thread().name != "lifecycle-sync":  # not the tick's own read
+            reads.append(threading.current_thread().name)
+        return load()
+
+    monkeypatch.setattr(life.store, "load", counted)
+    for _ in range(20):
+        answer = client.simulate_post("/api/chat", json={"model": "llama3.2", "messages": []})
+        assert answer.status_code == 503
+    assert reads == []
 
 
 def test_openai_routes_get_openai_shaped_503(proxy):

@@ -10,6 +10,8 @@ import pytest
 
 from proxy.lifecycle.demand import Lifecycle
 from proxy.provision.base import Endpoint
+from proxy.store.base import SqliteStore
+from proxy.upstream.session import Sessions
 from tests.doubles import fake_ollama
 from tests.doubles.provisioners import GatedProvisioner
 from tests.harness import wait_until
@@ -165,6 +167,55 @@ def test_hold_returns_when_ready(make, upstream):
     assert time.monotonic() - started >= 0.3
     provisioner.gate.set()
     assert life.hold(10).state.phase == "ready"
+
+
+class Remote:
+    """The SQLite store seen as another kind (as S3 is): no host counter goes with it."""
+
+    def __init__(self, store: SqliteStore):
+        self._store = store
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def change_counter(self) -> None:
+        return None
+
+
+def late_worker(a: Lifecycle, store) -> Lifecycle:
+    """A worker that syncs once, as it starts, and then not again (no sync loop)."""
+    return Lifecycle(a.config, a.provisioner, store, Sessions(4), start=False)
+
+
+def test_a_refusal_reads_the_store_only_once_another_worker_has_shown_ready(make, upstream,
+                                                                          tmp_path):
+    provisioner = GatedProvisioner(Endpoint(upstream.url), open_gate=False)
+    a = make(provisioner)
+    a.want()
+    wait_until(lambda: phase_of(a) == "provisioning", 5, what="provisioning")
+    b = late_worker(a, SqliteStore(tmp_path / "state.db"))
+    try:
+        assert b.admit() is None and not b.refresh_needed()  # nobody shows ready: no read
+        provisioner.gate.set()
+        wait_until(lambda: a.snapshot().serving, 10, what="ready on a")
+        assert phase_of(b) == "provisioning" and b.refresh_needed()
+        assert b.refresh() and b.admit() is not None
+    finally:
+        b.close(timeout=5)
+
+
+def test_without_a_host_counter_every_refusal_reads_the_store(make, upstream, tmp_path):
+    """Workers of other hosts (the S3 store) cannot announce what they saw: always read."""
+    provisioner = GatedProvisioner(Endpoint(upstream.url), open_gate=False)
+    a = make(provisioner)
+    a.want()
+    wait_until(lambda: phase_of(a) == "provisioning", 5, what="provisioning")
+    b = late_worker(a, Remote(SqliteStore(tmp_path / "state.db")))
+    try:
+        assert b.refresh_needed() and not b.refresh()
+        assert b.refresh_needed()
+    finally:
+        b.close(timeout=5)
 
 
 # -- removal under demand: an operator's `down`, the caps; warm windows -------------------------
