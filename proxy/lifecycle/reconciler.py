@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from proxy.config import Config
+from proxy.lifecycle.baking import Baking
 from proxy.lifecycle.decide import (
     AckDown,
     Action,
@@ -38,7 +39,7 @@ from proxy.lifecycle.decide import (
     Wait,
     decide,
 )
-from proxy.lifecycle.operations import LeaseLost, Operations
+from proxy.lifecycle.operations import LeaseLost
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Provisioner
 from proxy.store.base import Store, StoreError, WorkerReport
@@ -57,7 +58,7 @@ STEPS_KEPT = 40  # progress sentences of the current operation kept in the docum
 REPORTS_KEPT = 86400.0  # seconds a dead worker's report is kept (its last activity counts)
 
 
-class Reconciler(Operations):
+class Reconciler(Baking):
     def __init__(
         self,
         config: Config,
