@@ -10,7 +10,7 @@ import pytest
 
 from proxy.lifecycle.demand import Lifecycle
 from proxy.provision.base import Endpoint
-from proxy.store.base import SqliteStore
+from proxy.store.sqlite import SqliteStore
 from proxy.upstream.session import Sessions
 from tests.doubles import fake_ollama
 from tests.doubles.provisioners import GatedProvisioner
