@@ -12,16 +12,13 @@ the window ends.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import mmap
-import os
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+
+from proxy.util.shared_file import SharedFile
 
 SLOTS = 4096  # addresses tracked at once; past that, the oldest window in a probe is reused
 PROBE = 8  # slots looked at for an address (its hash, then the next ones)
@@ -37,25 +34,12 @@ class FailureLimit:
         self.limit = limit
         self.window = window
         self.clock = clock  # wall-clock seconds: the file outlives reboots, monotonic does not
-        size = SLOTS * _SLOT.size
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != size:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # one worker sizes it; the others wait
-                if os.fstat(fd).st_size != size:
-                    os.ftruncate(fd, size)  # zeros: every slot empty
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            self._table = mmap.mmap(fd, size)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        self._threads = threading.Lock()  # flock does not keep apart one process's threads
+        self._file = SharedFile(path, SLOTS * _SLOT.size)  # zeros: every slot empty
+        self._table = self._file.map
 
     def record(self, address: str) -> None:
         digest = _digest(address)
-        with self._locked():
+        with self._file.locked():
             now = self.clock()  # under the lock: a window another worker began is never "later"
             offset, stored, start, count = self._find(digest, now)
             if stored != digest or not self._current(stored, start, now):
@@ -67,7 +51,7 @@ class FailureLimit:
         digest = _digest(address)
         if not self._holds(digest):  # most clients: no wrong key, no lock taken
             return 0
-        with self._locked():
+        with self._file.locked():
             now = self.clock()
             _, stored, start, count = self._find(digest, now)
         if stored != digest or not self._current(stored, start, now) or count < self.limit:
@@ -75,8 +59,7 @@ class FailureLimit:
         return max(1, int(start + self.window - now) + 1)
 
     def close(self) -> None:
-        self._table.close()
-        os.close(self._fd)
+        self._file.close()
 
     def _find(self, digest: bytes, now: float) -> tuple[int, bytes, float, int]:
         """The slot holding `digest`, else the first free one of its probe, else the one whose
@@ -102,16 +85,6 @@ class FailureLimit:
     def _current(self, digest: bytes, start: float, now: float) -> bool:
         """Whether a slot holds a window still running (a clock stepped back ends it)."""
         return digest != _EMPTY and start <= now < start + self.window
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._threads:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
 
 def _probe(digest: bytes) -> list[int]:
     """The offsets of the slots an address may be in: its hash's slot, then the next ones."""

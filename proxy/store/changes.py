@@ -15,43 +15,23 @@ lock: one aligned 8-byte word.
 
 from __future__ import annotations
 
-import fcntl
-import mmap
-import os
-import threading
 from pathlib import Path
+
+from proxy.util.shared_file import SharedFile
 
 SIZE = 8
 
 
 class ChangeCounter:
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != SIZE:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # one worker sizes it; the others wait
-                if os.fstat(fd).st_size != SIZE:
-                    os.ftruncate(fd, SIZE)  # zero
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            self._word = mmap.mmap(fd, SIZE)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        self._threads = threading.Lock()  # flock does not keep apart one process's threads
+        self._file = SharedFile(path, SIZE)
 
     def read(self) -> int:
-        return int.from_bytes(self._word[:SIZE], "little")
+        return int.from_bytes(self._file.map[:SIZE], "little")
 
     def bump(self) -> None:
-        with self._threads:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                self._word[:SIZE] = (self.read() + 1).to_bytes(SIZE, "little")
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with self._file.locked():
+            self._file.map[:SIZE] = (self.read() + 1).to_bytes(SIZE, "little")
 
     def close(self) -> None:
-        self._word.close()
-        os.close(self._fd)
+        self._file.close()

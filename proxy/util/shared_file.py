@@ -1,0 +1,45 @@
+"""A small file every worker of a host maps: zero-filled to its size on first use, with a lock
+that keeps apart the processes (flock: the kernel frees it when a worker dies) and one
+process's threads (which flock does not). The wrong-key table and the change counter use it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class SharedFile:
+    def __init__(self, path: Path, size: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != size:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one worker sizes it; the others wait
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)  # zeros
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self.map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._threads = threading.Lock()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._threads:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self._fd)
