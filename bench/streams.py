@@ -60,13 +60,16 @@ def one_stream(host: str, port: int, chunks: int, timeout: float = 30) -> Stream
     return record
 
 
-def _request(host: str, port: int, chunks: int) -> bytes:
+def _request(host: str, port: int, chunks: int, interval: float | None = None) -> bytes:
+    """`interval`: seconds between the fake upstream's chunks (its X-Fake-Interval header),
+    instead of its --chunk-interval."""
     body = json.dumps({"model": "llama3.2", "prompt": "bench",
                        "options": {"num_predict": chunks}}).encode()
+    pace = f"X-Fake-Interval: {interval}\r\n" if interval is not None else ""
     # Keep-alive as Ollama's clients use it (the socket is closed after the answer), since
     # `Connection: close` costs gunicorn more than the upstream and would skew TTFB.
     head = (f"POST /api/generate HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            "Content-Type: application/json\r\n"
+            "Content-Type: application/json\r\n" + pace +
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
@@ -149,12 +152,13 @@ def _created_at(line: bytes) -> float:
 
 
 def concurrent_streams(
-    host: str, port: int, count: int, chunks: int, timeout: float = 30
+    host: str, port: int, count: int, chunks: int, timeout: float = 30,
+    interval: float | None = None,
 ) -> list[StreamRecord]:
     """`count` streams started together, read by one event loop in a process of its own
     (bench/stream_client.py): the client's own scheduling stays out of the figures."""
     argv = [sys.executable, "-m", "bench.stream_client", host, str(port), str(count),
-            str(chunks), str(timeout)]
+            str(chunks), str(timeout), "" if interval is None else str(interval)]
     done = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
                           timeout=timeout + 30, check=True)
     return [StreamRecord(**record) for record in json.loads(done.stdout)]
