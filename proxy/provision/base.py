@@ -13,6 +13,25 @@ from typing import Any, Protocol
 # Called with a short sentence for a person, e.g. "creating compute instance (2/4)".
 Progress = Callable[[str], None]
 
+# The first GPU server's name: the stack's resource name of today's one server, so a stack
+# made before fleets keeps its instance. The next ones are gpu-1, gpu-2, ... (stable names).
+PRIMARY = "gpu"
+
+
+def server_name(index: int) -> str:
+    """The name of the fleet's server number `index` (0: the primary)."""
+    return PRIMARY if index == 0 else f"{PRIMARY}-{index}"
+
+
+def server_index(name: str) -> int:
+    """The inverse of server_name (ValueError for a name it does not make)."""
+    if name == PRIMARY:
+        return 0
+    prefix, _, number = name.rpartition("-")
+    if prefix != PRIMARY or not number.isdigit() or number.startswith("0"):
+        raise ValueError(f"not a server name: {name!r} (expected {PRIMARY} or {PRIMARY}-N)")
+    return int(number)
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -30,28 +49,36 @@ class ProvisionError(Exception):
 
 
 class Provisioner(Protocol):
+    """One provisioner serves the whole fleet: `server` names which GPU server a call is about
+    (PRIMARY, today's one server, by default). Calls about different servers may come from
+    different operation threads at once; a provisioner serializes what must be (one stack)."""
+
     name: str
     typical_cold_start: float  # seconds, used for Retry-After before any cold start is measured
     can_bake: bool  # whether `bake` and `resume_after_bake` exist (templates: exoscale only)
 
     def observe(self) -> Endpoint | None:
-        """What exists now (None: nothing). Cheap enough to call on every lease take-over."""
+        """What exists now of the primary (None: nothing). Cheap enough to call on every lease
+        take-over."""
+
+    def observe_fleet(self) -> dict[str, Endpoint]:
+        """Every server that exists now (running or stopped), by name."""
 
     def cold_start_mode(self, stopped: bool) -> str:
         """What the next cold start does, by name (README's per-mode table): starting the
         `stopped` server again, or making one; cold starts are estimated within a mode."""
 
-    def bring_up(self, progress: Progress) -> Endpoint:
+    def bring_up(self, progress: Progress, server: str = PRIMARY) -> Endpoint:
         """Make the server exist (adopting one that already does) and return its endpoint.
 
         Idempotent: a second call after a crash finishes or adopts, never creates a second server.
         Raises ProvisionError with a reason a person can act on.
         """
 
-    def tear_down(self, progress: Progress) -> None:
+    def tear_down(self, progress: Progress, server: str = PRIMARY) -> None:
         """Remove the server. Idempotent: nothing to remove is success."""
 
-    def stop(self, progress: Progress) -> None:
+    def stop(self, progress: Progress, server: str = PRIMARY) -> None:
         """Stop the server but keep it (disk, models) for a faster bring-up; idempotent.
 
         A provisioner with nothing worth keeping may simply tear down.
