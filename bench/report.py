@@ -468,9 +468,15 @@ def markdown(results: dict, before: dict | None = None) -> str:
         count = find(many["rows"], target="ours").get("streams")
         sections += [
             f"## 6. {count} streams at once (issue 14)\n",
-            f"{count} `POST /api/generate` streams of {many['chunks']} NDJSON chunks, started "
-            "together (read by one event loop in a client process of its own), through the "
-            "shipped 2 workers; direct for reference. Chunk delay as in section 3; memory: the "
+            f"{count} `POST /api/generate` streams of {many['chunks']} NDJSON chunks, one every "
+            f"{many.get('interval_ms', 20):g} ms, started evenly over "
+            f"{many.get('ramp_s', 0):g} s (read by one event loop in a client process of its "
+            "own), so that all are open at once (`upstream streams open`), through the "
+            "shipped 2 workers; direct for reference. At the 20 ms of section 3, 1,000 streams "
+            "would be 50,000 chunks a second, more than the fake upstream alone can make on "
+            "2 cores (see `CPU µs a chunk`); 1,000 set-ups in the same millisecond hold each "
+            "worker's loop for about a second (section 3 measures a burst started together). "
+            "Chunk delay as in section 3; memory: the "
             "workers' summed RSS growth over their RSS before, divided by the streams. CPU a "
             "chunk: the user and system CPU the path's processes used during the run (the "
             "workers; for direct, the upstream itself) over the chunks relayed, a figure the "

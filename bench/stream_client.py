@@ -1,6 +1,7 @@
-"""`python -m bench.stream_client HOST PORT COUNT CHUNKS TIMEOUT [INTERVAL]`: COUNT streams at
-once, read by one event loop (uvloop) in a process of its own; their records as JSON on stdout.
-INTERVAL: seconds between the fake upstream's chunks (sent as its X-Fake-Interval header).
+"""`python -m bench.stream_client HOST PORT COUNT CHUNKS TIMEOUT [INTERVAL [RAMP]]`: COUNT
+streams at once, read by one event loop (uvloop) in a process of its own; their records as JSON
+on stdout. INTERVAL: seconds between the fake upstream's chunks (sent as its X-Fake-Interval
+header); RAMP: seconds over which the streams start, evenly (0: all together).
 
 The client of bench/streams.py used to be one thread per stream in the bench's own process:
 with 1,000 of them on this 2-core machine, threads waiting for the one GIL (5 ms switch
@@ -46,14 +47,16 @@ class _Reader(asyncio.Protocol):
             self.done.set_exception(ConnectionError(f"closed before the end ({exc})"))
 
 
-async def _one(host: str, port: int, chunks: int, timeout: float, interval: float | None
-               ) -> tuple[StreamRecord, _Reader | None]:
+async def _one(host: str, port: int, chunks: int, timeout: float, interval: float | None,
+               delay: float = 0.0) -> tuple[StreamRecord, _Reader | None]:
     """One stream, read to its end; parsed later (`_parsed`), once every stream is done: parsing
     on the loop while other streams still arrive would delay the very arrivals it stamps."""
     loop = asyncio.get_running_loop()
     record = StreamRecord()
     done = loop.create_future()
     transport = reader = None
+    if delay:
+        await asyncio.sleep(delay)
     try:
         async with asyncio.timeout(timeout):
             transport, reader = await loop.create_connection(lambda: _Reader(done), host, port)
@@ -79,15 +82,16 @@ def _parsed(record: StreamRecord, reader: _Reader | None) -> StreamRecord:
 
 
 async def _all(host: str, port: int, count: int, chunks: int, timeout: float,
-               interval: float | None) -> list[StreamRecord]:
-    read = await asyncio.gather(*(_one(host, port, chunks, timeout, interval)
-                                  for _ in range(count)))
+               interval: float | None, ramp: float = 0.0) -> list[StreamRecord]:
+    read = await asyncio.gather(*(_one(host, port, chunks, timeout, interval, ramp * i / count)
+                                  for i in range(count)))
     return [_parsed(record, reader) for record, reader in read]
 
 
 def main(argv: list[str]) -> int:
     host, port, count, chunks, timeout, *pace = argv
     interval = float(pace[0]) if pace and pace[0] else None
+    ramp = float(pace[1]) if len(pace) > 1 else 0.0
     try:
         import uvloop
         factory = uvloop.new_event_loop
@@ -95,7 +99,7 @@ def main(argv: list[str]) -> int:
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         records = runner.run(_all(host, int(port), int(count), int(chunks), float(timeout),
-                                  interval))
+                                  interval, ramp))
     json.dump([asdict(r) for r in records], sys.stdout)
     return 0
 

@@ -153,12 +153,14 @@ def _created_at(line: bytes) -> float:
 
 def concurrent_streams(
     host: str, port: int, count: int, chunks: int, timeout: float = 30,
-    interval: float | None = None,
+    interval: float | None = None, ramp: float = 0.0,
 ) -> list[StreamRecord]:
-    """`count` streams started together, read by one event loop in a process of its own
-    (bench/stream_client.py): the client's own scheduling stays out of the figures."""
+    """`count` streams started together (or evenly over `ramp` seconds), read by one event
+    loop in a process of its own (bench/stream_client.py): the client's own scheduling stays
+    out of the figures."""
     argv = [sys.executable, "-m", "bench.stream_client", host, str(port), str(count),
-            str(chunks), str(timeout), "" if interval is None else str(interval)]
+            str(chunks), str(timeout + ramp), "" if interval is None else str(interval),
+            str(ramp)]
     done = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
                           timeout=timeout + 30, check=True)
     return [StreamRecord(**record) for record in json.loads(done.stdout)]
