@@ -66,6 +66,10 @@ class Config:
     max_instance_hours: float = 0.0  # a server older than this is drained and removed; 0: never
     daily_gpu_hours: float = 0.0  # GPU hours a day, then demand gets 503; 0: no budget
     drain_timeout: float = 300.0  # most seconds to let streams finish before a forced removal
+    max_servers: int = 1  # most GPU servers at once (1: one server, as before fleets)
+    min_servers: int = 0  # servers kept even when idle
+    target_inflight: int = 4  # requests in flight per ready server above which another starts
+    scale_up_after: float = 5.0  # seconds the fleet must stay above target before a start
     warm_windows: tuple[Window, ...] = ()
     timezone: str = "UTC"  # of the warm windows and of "a day" for the budget
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -146,10 +150,19 @@ class Config:
             max_instance_hours=read.number("PROXY_MAX_INSTANCE_HOURS", 0.0, minimum=0),
             daily_gpu_hours=read.number("PROXY_DAILY_GPU_HOURS", 0.0, minimum=0),
             drain_timeout=read.number("PROXY_DRAIN_TIMEOUT", 300.0, minimum=0),
+            max_servers=int(read.number("PROXY_MAX_SERVERS", 1, minimum=1, whole=True)),
+            min_servers=int(read.number("PROXY_MIN_SERVERS", 0, minimum=0, whole=True)),
+            target_inflight=int(read.number("PROXY_TARGET_INFLIGHT", 4, minimum=1, whole=True)),
+            scale_up_after=read.number("PROXY_SCALE_UP_AFTER", 5.0, minimum=0),
             warm_windows=read.windows("PROXY_WARM_WINDOWS"),
             timezone=read.timezone("PROXY_TIMEZONE"),
             env=env,
         )
+        if config.min_servers > config.max_servers:
+            raise ConfigError(
+                f"PROXY_MIN_SERVERS={config.min_servers} is more than PROXY_MAX_SERVERS="
+                f"{config.max_servers}; keep at most as many servers as may run"
+            )
         return config
 
 

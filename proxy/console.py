@@ -29,8 +29,19 @@ def format_status(status: dict[str, Any]) -> str:
         ("last error", status.get("last_error") or "-"),
         ("GPU time", _gpu_time(status.get("gpu") or {})),
     ]
+    servers = status.get("servers") or []
+    if len(servers) > 1 or (status.get("fleet") or {}).get("max_servers", 1) > 1:
+        rows += [(f"server {s.get('name')}", _server(s)) for s in servers]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _server(line: dict[str, Any]) -> str:
+    """'ready, 3 in flight, since 12:00:05, 14 min GPU time (https://…)'."""
+    upstream = f" ({line['upstream']})" if line.get("upstream") else ""
+    return (f"{line.get('phase')}, {line.get('in_flight', 0)} in flight, since "
+            f"{line.get('since') or '-'}, {_duration(line.get('gpu_seconds') or 0)} GPU time"
+            f"{upstream}")
 
 
 def _provider(status: dict[str, Any]) -> str:

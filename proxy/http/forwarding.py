@@ -129,11 +129,12 @@ async def forward(forwarder, lifecycle, config, req, resp, ticket: Ticket) -> No
             req, resp, ticket.endpoint, lambda: lifecycle.finish(ticket),
             strip_authorization=config.auth_enabled,
             body_limit=forwarder.body_limit(req.path, config.max_body, config.max_blob),
-            on_broken=lifecycle.want,  # the upstream may be gone: have it probed now
+            # The upstream may be gone: passed over a while, and probed now.
+            on_broken=lambda: lifecycle.broke(ticket),
         )
     except UpstreamError as exc:
         if exc.status in (502, 504):
-            lifecycle.want()  # unreachable or hung: have it probed now, not in 15 s
+            lifecycle.broke(ticket)  # unreachable or hung: probed now, not in 15 s
         status = "499 Client Closed Request" if exc.status == 499 else exc.status  # nginx's
         # A body that stalled was not read to its end: the connection cannot carry another.
         headers = {"Connection": "close"} if exc.status in (408, 413) else None

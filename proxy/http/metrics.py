@@ -117,6 +117,7 @@ class LifecycleCollector:
             "ollama_exoscale_in_flight", "Requests and streams forwarded right now, all workers.",
             value=snapshot.demand.inflight,
         )
+        yield from _fleet(snapshot)
         yield GaugeMetricFamily(
             "ollama_exoscale_phase_seconds", "Seconds in the current phase.",
             value=max(0.0, time.time() - since) if (since := snapshot.state.phase_since) else 0.0,
@@ -138,6 +139,24 @@ class LifecycleCollector:
             "GPU seconds used today (PROXY_TIMEZONE), the figure the daily budget is held to.",
             value=gputime.today_seconds(snapshot.state.gpu_record, now, self.lifecycle.config.tz),
         )
+
+
+def _fleet(snapshot) -> Iterator:
+    """The fleet: servers by phase, and each server's requests in flight."""
+    members = snapshot.members()
+    servers = GaugeMetricFamily(
+        "ollama_exoscale_servers", "GPU servers by phase (the primary and the fleet's others).",
+        labels=["phase"])
+    for name in PHASES:
+        servers.add_metric([name], float(sum(1 for m in members if m.phase == name)))
+    yield servers
+    if len(members) > 1:
+        by_server = GaugeMetricFamily(
+            "ollama_exoscale_server_in_flight", "Requests and streams on each GPU server.",
+            labels=["server"])
+        for member in members:
+            by_server.add_metric([member.name], float(member.inflight))
+        yield by_server
 
 
 def _cold_starts(durations: tuple[float, ...]) -> HistogramMetricFamily:

@@ -7,7 +7,7 @@ Nothing here starts a thread, touches the store or sleeps: `decide` is tested as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from proxy.config import Config
@@ -30,11 +30,18 @@ class Demand:
     down_at: float = 0.0
     bake_at: float = 0.0  # the latest operator's `bake`
     bake_models: bool = False  # whether that bake keeps the models
+    by_server: dict[str, int] = field(default_factory=dict, hash=False)  # of inflight
 
     @classmethod
     def of(cls, reports: list[WorkerReport], now: float) -> Demand:
         bake = max(reports, key=lambda r: r.bake_at, default=None)
+        by_server: dict[str, int] = {}
+        for report in reports:
+            if now - report.heartbeat < WORKER_TTL:
+                for name, count in report.inflight_by.items():
+                    by_server[name] = by_server.get(name, 0) + count
         return cls(
+            by_server=by_server,
             inflight=live_inflight(reports, now),
             last_activity=max((r.last_activity for r in reports), default=0.0),
             wanted_at=max((r.wanted_at for r in reports), default=0.0),
@@ -216,7 +223,9 @@ def _decide_ready(state: State, demand: Demand, clock: Clock, config: Config,
         return Retire(reason, demand.down_at, config.idle_action == "stop" and not fresh), memory
     if demand.bake_at > state.bake_handled:  # before idle: a bake is why the server is up
         return Bake(demand.bake_at, demand.bake_models), memory
-    if not warm and demand.inflight == 0 and idle_for >= config.idle_timeout:
+    # The primary goes last: once the fleet's other servers are gone (or stopped).
+    others = any(server.phase != Phase.IDLE for server in state.servers.values())
+    if not warm and demand.inflight == 0 and idle_for >= config.idle_timeout and not others:
         return TearDownIdle(idle_since, idle_for), memory
     every = PROBE_EVERY if memory.health_failures else HEALTH_EVERY
     if clock.monotonic - memory.last_health >= every or demand.wanted_at > memory.health_wish:

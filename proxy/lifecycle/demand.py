@@ -29,9 +29,10 @@ from proxy.config import Config
 from proxy.lifecycle import gputime
 from proxy.lifecycle.coldstart import cold_start_estimate
 from proxy.lifecycle.reconciler import Reconciler
+from proxy.lifecycle.routing import Router
 from proxy.lifecycle.snapshot import Snapshot
 from proxy.lifecycle.state import Phase, State
-from proxy.provision.base import Endpoint, Provisioner
+from proxy.provision.base import PRIMARY, Endpoint, Provisioner
 from proxy.store.base import Store, StoreError, WorkerReport
 from proxy.upstream.session import Sessions
 
@@ -59,6 +60,7 @@ class Ticket:
 
     endpoint: Endpoint
     demand: bool
+    server: str = PRIMARY  # which of the fleet's servers it goes to
     done: bool = field(default=False)
 
 
@@ -89,6 +91,7 @@ class Lifecycle:
         self._bake_at = 0.0
         self._bake_models = False
         self._held = 0
+        self.router = Router()
         self._reported: WorkerReport | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -112,13 +115,15 @@ class Lifecycle:
     def admit(self, demand: bool = True) -> Ticket | None:
         """A ticket to forward if the upstream is ready; None (and a wake-up wish) if not."""
         snapshot = self._snapshot
-        if snapshot.serving:
+        server = self.router.choose(snapshot, self._reported.inflight_by if self._reported
+                                    else {}) if snapshot.serving else None
+        if server is not None:
             with self._lock:
                 self._inflight += 1
                 first = self._inflight == 1
             if first:  # report it soon: the reconciler may be about to call the server idle
                 self._wake.set()
-            return Ticket(snapshot.state.endpoint, demand)
+            return Ticket(snapshot.endpoint(server), demand, server)
         if demand:
             self.want()
         return None
@@ -175,8 +180,15 @@ class Lifecycle:
                 return
             ticket.done = True
             self._inflight -= 1
+            self.router.done(ticket.server)
             if ticket.demand:
                 self._last_activity = self._activity_stamp(time.time())
+
+    def broke(self, ticket: Ticket) -> None:
+        """The ticket's server broke its request (502/504, a stream cut): passed over by this
+        worker a while, and probed now."""
+        self.router.broke(ticket.server)
+        self.want()
 
     def want(self) -> None:
         """Demand while not ready: ask the reconciler to bring the server up."""
@@ -328,7 +340,7 @@ class Lifecycle:
         with self._lock:
             report = WorkerReport(
                 self.worker, self._inflight, self._last_activity, self._wanted_at, now,
-                self._down_at, self._bake_at, self._bake_models,
+                self._down_at, self._bake_at, self._bake_models, self.router.counts(),
             )
         last = self._reported
         unchanged = last is not None and replace(last, heartbeat=now) == report

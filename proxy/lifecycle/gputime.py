@@ -2,8 +2,10 @@
 
 The lifecycle document keeps `instance_since` (when the current server was asked for: billing
 may start with the request) and, for servers already gone, seconds per day (`gpu_days`, in the
-schedule's zone, the last DAYS_KEPT days) and in all (`gpu_seconds`). Pure functions of the
-document: every worker computes the same figures from the same snapshot.
+schedule's zone, the last DAYS_KEPT days) and in all (`gpu_seconds`). The fleet's other
+servers add their own `instance_since` (`fleet_since` here): the daily budget and the totals
+count every server, the instance-hour limit each. Pure functions of the document: every worker
+computes the same figures from the same snapshot.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ from typing import Any
 DAYS_KEPT = 31
 
 
-def close_interval(doc: dict[str, Any], end: float, zone: tzinfo) -> dict[str, Any]:
-    """The document's changes once the current server is gone at `end`: its time is booked."""
-    start = doc.get("instance_since") or 0.0
+def close_interval(doc: dict[str, Any], end: float, zone: tzinfo,
+                   start: float | None = None) -> dict[str, Any]:
+    """The document's changes once the current server (or the fleet server asked for at
+    `start`) is gone at `end`: its time is booked."""
+    primary = start is None
+    start = (doc.get("instance_since") or 0.0) if primary else start
     if not start or end <= start:
-        return {"instance_since": 0.0}
+        return {"instance_since": 0.0} if primary else {}
     days = dict(doc.get("gpu_days") or {})
     for day, seconds in _split_by_day(start, end, zone):
         days[day] = round(days.get(day, 0.0) + seconds, 3)
     kept = dict(sorted(days.items())[-DAYS_KEPT:])
     total = round((doc.get("gpu_seconds") or 0.0) + end - start, 3)
-    return {"instance_since": 0.0, "gpu_days": kept, "gpu_seconds": total}
+    return {**({"instance_since": 0.0} if primary else {}), "gpu_days": kept,
+            "gpu_seconds": total}
 
 
 def instance_seconds(doc: dict[str, Any], now: float) -> float:
@@ -37,9 +43,9 @@ def today_seconds(doc: dict[str, Any], now: float, zone: tzinfo) -> float:
     """GPU seconds used today (in `zone`): servers gone today plus the current one's share."""
     today = _day(now, zone)
     used = (doc.get("gpu_days") or {}).get(today, 0.0)
-    start = doc.get("instance_since") or 0.0
-    if start and now > start:
-        used += sum(s for day, s in _split_by_day(start, now, zone) if day == today)
+    for start in _running_since(doc):
+        if now > start:
+            used += sum(s for day, s in _split_by_day(start, now, zone) if day == today)
     return used
 
 
@@ -49,7 +55,12 @@ def over_budget(doc: dict[str, Any], now: float, zone: tzinfo, daily_hours: floa
 
 
 def total_seconds(doc: dict[str, Any], now: float) -> float:
-    return (doc.get("gpu_seconds") or 0.0) + instance_seconds(doc, now)
+    return (doc.get("gpu_seconds") or 0.0) + sum(max(0.0, now - s) for s in _running_since(doc))
+
+
+def _running_since(doc: dict[str, Any]) -> list[float]:
+    """When each server running now was asked for: the primary, then the fleet's others."""
+    return [s for s in (doc.get("instance_since") or 0.0, *(doc.get("fleet_since") or ())) if s]
 
 
 def next_midnight(now: float, zone: tzinfo) -> float:

@@ -57,7 +57,7 @@ class Operations:
     _memory: Memory
     _wanted_seen: float
     _detail_saved: float
-    _state_lock: threading.Lock
+    _state_lock: threading.RLock
 
     @property
     def _current(self) -> State:
@@ -290,9 +290,10 @@ class Operations:
         """The server no longer runs (gone, or stopped): phase idle, its GPU time booked."""
         changes.setdefault("instance_status", "absent")
         now = time.time()
-        booked = gputime.close_interval(self._current.gpu_record, now, self.config.tz)
-        self._commit(phase=Phase.IDLE, phase_since=now, endpoint=None, detail="", **booked,
-                     **changes)
+        with self._state_lock:  # booked on the document as it is (fleet servers book too)
+            booked = gputime.close_interval(self._current.gpu_record, now, self.config.tz)
+            self._commit(phase=Phase.IDLE, phase_since=now, endpoint=None, detail="", **booked,
+                         **changes)
 
     @staticmethod
     def _detail(phase: Phase, sentence: str, now: float) -> dict[str, Any]:
@@ -317,10 +318,11 @@ class Operations:
             phase=Phase.ERROR, phase_since=now, last_error=reason, failures=failures,
             retry_at=now + backoff, detail=reason, teardown_pending=teardown,
         )
-        if not teardown:  # no server was made, or it is gone with the failed update
-            changes.update(endpoint=None,
-                           **gputime.close_interval(state.gpu_record, now, self.config.tz))
-        self._commit(**changes)
+        with self._state_lock:  # booked on the document as it is (fleet servers book too)
+            if not teardown:  # no server was made, or it is gone with the failed update
+                changes.update(endpoint=None, **gputime.close_interval(
+                    self._current.gpu_record, now, self.config.tz))
+            self._commit(**changes)
 
     def _progress(self, sentence: str) -> None:
         """Provisioner progress → the document's detail and steps, saved at most once a second.

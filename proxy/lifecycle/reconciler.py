@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from proxy.config import Config
+from proxy.lifecycle import gputime, schedule
 from proxy.lifecycle.baking import Baking
 from proxy.lifecycle.decide import (
     AckDown,
@@ -39,7 +40,9 @@ from proxy.lifecycle.decide import (
     Wait,
     decide,
 )
+from proxy.lifecycle.fleet import FleetMemory
 from proxy.lifecycle.operations import LeaseLost
+from proxy.lifecycle.scaling import Scaling
 from proxy.lifecycle.state import Phase, State
 from proxy.provision.base import Provisioner
 from proxy.store.base import Store, StoreError, WorkerReport
@@ -58,7 +61,7 @@ STEPS_KEPT = 40  # progress sentences of the current operation kept in the docum
 REPORTS_KEPT = 86400.0  # seconds a dead worker's report is kept (its last activity counts)
 
 
-class Reconciler(Baking):
+class Reconciler(Scaling, Baking):
     def __init__(
         self,
         config: Config,
@@ -84,12 +87,23 @@ class Reconciler(Baking):
         self._memory = Memory()
         self._wanted_seen = 0.0  # the latest demand in the reports, as of the last decision
         self._detail_saved = 0.0
-        self._state_lock = threading.Lock()
+        # Reentrant: a fleet server's change reads and commits the document under it.
+        self._state_lock = threading.RLock()
+        self._adopted = False  # the take-over's adopt has run: the fleet may step
+        self._fleet_memory = FleetMemory()
+        self._server_ops: dict[str, threading.Thread] = {}
+        self._server_health: dict[str, tuple[float, int]] = {}
+        self._fleet_retry_at = 0.0
+        self._fleet_wish = 0.0
 
     # -- the tick: decide, never block -------------------------------------------------------
 
     def tick(self, doc: dict[str, Any], reports: list[WorkerReport], now: float) -> None:
-        if self._stop.is_set() or not self._lease(now) or self.busy:
+        if self._stop.is_set() or not self._lease(now):
+            return
+        if self._adopted and self.state is not None:
+            self._step_fleet(reports, now)  # the fleet's servers do not wait for the primary's
+        if self.busy:
             return
         if self.state is None:
             # Just took the lease: start from the store's document, then check it against
@@ -97,9 +111,27 @@ class Reconciler(Baking):
             with self._state_lock:
                 self.state = State.from_doc(doc)
             log.info("this worker now reconciles (%s)", self.holder)
-            self._start(self._adopt, "adopt")
+            self._adopted = False
+            self._start(self._take_over, "adopt")
             return
         self._decide(reports, now)
+
+    def _take_over(self) -> None:
+        self._adopt_fleet()
+        self._adopt()
+        self._adopted = True
+
+    def _step_fleet(self, reports: list[WorkerReport], now: float) -> None:
+        state, demand = self._current, Demand.of(reports, now)
+        local = datetime.fromtimestamp(now, self.config.tz)
+        warm = schedule.is_warm(self.config.warm_windows, local) and now >= state.warm_off_until
+        stop_all = ""
+        if demand.down_at > state.down_handled:
+            stop_all = "an operator asked for it (ollama-exoscale down)"
+        elif gputime.over_budget(state.gpu_record, now, self.config.tz,
+                                 self.config.daily_gpu_hours):
+            stop_all = f"the daily GPU budget of {self.config.daily_gpu_hours:g} h is used up"
+        self._scale(demand, now, warm=warm, stop_all=stop_all)
 
     @property
     def reconciling(self) -> bool:
@@ -227,6 +259,7 @@ class Reconciler(Baking):
         self._stop.set()
         if self._operation is not None and self._operation.is_alive():
             self._operation.join(timeout)
+        self._join_fleet(timeout)
         if self._holding:
             try:
                 self.store.release(self.holder)

@@ -7,26 +7,12 @@ written by an earlier version loads, and keys this version does not know are kep
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from typing import Any
 
+from proxy.lifecycle.phase import Phase
+from proxy.lifecycle.servers import Server, servers_from_doc, servers_to_doc
 from proxy.provision.base import Endpoint
 from proxy.store.base import StoreError
-
-
-class Phase(str, Enum):
-    """The lifecycle's phases; a str, so the JSON document and old stores read the same."""
-
-    IDLE = "idle"
-    PROVISIONING = "provisioning"
-    STARTING = "starting"
-    READY = "ready"
-    DESTROYING = "destroying"
-    ERROR = "error"
-    BAKING = "baking"  # the server is stopped and snapshotted into a template (bake)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -64,6 +50,8 @@ class State:
     bake_serve: bool = False  # while baking: serve again afterwards (else go idle)
     bake_template: str = ""  # the template the last bake made
     bake_error: str | None = None  # why the last bake failed
+    servers: dict[str, Server] = field(default_factory=dict)  # the fleet beyond this, the primary
+    fleet_error: str | None = None  # why the last fleet server beyond the primary failed
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer version, kept
 
     @classmethod
@@ -83,6 +71,7 @@ class State:
         for name in ("steps", "cold_starts", "timelines"):
             if name in values:
                 values[name] = tuple(values[name])
+        values["servers"] = servers_from_doc(values.get("servers"))
         return cls(**values, extra={k: v for k, v in doc.items() if k not in known})
 
     def to_doc(self) -> dict[str, Any]:
@@ -91,10 +80,13 @@ class State:
         doc["endpoint"] = asdict(self.endpoint) if self.endpoint else None
         for name in ("steps", "cold_starts", "timelines"):
             doc[name] = list(doc[name])
+        doc["servers"] = servers_to_doc(self.servers)
         return {**self.extra, **doc}
 
     @property
     def gpu_record(self) -> dict[str, Any]:
         """The GPU-time fields, as proxy.lifecycle.gputime reads them."""
         return {"instance_since": self.instance_since, "gpu_days": self.gpu_days,
-                "gpu_seconds": self.gpu_seconds}
+                "gpu_seconds": self.gpu_seconds,
+                "fleet_since": [s.instance_since for s in self.servers.values()
+                                if s.instance_since]}

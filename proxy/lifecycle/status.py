@@ -101,6 +101,39 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "reconciler": snapshot.reconciler,
         "gpu": gpu_usage(config, lifecycle, snapshot, now),
         "warm_windows": warm_windows(config, now),
+        "servers": servers(config, snapshot, now),
+        "fleet": {"max_servers": config.max_servers, "min_servers": config.min_servers,
+                  "target_inflight": config.target_inflight,
+                  "last_error": snapshot.state.fleet_error},
+    }
+
+
+def servers(config: Config, snapshot: Snapshot, now: float) -> list[dict[str, Any]]:
+    """A line per GPU server: the primary (while it exists) and the fleet's others."""
+    state, counts = snapshot.state, snapshot.demand.by_server
+    lines = []
+    if state.phase != "idle" or state.instance_status == "stopped":
+        lines.append(_server_line("gpu", state.phase, state.phase_since, state.endpoint,
+                                  state.instance_since, counts.get("gpu", 0)
+                                  if len(state.servers) else snapshot.demand.inflight,
+                                  state.detail, now))
+    for name, server in state.servers.items():
+        lines.append(_server_line(name, server.phase, server.phase_since, server.endpoint,
+                                  server.instance_since, counts.get(name, 0), server.detail,
+                                  now))
+    return lines
+
+
+def _server_line(name, phase, since, endpoint, instance_since, inflight, detail, now
+                 ) -> dict[str, Any]:
+    return {
+        "name": name,
+        "phase": str(phase),
+        "since": _iso(since),
+        "in_flight": inflight,
+        "gpu_seconds": round(max(0.0, now - instance_since)) if instance_since else 0,
+        "upstream": endpoint.url if endpoint else None,  # the URL only: no token
+        "detail": detail,
     }
 
 

@@ -3,7 +3,8 @@
 `local` runs PROXY_LOCAL_COMMAND (e.g. `ollama serve` on a workstation) with OLLAMA_HOST set,
 and stops it when idle so the GPU's memory and power are freed. The process runs in its own
 session and is recorded in a pid file, so any worker (or a restarted proxy) can find it, adopt
-it and stop it.
+it and stop it. A fleet's server number i listens on PROXY_LOCAL_ADDR's port + i, with a pid
+file and a log of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from proxy.config import Config, ConfigError, split_host_port
-from proxy.provision.base import Endpoint, Progress, Provisioner, ProvisionError
+from proxy.provision.base import (
+    PRIMARY,
+    Endpoint,
+    Progress,
+    Provisioner,
+    ProvisionError,
+    server_index,
+)
 from proxy.util import procfs
 
 log = logging.getLogger("ollama_exoscale.local")
@@ -58,6 +66,23 @@ class LocalProvisioner:
         self.pid_file = self.state_dir / "local-upstream.json"
         self.log_file = self.state_dir / "local-upstream.log"
 
+    def _server(self, server: str) -> LocalProvisioner:
+        """The provisioner of the fleet's server `server`: its port, pid file and log."""
+        index = server_index(server)
+        if index == 0:
+            return self
+        other = object.__new__(LocalProvisioner)
+        other.__dict__.update(self.__dict__)
+        other.port = self.port + index
+        if other.port > 65535:
+            raise ProvisionError(f"GPU server {server} would listen on port {other.port}: "
+                                 "choose a lower PROXY_LOCAL_ADDR port or PROXY_MAX_SERVERS")
+        other.addr = f"{self.host}:{other.port}"
+        other.url = f"http://{self.host}:{other.port}"
+        other.pid_file = self.state_dir / f"local-upstream-{server}.json"
+        other.log_file = self.state_dir / f"local-upstream-{server}.log"
+        return other
+
     def cold_start_mode(self, stopped: bool) -> str:
         return "local"  # a process on this host: its models are on disk already
 
@@ -65,7 +90,21 @@ class LocalProvisioner:
         pid = self._running_pid()
         return Endpoint(self.url) if pid else None
 
-    def bring_up(self, progress: Progress) -> Endpoint:
+    def observe_fleet(self) -> dict[str, Endpoint]:
+        found = {}
+        for path in [self.pid_file, *sorted(self.state_dir.glob("local-upstream-gpu-*.json"))]:
+            name = PRIMARY if path == self.pid_file else path.stem.removeprefix("local-upstream-")
+            try:
+                endpoint = self._server(name).observe()
+            except (ValueError, ProvisionError):
+                continue  # a file that is not one of ours
+            if endpoint is not None:
+                found[name] = endpoint
+        return found
+
+    def bring_up(self, progress: Progress, server: str = PRIMARY) -> Endpoint:
+        if server != PRIMARY:
+            return self._server(server).bring_up(progress)
         if self._running_pid():
             return Endpoint(self.url)
         if accepts(self.host, self.port):
@@ -92,16 +131,18 @@ class LocalProvisioner:
             f"`{self.program}` did not listen on {self.addr} within {self.start_wait:g} s"
         )
 
-    def tear_down(self, progress: Progress) -> None:
+    def tear_down(self, progress: Progress, server: str = PRIMARY) -> None:
+        if server != PRIMARY:
+            return self._server(server).tear_down(progress)
         pid = self._running_pid()
         if pid:
             progress(f"stopping `{self.program}` (pid {pid})")
             self._stop(pid)
         self.pid_file.unlink(missing_ok=True)
 
-    def stop(self, progress: Progress) -> None:
+    def stop(self, progress: Progress, server: str = PRIMARY) -> None:
         """A local process keeps nothing a restart would lose (its models are on disk): end it."""
-        self.tear_down(progress)
+        self.tear_down(progress, server)
 
     def _spawn(self) -> subprocess.Popen:
         self.state_dir.mkdir(parents=True, exist_ok=True)

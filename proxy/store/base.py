@@ -13,7 +13,7 @@ Several hosts share an S3 bucket instead (proxy/store/s3.py), chosen by PROXY_ST
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.store.changes import ChangeCounter
@@ -31,6 +31,8 @@ class WorkerReport:
     # models go in the template.
     bake_at: float = 0.0
     bake_models: bool = False
+    # Of `inflight`, how many each fleet server has (by name; empty with one server).
+    inflight_by: dict[str, int] = field(default_factory=dict, hash=False)
 
 
 class StoreError(Exception):

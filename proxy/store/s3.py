@@ -228,8 +228,9 @@ def _report(fields: dict[str, Any], where: S3Location) -> WorkerReport:
             float(fields.get("down_at", 0.0)),
             float(fields.get("bake_at", 0.0)),
             bool(fields.get("bake_models", False)),
+            {str(k): int(v) for k, v in (fields.get("inflight_by") or {}).items()},
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise StoreError(f"state store {where}: a worker report is malformed") from None
 
 

@@ -47,6 +47,7 @@ class SqliteStore:
         self._add_column("workers", "down_at REAL DEFAULT 0")
         self._add_column("workers", "bake_at REAL DEFAULT 0")
         self._add_column("workers", "bake_models INTEGER DEFAULT 0")
+        self._add_column("workers", "inflight_by TEXT DEFAULT '{}'")
 
     def _add_column(self, table: str, column: str) -> None:
         """Bring a store made by an older version up to date (any worker may be first)."""
@@ -112,21 +113,23 @@ class SqliteStore:
     def report(self, report: WorkerReport) -> None:
         self._run(
             "INSERT INTO workers (worker, inflight, last_activity, wanted_at, heartbeat, down_at, "
-            "bake_at, bake_models) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(worker) DO UPDATE "
+            "bake_at, bake_models, inflight_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(worker) DO UPDATE "
             "SET inflight = excluded.inflight, last_activity = excluded.last_activity, "
             "wanted_at = excluded.wanted_at, heartbeat = excluded.heartbeat, "
             "down_at = excluded.down_at, bake_at = excluded.bake_at, "
-            "bake_models = excluded.bake_models",
-            tuple(asdict(report).values()),
+            "bake_models = excluded.bake_models, inflight_by = excluded.inflight_by",
+            (*tuple(asdict(report).values())[:-1], json.dumps(report.inflight_by)),
         )
 
     def reports(self) -> list[WorkerReport]:
         rows = self._run(
             "SELECT worker, inflight, last_activity, wanted_at, heartbeat, down_at, bake_at, "
-            "bake_models FROM workers"
+            "bake_models, inflight_by FROM workers"
         )
         return [WorkerReport(*row[:5], down_at=row[5] or 0.0, bake_at=row[6] or 0.0,
-                             bake_models=bool(row[7])) for row in rows]
+                             bake_models=bool(row[7]), inflight_by=_counts(row[8]))
+                for row in rows]
 
     def forget(self, worker: str) -> None:
         self._run("DELETE FROM workers WHERE worker = ?", (worker,))
@@ -154,3 +157,12 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _counts(text: str | None) -> dict[str, int]:
+    """A report's in-flight count by server (a store of an older version has none)."""
+    try:
+        counts = json.loads(text or "{}")
+        return {str(k): int(v) for k, v in counts.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}

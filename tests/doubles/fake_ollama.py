@@ -15,12 +15,18 @@ Per request: `X-Fake-Interval: S` paces the stream, `options.num_predict` (or Op
 no terminating chunk) after K chunks, `X-Fake-Think: S` works S seconds before a chat or
 generate answers (a model loading, or a whole answer generated for stream: false), and stops,
 as Ollama does, when the client hangs up meanwhile (counted as "cancelled" in /__stats).
+
+`OLLAMA_NUM_PARALLEL` (or `--num-parallel`) generates at most that many answers at once and
+queues the rest, as Ollama does (docs/faq.md, "How does Ollama handle concurrent requests?",
+in ollama/ollama: requests beyond the parallel limit wait in a queue); /__stats says how many
+generate now (`generating`) and the most at once (`generating_max`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -167,6 +173,7 @@ class Options:
     tls_cert: str | os.PathLike | None = None
     tls_key: str | os.PathLike | None = None
     pull_seconds: float = 0.0  # a streamed pull's progress lines spread over this long
+    num_parallel: int = 0  # answers generated at once, the rest queued (0: no limit)
     verbose: bool = False
 
     def model_names(self) -> list[str]:
@@ -304,6 +311,10 @@ class State:
         self.requests: Counter[str] = Counter()
         self.active_streams = 0
         self.active_connections = 0
+        self.generating = 0
+        self.generating_max = 0
+        self.parallel = (threading.BoundedSemaphore(options.num_parallel)
+                         if options.num_parallel > 0 else None)
         self.modified_at = iso_now()
         self.tags_ready_at = math.inf  # set when listening
         self.ids = itertools.count(1)
@@ -378,7 +389,27 @@ class State:
                 "requests": dict(self.requests),
                 "active_streams": self.active_streams,
                 "active_connections": self.active_connections,
+                "generating": self.generating,
+                "generating_max": self.generating_max,
             }
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[None]:
+        """One answer generated: queued while OLLAMA_NUM_PARALLEL others are."""
+        if self.parallel is not None:
+            while not self.parallel.acquire(timeout=0.1):
+                if self.stop.is_set():
+                    raise Abort("the server stops")
+        with self.lock:
+            self.generating += 1
+            self.generating_max = max(self.generating_max, self.generating)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.generating -= 1
+            if self.parallel is not None:
+                self.parallel.release()
 
     def log_request(self, record: dict) -> None:
         if self._log_fd is not None:
@@ -894,6 +925,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, model: str, request: dict, content: Callable[[str], dict],
                   final_extra: dict | None = None) -> None:
+        with self.server.state.generation():
+            self._generate_now(model, request, content, final_extra)
+
+    def _generate_now(self, model: str, request: dict, content: Callable[[str], dict],
+                      final_extra: dict | None = None) -> None:
         self._think()
         options = request.get("options") or {}
         pieces = tokens(self.token_count(options.get("num_predict")))
@@ -1382,6 +1418,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     parser.add_argument("--pull-seconds", type=float, default=0.0,
                         help="spread a streamed pull's progress over this many seconds")
+    parser.add_argument("--num-parallel", type=int,
+                        default=int(os.environ.get("OLLAMA_NUM_PARALLEL") or 0),
+                        help="answers generated at once, the rest queued ($OLLAMA_NUM_PARALLEL)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     host, port = parse_listen(args.listen or os.environ.get("OLLAMA_HOST"))
@@ -1390,7 +1429,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         chunks=args.chunks, token=args.token, startup_delay=args.startup_delay,
         tags_delay=args.tags_delay, starts_file=args.starts_file, request_log=args.request_log,
         tls_cert=args.tls_cert, tls_key=args.tls_key, pull_seconds=args.pull_seconds,
-        verbose=args.verbose,
+        num_parallel=args.num_parallel, verbose=args.verbose,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from proxy.provision.bake import Template
-from proxy.provision.base import Endpoint, ProvisionError
+from proxy.provision.base import PRIMARY, Endpoint, ProvisionError
 
 
 class GatedProvisioner:
@@ -34,7 +34,11 @@ class GatedProvisioner:
     def observe(self) -> Endpoint | None:
         return self.endpoint if self.exists else None
 
-    def bring_up(self, progress) -> Endpoint:
+    def observe_fleet(self) -> dict[str, Endpoint]:
+        return {PRIMARY: self.endpoint} if self.exists else {}  # one server only
+
+    def bring_up(self, progress, server: str = PRIMARY) -> Endpoint:
+        assert server == PRIMARY, "a GatedProvisioner has one server"
         with self.lock:
             self.bring_ups += 1
         for sentence in self.sentences:
@@ -45,12 +49,12 @@ class GatedProvisioner:
         self.exists = True
         return self.endpoint
 
-    def tear_down(self, progress) -> None:
+    def tear_down(self, progress, server: str = PRIMARY) -> None:
         with self.lock:
             self.tear_downs += 1
         self.exists = False
 
-    def stop(self, progress) -> None:
+    def stop(self, progress, server: str = PRIMARY) -> None:
         with self.lock:
             self.stops += 1
         self.exists = False

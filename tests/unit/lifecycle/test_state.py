@@ -49,8 +49,39 @@ def test_the_stopped_document_keeps_its_gpu_time_and_instance():
 
 
 def test_keys_of_a_newer_version_are_kept():
-    doc = {**SAVED["ready"], "servers": {"gpu-1": {"phase": "ready"}}}
-    assert State.from_doc(doc).to_doc()["servers"] == {"gpu-1": {"phase": "ready"}}
+    doc = {**SAVED["ready"], "regions": {"at-vie-2": {"phase": "ready"}}}
+    assert State.from_doc(doc).to_doc()["regions"] == {"at-vie-2": {"phase": "ready"}}
+
+
+def test_a_document_of_one_server_reads_as_a_fleet_of_one():
+    state = State.from_doc(SAVED["ready"])
+    assert state.servers == {}
+    assert State.from_doc(state.to_doc()) == state
+
+
+def test_the_fleets_other_servers_round_trip_in_name_order():
+    doc = {**SAVED["ready"], "servers": {
+        "gpu-10": {"phase": "provisioning", "instance_since": 5.0},
+        "gpu-2": {"phase": "ready", "endpoint": {"url": "http://127.0.0.1:9"},
+                  "instance_since": 4.0, "later": "kept out"},
+    }}
+    state = State.from_doc(doc)
+    assert list(state.servers) == ["gpu-2", "gpu-10"]
+    assert state.servers["gpu-2"].serving and not state.servers["gpu-10"].serving
+    assert State.from_doc(state.to_doc()) == state
+    assert state.gpu_record["fleet_since"] == [4.0, 5.0]  # the budget counts every server
+
+
+@pytest.mark.parametrize("servers", [
+    {"gpu": {"phase": "ready"}},  # the primary is the document itself
+    {"gpu-01": {"phase": "ready"}},
+    {"web": {"phase": "ready"}},
+    {"gpu-1": {"phase": "flying"}},
+    ["gpu-1"],
+])
+def test_a_fleet_this_version_cannot_read_is_a_store_error(servers):
+    with pytest.raises(StoreError):
+        State.from_doc({**SAVED["ready"], "servers": servers})
 
 
 def test_nulls_read_as_the_defaults():
