@@ -196,12 +196,13 @@ class Proxy:
             return False
 
     def kill_upstream(self) -> None:
-        """Stop the local upstream the proxy left running (it outlives the proxy on purpose)."""
-        try:
-            pid = json.loads((self.state_dir / "local-upstream.json").read_text())["pid"]
-            os.killpg(pid, signal.SIGKILL)
-        except (OSError, ValueError, KeyError):
-            pass
+        """Stop the local upstreams the proxy left running (they outlive the proxy on purpose):
+        the primary's and each fleet server's."""
+        for record in sorted(self.state_dir.glob("local-upstream*.json")):
+            try:
+                os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
 
     def __enter__(self) -> Proxy:
         return self.start()

@@ -176,7 +176,9 @@ def decide(state: State, demand: Demand, clock: Clock, config: Config,
     phase = state.phase
     down = demand.down_at > state.down_handled
     local = datetime.fromtimestamp(now, config.tz)
-    warm = schedule.is_warm(config.warm_windows, local) and now >= state.warm_off_until
+    # PROXY_MIN_SERVERS keeps servers up even when idle: at least one, like a warm window.
+    warm = (schedule.is_warm(config.warm_windows, local) or config.min_servers > 0) and \
+        now >= state.warm_off_until
     over_budget = gputime.over_budget(state.gpu_record, now, config.tz, config.daily_gpu_hours)
     new_demand = demand.wanted_at > state.demand_cutoff
     bake = demand.bake_at > state.bake_handled  # a bake needs a ready server: it brings one up

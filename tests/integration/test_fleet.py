@@ -6,13 +6,15 @@ three servers and back; no stream is cut, never more than PROXY_MAX_SERVERS star
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
 import pytest
 import requests
 
-from tests.harness import Proxy, free_port, upstream_env, wait_until
+from tests.harness import MotoS3, Proxy, free_port, upstream_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +25,10 @@ def fleet_env(tmp_path, **env) -> dict:
     base = free_port()
     while any(_taken(base + i) for i in (1, 2, 3)):  # server i listens on base + i
         base = free_port()
-    return upstream_env(
-        tmp_path, "--chunk-interval", "0.1",
-        PROXY_LOCAL_ADDR=f"127.0.0.1:{base}", OLLAMA_NUM_PARALLEL=str(PARALLEL),
-        PROXY_MAX_SERVERS="3", PROXY_TARGET_INFLIGHT=str(PARALLEL), PROXY_SCALE_UP_AFTER="1",
-        PROXY_IDLE_TIMEOUT="3", PROXY_WORKERS="2", **env,
-    )
+    settings = {"PROXY_LOCAL_ADDR": f"127.0.0.1:{base}", "OLLAMA_NUM_PARALLEL": str(PARALLEL),
+                "PROXY_MAX_SERVERS": "3", "PROXY_TARGET_INFLIGHT": str(PARALLEL),
+                "PROXY_SCALE_UP_AFTER": "1", "PROXY_IDLE_TIMEOUT": "3", "PROXY_WORKERS": "2"}
+    return upstream_env(tmp_path, "--chunk-interval", "0.1", **{**settings, **env})
 
 
 def _taken(port: int) -> bool:
@@ -45,16 +45,16 @@ def stream(url: str, tokens: int, seen: list) -> None:
     seen.append((answer.status_code, lines))
 
 
-def generated(proxy: Proxy) -> dict[str, int]:
+def generated(proxy: Proxy, count: int = 3) -> dict[str, int]:
     """Generate requests each server's Ollama has answered, by server name (as a worker that
     has synced since the last server came up sees them)."""
     upstreams: dict = {}
 
     def synced() -> bool:
         upstreams.update({s["name"]: s["upstream"] for s in proxy.status()["servers"]})
-        return len(upstreams) == 3 and all(upstreams.values())
+        return len(upstreams) == count and all(upstreams.values())
 
-    wait_until(synced, 5, what="every worker to see the three servers")
+    wait_until(synced, 5, what=f"every worker to see the {count} servers")
     return {name: requests.get(url + "/__stats", timeout=5).json()["requests"]
             .get("POST /api/generate", 0) for name, url in upstreams.items()}
 
@@ -104,3 +104,75 @@ def test_a_load_ramp_takes_the_fleet_from_zero_to_three_servers_and_back(tmp_pat
         proxy.wait_phase("idle")  # on every worker (one may be a tick behind)
         starts = (tmp_path / "starts").read_text().splitlines()
         assert len(starts) == 3  # never more than PROXY_MAX_SERVERS started
+
+
+def test_a_server_killed_mid_stream_ends_its_streams_while_the_other_serves_and_is_replaced(
+        tmp_path):
+    env = fleet_env(tmp_path, PROXY_MAX_SERVERS="2", PROXY_MIN_SERVERS="2")
+    with Proxy(tmp_path, **env) as proxy:
+        # Two servers kept even when idle: the primary comes up without demand, then gpu-1.
+        wait_until(lambda: servers(proxy) == {"gpu": "ready", "gpu-1": "ready"}, 60,
+                   what="two ready servers")
+        first_pid = json.loads((tmp_path / "local-upstream-gpu-1.json").read_text())["pid"]
+        seen: list = []
+        long = [threading.Thread(target=stream, args=(proxy.url, 100, seen)) for _ in range(4)]
+        for thread in long:
+            thread.start()
+            time.sleep(0.2)
+        wait_until(lambda: generated(proxy, 2)["gpu-1"] >= 1, 10, what="a stream on gpu-1")
+        os.kill(first_pid, signal.SIGKILL)
+        # While gpu-1 is gone, new requests are answered by the primary.
+        answers = [requests.post(proxy.url + "/api/generate", timeout=30, json={
+            "model": "llama3.2", "prompt": "hi", "stream": False}).status_code for _ in range(3)]
+        assert answers.count(200) >= 2, answers  # one may still be routed to the dead one
+        for thread in long:
+            thread.join(60)
+        ended = [lines[-1] for _, lines in seen]
+        assert sum(1 for last in ended if last.get("done")) >= 2  # the primary's streams end
+        cut = [last for last in ended if not last.get("done")]
+        assert cut and all("error" in last for last in cut), ended  # gpu-1's: the error line
+        # gpu-1 is found gone and, the fleet being below its minimum, started again.
+        wait_until(lambda: _pid_of(tmp_path, "gpu-1") not in (None, first_pid)
+                   and servers(proxy).get("gpu-1") == "ready", 60, what="a new gpu-1")
+
+
+def _pid_of(tmp_path, name: str) -> int | None:
+    try:
+        return json.loads((tmp_path / f"local-upstream-{name}.json").read_text())["pid"]
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "s3"])
+def store_env(request) -> dict[str, str]:
+    if request.param == "sqlite":
+        return {}
+    moto = request.getfixturevalue("moto")
+    return moto.env(moto.bucket())
+
+
+def test_each_start_is_decided_once_by_four_workers_on_two_hosts(tmp_path, store_env):
+    env = fleet_env(tmp_path, PROXY_WORKERS="4", **store_env)
+    with Proxy(tmp_path, **env) as one, Proxy(tmp_path, **env) as two:
+        requests.post(one.url + "/admin/up", timeout=10).raise_for_status()
+        one.wait_phase("ready")
+        seen: list = []
+        load = [threading.Thread(target=stream, args=(proxy.url, 150, seen))
+                for proxy in (one, two) for _ in range(4)]
+        for thread in load:
+            thread.start()
+        wait_until(lambda: servers(two).get("gpu-2") == "ready", 60, what="three servers")
+        time.sleep(3)  # the load stays above target: a fourth would start now if it could
+        assert set(servers(one)) == {"gpu", "gpu-1", "gpu-2"}
+        for thread in load:
+            thread.join(120)
+        assert all(status == 200 and lines[-1]["done"] for status, lines in seen)
+    started = (tmp_path / "starts").read_text().splitlines()
+    assert len(started) == 3, started  # one start each, whichever worker or host reconciled
