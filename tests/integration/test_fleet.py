@@ -78,6 +78,8 @@ def test_a_load_ramp_takes_the_fleet_from_zero_to_three_servers_and_back(tmp_pat
         # Six in flight on a target of two each: a second server, then a third, one at a time.
         wait_until(lambda: servers(proxy).get("gpu-1") == "ready", 40, what="gpu-1 ready")
         wait_until(lambda: servers(proxy).get("gpu-2") == "ready", 40, what="gpu-2 ready")
+        wait_until(lambda: 'ollama_exoscale_servers{phase="ready"} 3.0' in requests.get(
+            proxy.url + "/metrics", timeout=5).text, 5, what="three ready servers in /metrics")
         # New requests go to the least loaded servers: the new ones get them (the first six
         # stay on the primary, queued by its Ollama: a forwarded request stays where it went).
         # (A worker a tick behind may not see the newest server yet: both new ones get some.)

@@ -53,6 +53,24 @@ def test_status_table_reads_for_a_person():
     assert "3 (last 412 s, median 398 s)" in table
 
 
+def test_status_table_has_a_line_per_server_of_a_fleet():
+    base = {"provisioning_status": "ready", "instance_status": "running", "provider": "local",
+            "ollama_model": "llama3.2", "in_flight": 5, "idle_timeout": 60}
+    fleet = format_status({**base, "fleet": {"max_servers": 3}, "servers": [
+        {"name": "gpu", "phase": "ready", "in_flight": 3, "since": "2026-12-02T06:00:00+00:00",
+         "gpu_seconds": 840, "upstream": "http://127.0.0.1:11435"},
+        {"name": "gpu-1", "phase": "starting", "in_flight": 0, "since": None,
+         "gpu_seconds": 30, "upstream": "http://127.0.0.1:11436"},
+    ]})
+    lines = fleet.splitlines()
+    assert any(line.startswith("server gpu ") and "ready, 3 in flight" in line
+               and "14 min GPU time (http://127.0.0.1:11435)" in line for line in lines), fleet
+    assert any(line.startswith("server gpu-1") and "starting, 0 in flight" in line
+               for line in lines), fleet
+    one = format_status({**base, "servers": [{"name": "gpu", "phase": "ready"}]})
+    assert "server gpu" not in one  # one server: the table of before fleets
+
+
 def test_unknown_command_prints_usage(tmp_path):
     result = run_cli(env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
