@@ -50,7 +50,8 @@ class Page:
 
 
 class WarmUp:
-    """POST /admin/up: start the GPU server now, as a request would (admin key)."""
+    """POST /admin/up: start the GPU server now, as a request would; with one ready and
+    PROXY_MAX_SERVERS above 1, one more (admin key)."""
 
     def __init__(self, config: Config, lifecycle: Lifecycle):
         self.config = config
@@ -59,6 +60,8 @@ class WarmUp:
     async def on_post(self, req, resp) -> None:
         if self.lifecycle.snapshot().state.phase != "ready":
             self.lifecycle.want()
+        elif self.config.max_servers > 1:
+            self.lifecycle.one_more()
         resp.status = falcon.HTTP_202
         resp.media = status_document(self.config, self.lifecycle)
 

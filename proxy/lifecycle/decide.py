@@ -31,6 +31,7 @@ class Demand:
     bake_at: float = 0.0  # the latest operator's `bake`
     bake_models: bool = False  # whether that bake keeps the models
     by_server: dict[str, int] = field(default_factory=dict, hash=False)  # of inflight
+    up_at: float = 0.0  # the latest operator's `up` while a server was ready
 
     @classmethod
     def of(cls, reports: list[WorkerReport], now: float) -> Demand:
@@ -42,6 +43,7 @@ class Demand:
                     by_server[name] = by_server.get(name, 0) + count
         return cls(
             by_server=by_server,
+            up_at=max((r.up_at for r in reports), default=0.0),
             inflight=live_inflight(reports, now),
             last_activity=max((r.last_activity for r in reports), default=0.0),
             wanted_at=max((r.wanted_at for r in reports), default=0.0),

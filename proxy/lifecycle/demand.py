@@ -88,6 +88,7 @@ class Lifecycle:
         self._last_activity = 0.0
         self._wanted_at = 0.0
         self._down_at = 0.0
+        self._up_at = 0.0
         self._bake_at = 0.0
         self._bake_models = False
         self._held = 0
@@ -206,6 +207,12 @@ class Lifecycle:
         known = self._snapshot
         return after(now, self._last_activity, known.demand.last_activity,
                      known.state.ready_since)
+
+    def one_more(self) -> None:
+        """An operator asks for one more GPU server while one is ready (a fleet)."""
+        with self._lock:
+            self._up_at = after(time.time(), self._up_at, self._snapshot.state.up_handled)
+        self._wake.set()
 
     def down(self) -> None:
         """An operator asks to remove the GPU server now (after its streams end)."""
@@ -341,6 +348,7 @@ class Lifecycle:
             report = WorkerReport(
                 self.worker, self._inflight, self._last_activity, self._wanted_at, now,
                 self._down_at, self._bake_at, self._bake_models, self.router.counts(),
+                self._up_at,
             )
         last = self._reported
         unchanged = last is not None and replace(last, heartbeat=now) == report

@@ -67,11 +67,12 @@ def needed(inflight: int, config: Config, warm: bool = False) -> int:
 
 
 def step(members: list[Member], inflight: int, now: float, config: Config,
-         memory: FleetMemory, *, warm: bool = False, may_start: bool = True
-         ) -> tuple[Step, FleetMemory]:
+         memory: FleetMemory, *, warm: bool = False, may_start: bool = True,
+         asked: bool = False) -> tuple[Step, FleetMemory]:
     """The fleet's next step, given its servers (the primary among them) and the requests in
     flight over every worker and host. `may_start`: no budget or operator's `down` forbids a
-    new server. `now` is a clock that is never stepped."""
+    new server; `asked`: an operator's `up` wants one more now. `now` is a clock that is never
+    stepped."""
     if config.max_servers <= 1:
         return Hold(), FleetMemory()  # one server: decide.py alone, as before fleets
     serving = [m for m in members if m.phase == Phase.READY and not m.draining]
@@ -82,6 +83,9 @@ def step(members: list[Member], inflight: int, now: float, config: Config,
     above = (bool(serving) and not coming and need > len(serving) and may_start
              and len(existing) < config.max_servers)
     memory = replace(memory, above_since=_since(memory.above_since, above, now))
+    room = bool(serving) and not coming and may_start and len(existing) < config.max_servers
+    if asked and room:
+        return StartServer(_free_name(members, config)), replace(memory, above_since=None)
     if above and now - memory.above_since >= config.scale_up_after:
         return StartServer(_free_name(members, config)), replace(memory, above_since=None)
     # Below: more serve than needed, counting the primary as needed while it serves (it goes

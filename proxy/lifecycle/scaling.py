@@ -57,9 +57,13 @@ class Scaling(Operations):
                 self._resume(name, server, stop_all, wished)
         members = Snapshot(state, demand).members()
         may_start = not stop_all and time.monotonic() >= self._fleet_retry_at
+        asked = demand.up_at > state.up_handled
         chosen, self._fleet_memory = step(members, demand.inflight, time.monotonic(),
                                           self.config, self._fleet_memory, warm=warm,
-                                          may_start=may_start)
+                                          may_start=may_start, asked=asked)
+        full = sum(1 for m in members if m.phase != Phase.IDLE) >= self.config.max_servers
+        if asked and (isinstance(chosen, StartServer) or full):  # answered (or cannot be)
+            self._commit(up_handled=demand.up_at)
         match chosen:
             case StartServer(name):
                 log.info("starting GPU server %s: %d requests in flight on the fleet", name,

@@ -52,6 +52,7 @@ class State:
     bake_error: str | None = None  # why the last bake failed
     servers: dict[str, Server] = field(default_factory=dict)  # the fleet beyond this, the primary
     fleet_error: str | None = None  # why the last fleet server beyond the primary failed
+    up_handled: float = 0.0  # the last operator's `up` (one more server) acted on
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer version, kept
 
     @classmethod

@@ -113,25 +113,28 @@ def servers(config: Config, snapshot: Snapshot, now: float) -> list[dict[str, An
     state, counts = snapshot.state, snapshot.demand.by_server
     lines = []
     if state.phase != "idle" or state.instance_status == "stopped":
-        lines.append(_server_line("gpu", state.phase, state.phase_since, state.endpoint,
+        lines.append(_server_line(config, "gpu", state.phase, state.phase_since, state.endpoint,
                                   state.instance_since, counts.get("gpu", 0)
                                   if len(state.servers) else snapshot.demand.inflight,
                                   state.detail, now))
     for name, server in state.servers.items():
-        lines.append(_server_line(name, server.phase, server.phase_since, server.endpoint,
-                                  server.instance_since, counts.get(name, 0), server.detail,
-                                  now))
+        lines.append(_server_line(config, name, server.phase, server.phase_since,
+                                  server.endpoint, server.instance_since, counts.get(name, 0),
+                                  server.detail, now))
     return lines
 
 
-def _server_line(name, phase, since, endpoint, instance_since, inflight, detail, now
-                 ) -> dict[str, Any]:
+def _server_line(config: Config, name, phase, since, endpoint, instance_since, inflight,
+                 detail, now) -> dict[str, Any]:
+    seconds = round(max(0.0, now - instance_since)) if instance_since else 0
     return {
         "name": name,
         "phase": str(phase),
         "since": _iso(since),
         "in_flight": inflight,
-        "gpu_seconds": round(max(0.0, now - instance_since)) if instance_since else 0,
+        "gpu_seconds": seconds,  # of this server's current run
+        "gpu_cost": round(seconds / 3600 * config.hourly_price, 2) if config.hourly_price
+        else None,
         "upstream": endpoint.url if endpoint else None,  # the URL only: no token
         "detail": detail,
     }

@@ -31,8 +31,9 @@ class WorkerReport:
     # models go in the template.
     bake_at: float = 0.0
     bake_models: bool = False
-    # Of `inflight`, how many each fleet server has (by name; empty with one server).
+    # Of `inflight`, how many each fleet server has (by name).
     inflight_by: dict[str, int] = field(default_factory=dict, hash=False)
+    up_at: float = 0.0  # the last operator's `up` while a server was ready: one more server
 
 
 class StoreError(Exception):

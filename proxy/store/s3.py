@@ -229,6 +229,7 @@ def _report(fields: dict[str, Any], where: S3Location) -> WorkerReport:
             float(fields.get("bake_at", 0.0)),
             bool(fields.get("bake_models", False)),
             {str(k): int(v) for k, v in (fields.get("inflight_by") or {}).items()},
+            float(fields.get("up_at", 0.0)),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise StoreError(f"state store {where}: a worker report is malformed") from None

@@ -48,6 +48,7 @@ class SqliteStore:
         self._add_column("workers", "bake_at REAL DEFAULT 0")
         self._add_column("workers", "bake_models INTEGER DEFAULT 0")
         self._add_column("workers", "inflight_by TEXT DEFAULT '{}'")
+        self._add_column("workers", "up_at REAL DEFAULT 0")
 
     def _add_column(self, table: str, column: str) -> None:
         """Bring a store made by an older version up to date (any worker may be first)."""
@@ -113,22 +114,25 @@ class SqliteStore:
     def report(self, report: WorkerReport) -> None:
         self._run(
             "INSERT INTO workers (worker, inflight, last_activity, wanted_at, heartbeat, down_at, "
-            "bake_at, bake_models, inflight_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "bake_at, bake_models, inflight_by, up_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(worker) DO UPDATE "
             "SET inflight = excluded.inflight, last_activity = excluded.last_activity, "
             "wanted_at = excluded.wanted_at, heartbeat = excluded.heartbeat, "
             "down_at = excluded.down_at, bake_at = excluded.bake_at, "
-            "bake_models = excluded.bake_models, inflight_by = excluded.inflight_by",
-            (*tuple(asdict(report).values())[:-1], json.dumps(report.inflight_by)),
+            "bake_models = excluded.bake_models, inflight_by = excluded.inflight_by, "
+            "up_at = excluded.up_at",
+            (*tuple(asdict(report).values())[:-2], json.dumps(report.inflight_by),
+             report.up_at),
         )
 
     def reports(self) -> list[WorkerReport]:
         rows = self._run(
             "SELECT worker, inflight, last_activity, wanted_at, heartbeat, down_at, bake_at, "
-            "bake_models, inflight_by FROM workers"
+            "bake_models, inflight_by, up_at FROM workers"
         )
         return [WorkerReport(*row[:5], down_at=row[5] or 0.0, bake_at=row[6] or 0.0,
-                             bake_models=bool(row[7]), inflight_by=_counts(row[8]))
+                             bake_models=bool(row[7]), inflight_by=_counts(row[8]),
+                             up_at=row[9] or 0.0)
                 for row in rows]
 
     def forget(self, worker: str) -> None:

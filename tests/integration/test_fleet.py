@@ -178,3 +178,34 @@ def test_each_start_is_decided_once_by_four_workers_on_two_hosts(tmp_path, store
         assert all(status == 200 and lines[-1]["done"] for status, lines in seen)
     started = (tmp_path / "starts").read_text().splitlines()
     assert len(started) == 3, started  # one start each, whichever worker or host reconciled
+
+
+def test_a_restarted_proxy_adopts_every_server_and_down_removes_them_all(tmp_path):
+    env = fleet_env(tmp_path, PROXY_MAX_SERVERS="2", PROXY_MIN_SERVERS="2")
+    with Proxy(tmp_path, **env) as proxy:
+        wait_until(lambda: servers(proxy) == {"gpu": "ready", "gpu-1": "ready"}, 60,
+                   what="two ready servers")
+        proxy.stop()  # the servers outlive the proxy, as GPU servers outlive a restart
+        pids = {name: _pid_of(tmp_path, name) for name in ("gpu", "gpu-1")}
+        again = Proxy(tmp_path, **{**env, "PROXY_MIN_SERVERS": "0"}).start()
+        try:
+            wait_until(lambda: servers(again) == {"gpu": "ready", "gpu-1": "ready"}, 30,
+                       what="both adopted")
+            assert {name: _pid_of(tmp_path, name) for name in pids} == pids  # none made anew
+            assert len((tmp_path / "starts").read_text().splitlines()) == 2
+            requests.post(again.url + "/admin/down", timeout=10).raise_for_status()
+            wait_until(lambda: servers(again) == {}, 40, what="every server removed")
+            assert all(_pid_of(tmp_path, name) is None for name in pids)
+        finally:
+            again.stop()
+
+
+def test_up_while_ready_starts_one_more_server_and_idle_takes_it_back(tmp_path):
+    with Proxy(tmp_path, **fleet_env(tmp_path, PROXY_MAX_SERVERS="2")) as proxy:
+        requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()
+        proxy.wait_phase("ready")
+        requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()
+        wait_until(lambda: servers(proxy).get("gpu-1") == "ready", 30, what="gpu-1 ready")
+        requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()  # at the maximum
+        wait_until(lambda: servers(proxy) == {}, 40, what="both idle and removed")
+        assert len((tmp_path / "starts").read_text().splitlines()) == 2

@@ -116,3 +116,11 @@ def test_reports_from_every_worker_are_visible_to_all(two_stores):
     assert reports["other:2:w2"].inflight == 1
     b.forget("other:2:w2")
     assert [r.worker for r in a.reports()] == ["host:1:w1"]
+
+
+def test_a_report_keeps_its_fleet_fields(two_stores):
+    a, b = two_stores
+    report = WorkerReport("host:1:w1", inflight=3, heartbeat=11.0, bake_at=2.0,
+                          bake_models=True, inflight_by={"gpu": 1, "gpu-1": 2}, up_at=9.5)
+    a.report(report)
+    assert b.reports() == [report]

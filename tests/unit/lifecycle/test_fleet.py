@@ -141,3 +141,18 @@ def test_requests_go_to_the_ready_server_with_the_fewest_in_flight():
     assert pick(fleet, {"gpu-1": 3}) == "gpu"  # this worker's own, not yet reported, count too
     assert pick([ready("gpu", 2), ready("gpu-1", 2)], {}) == "gpu"  # the primary among equals
     assert pick([Member("gpu", Phase.STARTING)], {}) is None
+
+
+def test_an_operators_up_starts_one_more_at_once_while_there_is_room():
+    chosen, _ = step([ready("gpu", 0)], 0, T, FLEET, FleetMemory(), asked=True)
+    assert chosen == StartServer("gpu-1")
+    full = [ready("gpu"), ready("gpu-1"), ready("gpu-2")]
+    assert step(full, 0, T, FLEET, FleetMemory(), asked=True)[0] == Hold()
+    coming = [ready("gpu"), Member("gpu-1", Phase.STARTING)]
+    assert step(coming, 0, T, FLEET, FleetMemory(), asked=True)[0] == Hold()
+
+
+def test_a_stopped_server_starts_again_before_a_new_name_is_taken():
+    fleet = [ready("gpu", 9), Member("gpu-1", Phase.IDLE), Member("gpu-2", Phase.IDLE)]
+    chosen, _ = step(fleet, 9, T + 5, FLEET, FleetMemory(above_since=T))
+    assert chosen == StartServer("gpu-1")
