@@ -74,6 +74,12 @@ class Processes:
         if process is not None:
             _stop_group(process.pid, lambda: process.poll() is not None)
 
+    def stop_adopted(self, path: Path) -> None:
+        """Stop the process a pid file names now (one adopted, or left by a proxy)."""
+        pid = _pid_from_file(Path(path))
+        if pid:
+            _stop_group(pid, lambda: not _alive(pid))
+
     def stop_all(self) -> None:
         """Stop in reverse order of start, then the adopted ones; Ctrl-C cannot cut this short."""
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

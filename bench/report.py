@@ -42,8 +42,30 @@ def find(rows: list[dict], **match: Any) -> dict:
 
 
 def goals(results: dict) -> list[list[Any]]:
-    """(goal, figure, verdict) rows: reported, never asserted. Issue 14's first, then 8's."""
-    return goals_14(results) + goals_8(results)
+    """(goal, figure, verdict) rows: reported, never asserted. Issue 14's first, then 8's,
+    then 17's."""
+    return goals_14(results) + goals_8(results) + goals_17(results)
+
+
+def goals_17(results: dict) -> list[list[Any]]:
+    """More GPU servers: requests/s against one server's, the proxy's added latency."""
+    section = results.get("fleet")
+    if not section:
+        return []
+    rows, clients, out = section["rows"], section["clients"], []
+    one = find(rows, target="ours", servers=1, clients=clients).get("requests_per_s")
+    for size, goal in ((2, 1.8), (3, 2.6)):
+        r = ratio(find(rows, target="ours", servers=size, clients=clients).get("requests_per_s"),
+                  one)
+        out.append([f"{size} GPU servers: requests/s ≥ {goal}× one server's", _x(r),
+                    _verdict(r, goal)])
+    direct = find(rows, target="direct").get("p50_ms")
+    added = [find(rows, target="ours", servers=n, clients=1).get("p50_ms") for n in (1, 2, 3)]
+    if direct is not None and None not in added:
+        spread = max(added) - min(added)
+        out.append(["1, 2, 3 GPU servers: added p50 at 1 client unchanged (within 1 ms)",
+                    " / ".join(_ms(a - direct) for a in added), _verdict(spread, 1.0, below=True)])
+    return out
 
 
 def goals_14(results: dict) -> list[list[Any]]:
@@ -254,6 +276,25 @@ def table_memory(results: dict) -> str:
               "with 100 streams (peak MiB/worker)", "growth MiB", "upstream streams open (max)",
               "client connections by worker", "idle after the run"]
     return table(header, rows)
+
+
+def table_fleet(section: dict) -> str:
+    rows = section["rows"]
+    one = find(rows, target="ours", servers=1, clients=section["clients"]).get("requests_per_s")
+    direct = find(rows, target="direct").get("p50_ms")
+    out = []
+    for r in rows:
+        is_direct = r["target"] == "direct"
+        out.append([
+            r["target"], r["servers"], r["clients"], r["requests_per_s"],
+            "" if is_direct or r["clients"] == 1 else _x(ratio(r["requests_per_s"], one)),
+            r["p50_ms"], r["p99_ms"],
+            "" if is_direct or r["clients"] != 1 or direct is None else r["p50_ms"] - direct,
+            r["non_2xx"], r["socket_errors"], r["load1"], r["others"],
+        ])
+    header = ["target", "servers", "clients", "req/s", "×1 server", "p50 ms", "p99 ms",
+              "added p50 ms", "non-2xx", "socket errors", "load1", "others (cores)"]
+    return table(header, out)
 
 
 def table_many(section: dict) -> str:
@@ -483,6 +524,19 @@ def markdown(results: dict, before: dict | None = None) -> str:
             "machine's load moves less than the delays (on 2 cores the upstream's thousand "
             "threads, the workers and the client take turns).\n",
             table_many(many) + "\n",
+        ]
+    if results.get("fleet"):
+        fleet = results["fleet"]
+        sections += [
+            "## 7. One, two and three GPU servers (issue 17)\n",
+            f"`POST /api/generate` (`stream: false`) to a proxy with `PROXY_MIN_SERVERS` = "
+            f"`PROXY_MAX_SERVERS` = 1, 2, 3 (a proxy of its own each, every server up before the "
+            f"run): each server the fake Ollama generating at most {fleet['parallel']} answers at "
+            f"once (`OLLAMA_NUM_PARALLEL`, the rest queued) of {fleet['think_s'] * 1e3:g} ms "
+            f"each (`X-Fake-Think`), so one server serves about "
+            f"{fleet['parallel'] / fleet['think_s']:g} a second. wrk at 1 and "
+            f"{fleet['clients']} clients; direct: one such server without the proxy.\n",
+            table_fleet(fleet) + "\n",
         ]
     if results.get("profiles"):
         sections += ["## Profiles (extra runs, py-spy --gil)\n", profiles(results)]

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import machine, previous, scenarios, targets
+from . import fleet, machine, previous, scenarios, targets
 from .plot import write_plot
 from .procs import REPO, Processes
 from .profile import Profiler
@@ -59,11 +59,11 @@ def log(message: str) -> None:
 
 STEPS = {"503": scenarios.fast_503, "forward": scenarios.forward,
          "streaming": scenarios.streaming, "large": scenarios.large,
-         "streams_1000": scenarios.many_streams}
+         "streams_1000": scenarios.many_streams, "fleet": fleet.run}
 
 
 # The figures a partial run (--only) prints, where a row has them.
-SHOWN = ("target", "body", "clients", "streams", "requests_per_s", "p50_ms", "p99_ms",
+SHOWN = ("target", "servers", "body", "clients", "streams", "requests_per_s", "p50_ms", "p99_ms",
          "chunk_p99_ms", "settled_p99_ms", "ttfb_p50_ms", "upstream_open_max", "errors",
          "connections_by_worker", "cpu_ms_per_chunk", "upstream_cpu_ms_per_chunk", "load1",
          "others")

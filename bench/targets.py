@@ -112,15 +112,17 @@ def _start_server(
 
 
 def start_ours(procs: Processes, workdir: Path, name: str = "ours",
-               settings: dict[str, str] | None = None, build: Build = THIS
-               ) -> tuple[Target, Target]:
+               settings: dict[str, str] | None = None, build: Build = THIS,
+               upstream_flags: tuple[str, ...] = ()) -> tuple[Target, Target]:
     """The proxy, warmed up to ready, and its upstream (the `direct` target).
 
-    `settings`: PROXY_* variables over the shipped defaults; `build`: another checkout's proxy.
+    `settings`: PROXY_* variables over the shipped defaults; `build`: another checkout's proxy;
+    `upstream_flags`: the fake upstream's own flags.
     """
     port, upstream_port = free_port(), free_port()
     state = workdir / name
-    env = {**_proxy_env(port, state, upstream_command(), upstream_port), **(settings or {})}
+    command = upstream_command(*upstream_flags)
+    env = {**_proxy_env(port, state, command, upstream_port), **(settings or {})}
     procs.adopt_pid_file(state / "local-upstream.json")
     ours = _start_server(procs, name, port, build.serve(), env, build)
     requests.post(ours.url + "/admin/up", timeout=10).raise_for_status()

@@ -31,11 +31,13 @@ class WrkResult:
         return asdict(self)
 
 
-def run(url: str, connections: int, seconds: int, body: Path | None = None) -> WrkResult:
-    """One wrk run of `seconds` (whole) with `connections` keep-alive clients on one thread."""
+def run(url: str, connections: int, seconds: int, body: Path | None = None,
+        header: str = "") -> WrkResult:
+    """One wrk run of `seconds` (whole) with `connections` keep-alive clients on one thread;
+    `header`: one more request header, "Name: value"."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
             "--timeout", "10s", "-s", str(SCRIPT), url]
-    env = {**os.environ, "BENCH_BODY": str(body) if body else ""}
+    env = {**os.environ, "BENCH_BODY": str(body) if body else "", "BENCH_HEADER": header}
     # One thread: wrk's own CPU stays small on a 2-core machine shared with the servers.
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds + 60)
     if done.returncode != 0:
