@@ -217,3 +217,22 @@ def test_the_last_cold_start_is_drawn_as_bars_with_the_servers_stages_side_by_si
         assert box["model_pull"]["x"] > box["stack_update"]["x"]
         assert "driver (server)100 s" in page.text_content("#timeline")
         page.close()
+
+
+def test_a_fleet_shows_a_row_per_server_with_its_load(tmp_path, browser):
+    base = free_port()
+    env = upstream_env(tmp_path, PROXY_LOCAL_ADDR=f"127.0.0.1:{base}", PROXY_MAX_SERVERS="2",
+                       PROXY_MIN_SERVERS="2")
+    with Proxy(tmp_path, **env) as proxy:
+        page = browser.new_page()
+        page.goto(proxy.url + "/ui")
+        page.wait_for_function(
+            "document.querySelectorAll('#servers .server').length === 2"
+            " && [...document.querySelectorAll('#servers .server')]"
+            ".every((row) => row.textContent.includes(': ready, 0 in flight'))",
+            timeout=60_000,
+        )
+        rows = page.locator("#servers .server").all_text_contents()
+        assert [row.split(":")[0] for row in rows] == ["gpu", "gpu-1"]
+        page.screenshot(path=str(tmp_path / "ui-fleet.png"))
+        page.close()
