@@ -50,7 +50,9 @@ class LocalProvisioner:
         *,
         start_wait: float = 60.0,
         stop_grace: float = 10.0,
+        server: str = PRIMARY,
     ):
+        self.command = command
         self.argv = shlex.split(command)
         if not self.argv:
             raise ConfigError("PROXY_LOCAL_COMMAND is empty; use e.g. 'ollama serve'")
@@ -63,25 +65,25 @@ class LocalProvisioner:
         self.env = dict(env)
         self.start_wait = start_wait
         self.stop_grace = stop_grace
-        self.pid_file = self.state_dir / "local-upstream.json"
-        self.log_file = self.state_dir / "local-upstream.log"
+        self.server = server
+        suffix = "" if server == PRIMARY else f"-{server}"  # the primary's: as before fleets
+        self.pid_file = self.state_dir / f"local-upstream{suffix}.json"
+        self.log_file = self.state_dir / f"local-upstream{suffix}.log"
 
     def _server(self, server: str) -> LocalProvisioner:
-        """The provisioner of the fleet's server `server`: its port, pid file and log."""
+        """The provisioner of the fleet's server `server`: port + its index, its pid file and
+        log (ValueError for a name that is not a server's)."""
         index = server_index(server)
         if index == 0:
             return self
-        other = object.__new__(LocalProvisioner)
-        other.__dict__.update(self.__dict__)
-        other.port = self.port + index
-        if other.port > 65535:
-            raise ProvisionError(f"GPU server {server} would listen on port {other.port}: "
-                                 "choose a lower PROXY_LOCAL_ADDR port or PROXY_MAX_SERVERS")
-        other.addr = f"{self.host}:{other.port}"
-        other.url = f"http://{self.host}:{other.port}"
-        other.pid_file = self.state_dir / f"local-upstream-{server}.json"
-        other.log_file = self.state_dir / f"local-upstream-{server}.log"
-        return other
+        port = self.port + index
+        if port > 65535:
+            raise ProvisionError(f"GPU server {server} would listen on port {port}: choose a "
+                                 "lower PROXY_LOCAL_ADDR port or fewer PROXY_MAX_SERVERS")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return LocalProvisioner(self.command, f"{host}:{port}", self.state_dir, self.env,
+                                start_wait=self.start_wait, stop_grace=self.stop_grace,
+                                server=server)
 
     def cold_start_mode(self, stopped: bool) -> str:
         return "local"  # a process on this host: its models are on disk already
