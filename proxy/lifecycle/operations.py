@@ -20,6 +20,7 @@ from proxy.lifecycle import coldstart, gputime, schedule
 from proxy.lifecycle.coldstart import server_spans
 from proxy.lifecycle.decide import (
     PROBE_EVERY,
+    WORKER_TTL,
     Clock,
     Memory,
     answered_until,
@@ -27,7 +28,7 @@ from proxy.lifecycle.decide import (
     probed,
 )
 from proxy.lifecycle.state import Phase, State
-from proxy.provision.base import Endpoint, Provisioner, ProvisionError
+from proxy.provision.base import PRIMARY, Endpoint, Provisioner, ProvisionError
 from proxy.store.base import Store
 from proxy.upstream.probe import load_model, probe, server_progress
 from proxy.upstream.session import Sessions
@@ -260,7 +261,7 @@ class Operations:
         self._stop.wait(DESTROY_GRACE_TICKS * self.config.tick + 0.5)
         while not self._stop.is_set():
             now = time.time()
-            inflight = live_inflight(self.store.reports(), now)
+            inflight = self._primary_inflight(now)
             if inflight == 0:
                 return True
             if now >= deadline:
@@ -270,6 +271,14 @@ class Operations:
             self._progress(f"waiting for {inflight} requests in flight to end")
             self._stop.wait(1.0)
         return False
+
+    def _primary_inflight(self, now: float) -> int:
+        """Requests in flight on the primary: all of them, unless the fleet has others."""
+        reports = self.store.reports()
+        if not self._current.servers:
+            return live_inflight(reports, now)
+        return sum(r.inflight_by.get(PRIMARY, 0) for r in reports
+                   if now - r.heartbeat < WORKER_TTL)
 
     def _remove(self, **changes: Any) -> None:
         """Destroy the server, or stop it (the document's `removal`, set when it began)."""

@@ -117,9 +117,11 @@ class Reconciler(Scaling, Baking):
         self._decide(reports, now)
 
     def _take_over(self) -> None:
-        self._adopt_fleet()
-        self._adopt()
-        self._adopted = True
+        try:
+            self._adopt_fleet()
+            self._adopt()
+        finally:  # the fleet steps from the next tick, whatever the adopt found
+            self._adopted = True
 
     def _step_fleet(self, reports: list[WorkerReport], now: float) -> None:
         state, demand = self._current, Demand.of(reports, now)
