@@ -185,10 +185,12 @@ def test_provisioning_that_keeps_failing_backs_off_explains_and_makes_few_attemp
             while time.monotonic() < deadline:  # a client retrying as fast as it can
                 answers.append(session.post(proxy.url + "/api/chat", json={}, timeout=5))
         status = proxy.status()
-    tried = len(attempts.read_text().splitlines())
+        tried = len(attempts.read_text().splitlines())
     assert {a.status_code for a in answers} == {503} and len(answers) > 100
     assert 2 <= tried <= 4  # 1 s, 2 s, 4 s between attempts: not one per request
-    assert status["provisioning_status"] == "error" and status["failures"] == tried
+    # Every attempt counted, but one that began as the status was read (its command has run,
+    # its failure is a commit away).
+    assert status["provisioning_status"] == "error" and status["failures"] in (tried - 1, tried)
     assert "exited with code 3" in status["last_error"] and status["retry_at"]
     failed = answers[-1].json()
     assert failed["provisioning"] is False and "quota exceeded" in failed["error"]
