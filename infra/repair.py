@@ -45,6 +45,20 @@ def pending_creates(deployment: Mapping[str, Any]) -> list[PendingCreate]:
     return found
 
 
+def instance_states(deployment: Mapping[str, Any]) -> dict[str, str]:
+    """Each compute instance of `deployment`'s resources by its logical name (the server's
+    name: gpu, gpu-1, ...), with the state last declared or read back (running | stopped)."""
+    found = {}
+    for resource in deployment.get("resources") or []:
+        if not isinstance(resource, dict) or resource.get("type") != INSTANCE_TYPE:
+            continue
+        inputs = resource.get("inputs") or {}
+        outputs = resource.get("outputs") or {}
+        state = _plain(inputs.get("state")) or _plain(outputs.get("state")) or "running"
+        found[_urn(resource).rsplit("::", 1)[-1]] = state
+    return found
+
+
 def instance_lookup(pending: PendingCreate) -> None:
     """A program that only reads: exports `ids`, the compute instances with the name and
     labels of `pending` in its zone (the Exoscale provider's `getComputeInstanceList`)."""
