@@ -16,6 +16,7 @@ import pulumiverse_exoscale as exoscale
 
 from .checks import PRIMARY
 from .cloudinit import TLS_SERVER_NAME, render_user_data
+from .names import model_volume_name, server_object_name
 from .settings import Settings
 
 TOKEN_LENGTH = 48
@@ -111,7 +112,7 @@ def declare(settings: Settings) -> None:
 def model_volume(settings: Settings, name: str, server: str) -> exoscale.BlockStorageVolume:
     """A server's models' disk: it outlives the instance (kept when idle removes it)."""
     return exoscale.BlockStorageVolume(
-        "models" if server == PRIMARY else f"models-{server}",
+        model_volume_name(server),
         zone=settings.zone,
         name=f"{server_object_name(name, server)}-models",
         size=settings.model_volume_gb,
@@ -156,14 +157,6 @@ def describe(instance: exoscale.ComputeInstance, port: int) -> dict[str, pulumi.
         "instance_id": instance.id,
         "instance_state": instance.state,
     }
-
-
-def server_object_name(name: str, server: str) -> str:
-    """A server's cloud name: the stack's objects' name, plus the server unless it is `gpu`."""
-    if server == PRIMARY:
-        return name
-    suffix = f"-{server}"
-    return name[:63 - len(suffix)].rstrip("-") + suffix  # a hostname label
 
 
 def object_name(settings: Settings, stack: str) -> str:

@@ -14,7 +14,10 @@ from typing import Any
 
 import pulumi
 
+from infra.names import volume_server
+
 INSTANCE_TYPE = "exoscale:index/computeInstance:ComputeInstance"
+VOLUME_TYPE = "exoscale:index/blockStorageVolume:BlockStorageVolume"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,17 @@ def instance_states(deployment: Mapping[str, Any]) -> dict[str, str]:
         outputs = resource.get("outputs") or {}
         state = _plain(inputs.get("state")) or _plain(outputs.get("state")) or "running"
         found[_urn(resource).rsplit("::", 1)[-1]] = state
+    return found
+
+
+def volume_servers(deployment: Mapping[str, Any]) -> list[str]:
+    """The servers whose model volume `deployment`'s resources hold (kept or attached)."""
+    found = []
+    for resource in deployment.get("resources") or []:
+        if isinstance(resource, dict) and resource.get("type") == VOLUME_TYPE:
+            server = volume_server(_urn(resource).rsplit("::", 1)[-1])
+            if server is not None:
+                found.append(server)
     return found
 
 
