@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from proxy.provision.base import PRIMARY, server_index
+
 PROJECT = "ollama-exoscale"  # the Pulumi project, the name prefix and the label value
 # Marks every cloud object as ours, so that orphans can be found by label.
 MANAGED_BY_LABEL = ("managed-by", PROJECT)
@@ -41,7 +43,8 @@ INSTANCE_STATES = ("running", "stopped", "absent")
 # Exoscale's own templates, or the organisation's (a template `ollama-exoscale bake` made).
 TEMPLATE_VISIBILITIES = ("public", "private")
 MIN_VOLUME_GB = 10  # Exoscale's smallest block storage volume
-
+# What a server of the `servers` setting may be declared as (`absent`: every server, only).
+SERVER_STATES = ("running", "stopped")
 
 
 class SettingsError(ValueError):
@@ -194,6 +197,43 @@ def check_name(name: str) -> str:
             "expected lowercase letters, digits and hyphens (<= 40), like ollama-exoscale",
         )
     return name
+
+
+def check_servers(servers: Mapping[str, str] | Iterable[str] | None, default_state: str
+                  ) -> dict[str, str] | None:
+    """The GPU servers to declare, name -> state; names as proxy/provision/base.py makes them
+    (gpu, gpu-1, ...). A list takes `default_state` for each; None: today's one server."""
+    if servers is None:
+        return None
+    given = dict(servers) if isinstance(servers, Mapping) else None
+    names = list(given) if given is not None else list(_as_tuple(servers))
+    shown = ",".join(str(n) for n in names)
+    if not names:
+        raise SettingsError(
+            "servers", shown,
+            f"expected at least one server name, like {PRIMARY}; to remove every server run "
+            "`pulumi destroy`, or set instanceState to absent to keep the model volume",
+        )
+    checked: dict[str, str] = {}
+    for name in names:
+        try:
+            server_index(name if isinstance(name, str) else "")
+        except ValueError:
+            raise SettingsError(
+                "servers", name,
+                f"expected server names {PRIMARY}, {PRIMARY}-1, {PRIMARY}-2, ... (no leading "
+                "zeros): the names the proxy gives its servers",
+            ) from None
+        if name in checked:
+            raise SettingsError("servers", shown, f"{name} is named twice: name each server once")
+        state = given[name] if given is not None else default_state
+        if state not in SERVER_STATES:
+            raise SettingsError(
+                "servers", f"{name}={state}",
+                f"expected a state of {' or '.join(SERVER_STATES)} for each server",
+            )
+        checked[name] = state
+    return dict(sorted(checked.items(), key=lambda item: server_index(item[0])))
 
 
 def _networks(setting: str, cidrs: tuple[str, ...]) -> tuple[str, ...]:

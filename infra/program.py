@@ -1,4 +1,4 @@
-"""The GPU server, declared: what `pulumi up` creates, one declaration per resource.
+"""The GPU servers, declared: what `pulumi up` creates, one declaration per resource.
 
 `declare(settings)` is the whole Pulumi program. `pulumi up` at the repository root runs it
 (through `infra/__main__.py`), and so does the proxy, as the Automation API's inline program.
@@ -14,7 +14,9 @@ import pulumi_random as random
 import pulumi_tls as tls
 import pulumiverse_exoscale as exoscale
 
+from .checks import PRIMARY
 from .cloudinit import TLS_SERVER_NAME, render_user_data
+from .names import model_volume_name, server_object_name
 from .settings import Settings
 
 TOKEN_LENGTH = 48
@@ -25,7 +27,8 @@ SSH_PORT = 22
 
 
 def declare(settings: Settings) -> None:
-    """Declare the GPU server of `settings` and export how to reach it."""
+    """Declare the GPU servers of `settings` (`servers`; else today's one, `gpu`), sharing the
+    firewall, token and certificate, and export how to reach them."""
     name = object_name(settings, pulumi.get_stack())
 
     template = exoscale.get_template_output(zone=settings.zone, name=settings.template,
@@ -74,60 +77,86 @@ def declare(settings: Settings) -> None:
             description="SSH for the operator",
         )
 
-    # The models' disk, when asked for: it outlives the instance (kept when idle removes it).
-    volume = exoscale.BlockStorageVolume(
-        "models",
-        zone=settings.zone,
-        name=f"{name}-models",
-        size=settings.model_volume_gb,
-        labels=instance_labels(settings, pulumi.get_stack()),
-    ) if settings.model_volume_gb else None
-
-    if settings.instance_state == "absent":  # the instance is gone; the rest stays for the next
-        if volume is not None:
-            pulumi.export("model_volume_id", volume.id)
-        return
-
     user_data = pulumi.Output.secret(
         pulumi.Output.all(token.result, tls_cert.cert_pem, tls_key.private_key_pem).apply(
             lambda values: render_user_data(settings, *values)
         )
     )
+    volumes = {server: model_volume(settings, name, server)
+               for server in settings.server_names if settings.model_volume_gb}
+    instances = {
+        server: gpu_instance(settings, name, server, state, template.id, firewall.id, user_data,
+                             volumes.get(server))
+        for server, state in settings.declared_servers.items()
+    }
 
-    instance = exoscale.ComputeInstance(
-        "gpu",
-        name=name,
-        zone=settings.zone,
-        type=settings.instance_type,
-        template_id=template.id,
-        disk_size=settings.disk_size,
-        security_group_ids=[firewall.id],
-        user_data=user_data,
-        ssh_keys=[settings.ssh_key] if settings.ssh_key else None,
-        ipv6=settings.ipv6,
-        labels=instance_labels(settings, pulumi.get_stack()),
-        state=settings.instance_state,  # `stopped`: disk and models kept, no GPU billed
-        block_storage_volume_ids=[volume.id] if volume is not None else None,
-        opts=pulumi.ResourceOptions(
-            # cloud-init runs once per instance: new user data (models, port) needs a new one.
-            replace_on_changes=["user_data"],
-            # The old one goes first: a GPU quota of one, and a volume attaches to one instance.
-            delete_before_replace=True,
-        ),
-    )
-
-    public_ip = pulumi.Output.unsecret(instance.public_ip_address)
-    pulumi.export("remote_url", pulumi.Output.concat("https://", public_ip, f":{settings.port}"))
-    pulumi.export("public_ip", public_ip)
-    pulumi.export("instance_id", instance.id)
-    pulumi.export("instance_state", instance.state)
+    # Today's outputs describe the primary, else the first server (names sorted by index).
+    shown = PRIMARY if PRIMARY in settings.server_names else settings.server_names[0]
+    if shown in volumes:
+        pulumi.export("model_volume_id", volumes[shown].id)
+    if not instances:  # `absent`: the instances are gone; the rest stays for the next
+        return
+    shown = shown if shown in instances else next(iter(instances))
+    described = {server: describe(instance, settings.port)
+                 for server, instance in instances.items()}
+    for key, value in described[shown].items():
+        pulumi.export(key, value)
+    pulumi.export("servers", described)
     pulumi.export("token", pulumi.Output.secret(token.result))
     pulumi.export("tls_certificate", pulumi.Output.unsecret(tls_cert.cert_pem))
     pulumi.export("tls_server_name", TLS_SERVER_NAME)
     pulumi.export("instance_type", settings.instance_type)
     pulumi.export("zone", settings.zone)
-    if volume is not None:
-        pulumi.export("model_volume_id", volume.id)
+
+
+def model_volume(settings: Settings, name: str, server: str) -> exoscale.BlockStorageVolume:
+    """A server's models' disk: it outlives the instance (kept when idle removes it)."""
+    return exoscale.BlockStorageVolume(
+        model_volume_name(server),
+        zone=settings.zone,
+        name=f"{server_object_name(name, server)}-models",
+        size=settings.model_volume_gb,
+        labels=instance_labels(settings, pulumi.get_stack()),
+    )
+
+
+def gpu_instance(settings: Settings, name: str, server: str, state: str, template_id, firewall_id,
+                 user_data, volume: exoscale.BlockStorageVolume | None
+                 ) -> exoscale.ComputeInstance:
+    """One GPU server; `gpu` keeps the logical and cloud names of the one server before fleets."""
+    return exoscale.ComputeInstance(
+        server,
+        name=server_object_name(name, server),
+        zone=settings.zone,
+        type=settings.instance_type,
+        template_id=template_id,
+        disk_size=settings.disk_size,
+        security_group_ids=[firewall_id],
+        user_data=user_data,
+        ssh_keys=[settings.ssh_key] if settings.ssh_key else None,
+        ipv6=settings.ipv6,
+        labels=instance_labels(settings, pulumi.get_stack()),
+        state=state,  # `stopped`: disk and models kept, no GPU billed
+        block_storage_volume_ids=[volume.id] if volume is not None else None,
+        opts=pulumi.ResourceOptions(
+            # cloud-init runs once per instance: new user data (models, port) needs a new one.
+            replace_on_changes=["user_data"],
+            # The old one goes first: each server is one GPU of the quota (`exo limits`), and
+            # a volume attaches to one instance.
+            delete_before_replace=True,
+        ),
+    )
+
+
+def describe(instance: exoscale.ComputeInstance, port: int) -> dict[str, pulumi.Output]:
+    """How to reach one server (no secret: the token and certificate are the stack's)."""
+    public_ip = pulumi.Output.unsecret(instance.public_ip_address)
+    return {
+        "remote_url": pulumi.Output.concat("https://", public_ip, f":{port}"),
+        "public_ip": public_ip,
+        "instance_id": instance.id,
+        "instance_state": instance.state,
+    }
 
 
 def object_name(settings: Settings, stack: str) -> str:

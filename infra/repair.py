@@ -14,7 +14,10 @@ from typing import Any
 
 import pulumi
 
+from infra.names import volume_server
+
 INSTANCE_TYPE = "exoscale:index/computeInstance:ComputeInstance"
+VOLUME_TYPE = "exoscale:index/blockStorageVolume:BlockStorageVolume"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,31 @@ def pending_creates(deployment: Mapping[str, Any]) -> list[PendingCreate]:
             name=_plain(inputs.get("name")), zone=_plain(inputs.get("zone")),
             labels={k: _plain(v) for k, v in labels.items()},
         ))
+    return found
+
+
+def instance_states(deployment: Mapping[str, Any]) -> dict[str, str]:
+    """Each compute instance of `deployment`'s resources by its logical name (the server's
+    name: gpu, gpu-1, ...), with the state last declared or read back (running | stopped)."""
+    found = {}
+    for resource in deployment.get("resources") or []:
+        if not isinstance(resource, dict) or resource.get("type") != INSTANCE_TYPE:
+            continue
+        inputs = resource.get("inputs") or {}
+        outputs = resource.get("outputs") or {}
+        state = _plain(inputs.get("state")) or _plain(outputs.get("state")) or "running"
+        found[_urn(resource).rsplit("::", 1)[-1]] = state
+    return found
+
+
+def volume_servers(deployment: Mapping[str, Any]) -> list[str]:
+    """The servers whose model volume `deployment`'s resources hold (kept or attached)."""
+    found = []
+    for resource in deployment.get("resources") or []:
+        if isinstance(resource, dict) and resource.get("type") == VOLUME_TYPE:
+            server = volume_server(_urn(resource).rsplit("::", 1)[-1])
+            if server is not None:
+                found.append(server)
     return found
 
 

@@ -16,9 +16,8 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pulumi.automation as auto
 from pulumi.automation.errors import CommandError
@@ -26,6 +25,7 @@ from pulumi.automation.errors import CommandError
 from infra import repair
 from infra.errors import AutomationError, UpdateFailed, classify
 from infra.narrator import Narrator, Progress
+from infra.outputs import OUTPUT_NAMES, ServerOutputs, StackOutputs
 from infra.repair import PendingCreate
 from infra.settings import PROJECT
 from infra.workspace import (
@@ -43,37 +43,10 @@ if TYPE_CHECKING:
     from infra.settings import Settings
 
 log = logging.getLogger("ollama_exoscale.pulumi")
-
-OUTPUT_NAMES = (
-    "remote_url", "public_ip", "instance_id", "token", "tls_certificate", "tls_server_name",
-)
-
-
-@dataclass(frozen=True)
-class StackOutputs:
-    """What the program exports about the GPU server; the token is never shown."""
-
-    remote_url: str
-    public_ip: str
-    instance_id: str
-    token: str = field(repr=False)
-    tls_certificate: str = field(repr=False)
-    tls_server_name: str
-    instance_state: str = "running"  # or "stopped"
-
-    @classmethod
-    def from_outputs(cls, outputs: Mapping[str, Any]) -> StackOutputs:
-        missing = [name for name in OUTPUT_NAMES if not outputs.get(name)]
-        if missing:
-            raise UpdateFailed(
-                f"the Pulumi program did not export {', '.join(missing)}; check infra/program.py"
-            )
-        state = str(outputs.get("instance_state") or "running")  # stacks made before it
-        return cls(**{name: str(outputs[name]) for name in OUTPUT_NAMES}, instance_state=state)
-
+__all__ = ["OUTPUT_NAMES", "ServerOutputs", "StackOutputs", "StackRunner"]
 
 class StackRunner:
-    """The stack that holds the GPU server, and the verbs to change it.
+    """The stack that holds the GPU servers, and the verbs to change it.
 
     Call it from one thread at a time (the lifecycle's operation thread): each verb runs the
     Pulumi CLI and blocks until it ends.
@@ -97,7 +70,7 @@ class StackRunner:
         self.stack_name = stack_name
         self.pulumi_root = pulumi_root
         self.program = program or self._declare
-        self._instance_state = "running"  # what the next update declares
+        self._declared: Settings | None = None  # what the next update declares (None: settings)
         self.work_dir = self.state_dir / "pulumi-workspace"
         self.backend_url = backend_url(self.env, self.state_dir)
         self.scrub = scrubber(self.env)
@@ -107,15 +80,18 @@ class StackRunner:
     def _declare(self) -> None:
         from infra.program import declare  # imported late: the program pulls in the provider SDKs
 
-        declare(dataclasses.replace(self.settings, instance_state=self._instance_state))
+        declare(self._declared or self.settings)
 
     # -- the verbs ---------------------------------------------------------------------------
 
     def up(self, progress: Progress, *, instance_state: str = "running",
-           refresh: bool | None = None) -> StackOutputs | None:
-        """Create or update the GPU server, running or stopped; returns what the program exports.
+           refresh: bool | None = None, servers: Mapping[str, str] | None = None
+           ) -> StackOutputs | None:
+        """Create or update the GPU servers, running or stopped; returns what the program exports.
 
-        `absent` removes the instance but keeps the rest (the model volume): returns None.
+        `servers` (name -> running | stopped) declares those servers and no other; None
+        declares today's one server, `gpu`, in `instance_state`. `absent` removes the
+        instances but keeps the rest (the model volumes of `servers`): returns None.
         Declaring `running` or `stopped` refreshes first (`up --refresh`): the pinned provider
         (terraform-provider-exoscale 0.66.0) stops an instance without reading its state, and
         Exoscale refuses to stop one that is stopped already; with the state read back, an
@@ -124,7 +100,10 @@ class StackRunner:
         require_credentials(self.env)
         stack = self._stack()
         narrator = Narrator("up", progress, self.scrub, self._expected_count())
-        self._instance_state = instance_state
+        if self.settings is not None:  # checked here: a bad map stops before the CLI runs
+            self._declared = dataclasses.replace(
+                self.settings, instance_state=instance_state,
+                servers=dict(servers) if servers is not None else None)
         try:
             result = stack.up(on_event=narrator, color="never",
                               refresh=instance_state in ("running", "stopped")
@@ -132,7 +111,7 @@ class StackRunner:
         except CommandError as exc:
             raise self._failure(exc, "up", narrator) from None
         finally:
-            self._instance_state = "running"
+            self._declared = None
         self._remember_count(narrator.resources)
         if instance_state == "absent":
             return None
@@ -179,7 +158,8 @@ class StackRunner:
             raise self._failure(exc, "refresh", narrator) from None
 
     def outputs(self) -> StackOutputs | None:
-        """What the last update exported; None when the stack holds no instance."""
+        """What the last update exported (`servers` too); None when the stack holds no
+        instance."""
         try:
             values = {k: v.value for k, v in self._stack().outputs().items()}
         except CommandError as exc:
@@ -213,6 +193,11 @@ class StackRunner:
             self._stack().import_stack(state)
         except CommandError as exc:
             raise self._failure(exc, "stack import") from None
+
+    def instance_states(self) -> dict[str, str]:
+        """Each server whose instance the stack's state holds, with its declared state: what
+        an update must declare again to keep it (pending creates not included)."""
+        return repair.instance_states(self.export_state().deployment or {})
 
     def pending_creates(self) -> list[PendingCreate]:
         """Creates an interrupted update left in the state: the object may exist in the cloud."""

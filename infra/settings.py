@@ -17,6 +17,7 @@ from typing import Any
 from infra.checks import (
     BLOCK_STORAGE_ZONES,
     INSTANCE_STATES,
+    PRIMARY,
     PROJECT,
     SettingsError,
     check_allowed_cidrs,
@@ -26,6 +27,7 @@ from infra.checks import (
     check_models,
     check_name,
     check_port,
+    check_servers,
     check_ssh_cidrs,
     check_ssh_key,
     check_template,
@@ -65,6 +67,7 @@ CONFIG_KEYS = {
     "name": "name",
     "instance_state": "instanceState",
     "model_volume_gb": "modelVolumeGb",
+    "servers": "servers",
 }
 # `absent`: the instance is not declared (the kept model volume and the firewall stay).
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class Settings:
     instance_state: str = "running"
     # A block storage volume for the models, kept when the instance goes (0: none).
     model_volume_gb: int = 0
+    # The GPU servers, name -> running | stopped (None: today's one server, `gpu`); the proxy
+    # sets it per update, never from the environment.
+    servers: dict[str, str] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         normalise = object.__setattr__  # frozen: normalise once, here
@@ -114,6 +120,20 @@ class Settings:
         if self.instance_state not in INSTANCE_STATES:
             raise SettingsError("instance_state", self.instance_state,
                                 f"expected one of {', '.join(INSTANCE_STATES)}")
+        listed = "running" if self.instance_state == "absent" else self.instance_state
+        normalise(self, "servers", check_servers(self.servers, listed))
+
+    @property
+    def server_names(self) -> tuple[str, ...]:
+        """The servers the stack is about, instance or not (their volumes are kept if absent)."""
+        return tuple(self.servers) if self.servers is not None else (PRIMARY,)
+
+    @property
+    def declared_servers(self) -> dict[str, str]:
+        """Each server whose instance is declared, with its state (none when `absent`)."""
+        if self.instance_state == "absent":
+            return {}
+        return dict(self.servers) if self.servers is not None else {PRIMARY: self.instance_state}
 
     @property
     def ssh_enabled(self) -> bool:
@@ -218,6 +238,15 @@ def _labels(setting: str, raw: str) -> dict[str, str]:
     return labels
 
 
+def _servers(setting: str, raw: str) -> dict[str, str] | tuple[str, ...]:
+    """Names (a JSON list, or comma-separated), or a JSON object of name -> state."""
+    if raw.startswith("{"):
+        accepted = 'expected a JSON object of server name -> state, like {"gpu": "running"}'
+        states = _json(setting, raw, dict, accepted)
+        return {str(k).strip(): str(v).strip() for k, v in states.items()}
+    return _list(setting, raw)
+
+
 def _json(setting: str, raw: str, kind: type, accepted: str) -> Any:
     try:
         value = json.loads(raw)
@@ -235,7 +264,7 @@ _READERS: dict[str, Callable[[str, str], Any]] = {
     "name": _text, "disk_size": _whole_number, "port": _whole_number,
     "model_volume_gb": _whole_number,
     "models": _list, "allowed_cidrs": _list, "ssh_cidrs": _list, "labels": _labels,
-    "instance_state": _text,
+    "instance_state": _text, "servers": _servers,
 }
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "zone": check_zone, "instance_type": check_instance_type, "template": check_template,

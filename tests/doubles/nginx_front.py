@@ -13,7 +13,8 @@ public address):
 - the server's absolute paths (`/etc/ollama-exoscale`, `/var/lib/ollama-exoscale`, ...) live
   under a folder standing for its disk (`disk`), and the site's copies of them are rewritten;
 - Ollama's loopback port (`127.0.0.1:11434`) becomes the test's, and the public port is bound
-  on 127.0.0.1 only (the IPv6 listener is left out);
+  on a loopback address only (127.0.0.1, or a simulated instance's own 127.0.0.N; the IPv6
+  listener is left out);
 - the main config is written per run: `daemon off`, pid, error log and temp paths under its own
   prefix, started as `nginx -p PREFIX -e ERROR_LOG -c CONF`, so any user can run it.
 
@@ -119,14 +120,16 @@ def write_files(user_data: str, disk: Path) -> dict[str, Path]:
     return written
 
 
-def local_site(site: str, disk: Path, ollama_port: int, port: int) -> str:
+def local_site(site: str, disk: Path, ollama_port: int, port: int, host: str = "127.0.0.1"
+               ) -> str:
     """The rendered site with the server's paths under `disk`, Ollama at `ollama_port` and the
-    public port `port` on 127.0.0.1. Refuses a site these rewrites would not cover."""
+    public port `port` on `host` (a loopback address). Refuses a site these rewrites would not
+    cover."""
     listens = re.findall(r"^\s*listen (\d+) ssl;$", site, flags=re.M)
     if len(listens) != 1 or OLLAMA_ADDRESS not in site:
         raise ValueError("the rendered site no longer has one `listen PORT ssl;` and "
                          f"`proxy_pass http://{OLLAMA_ADDRESS}`: update this double")
-    site = re.sub(r"^(\s*)listen \d+ ssl;$", rf"\g<1>listen 127.0.0.1:{port} ssl;", site,
+    site = re.sub(r"^(\s*)listen \d+ ssl;$", rf"\g<1>listen {host}:{port} ssl;", site,
                   flags=re.M)
     site = re.sub(r"^(\s*)listen \[::\]:\d+ ssl;$", r"\g<1># (IPv6 left out here)", site,
                   flags=re.M)
@@ -136,29 +139,32 @@ def local_site(site: str, disk: Path, ollama_port: int, port: int) -> str:
     return site
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float, log: Path) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float, log: Path,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 errors = log.read_text() if log.exists() else ""
-                raise RuntimeError(f"nginx did not start on 127.0.0.1:{port}: {errors}") from None
+                raise RuntimeError(f"nginx did not start on {host}:{port}: {errors}") from None
             time.sleep(0.05)
 
 
 class Front:
-    """nginx serving the site `disk` holds (written there by `write_files`), on 127.0.0.1:port,
-    in front of an Ollama at 127.0.0.1:ollama_port. Its prefix is `disk/run/nginx`."""
+    """nginx serving the site `disk` holds (written there by `write_files`), on host:port (a
+    loopback address: 127.0.0.1 unless a simulated instance has another), in front of an
+    Ollama at 127.0.0.1:ollama_port. Its prefix is `disk/run/nginx`."""
 
-    def __init__(self, disk: Path, ollama_port: int, port: int):
+    def __init__(self, disk: Path, ollama_port: int, port: int, host: str = "127.0.0.1"):
         self.disk = Path(disk)
         self.port = port
+        self.host = host
         self.prefix = on_disk(self.disk, "/run/nginx")
         site = on_disk(self.disk, SITE).read_text()
-        self.site = local_site(site, self.disk, ollama_port, port)
+        self.site = local_site(site, self.disk, ollama_port, port, host)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -196,7 +202,7 @@ class Front:
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for_port(self.port, self.process, timeout, self.error_log)
+            wait_for_port(self.port, self.process, timeout, self.error_log, self.host)
         except BaseException:
             self.stop()
             raise

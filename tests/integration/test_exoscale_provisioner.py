@@ -183,6 +183,14 @@ def test_a_live_lock_is_left_alone(standin):
     assert standin.instances() == {}
 
 
+def test_a_name_that_is_no_server_name_fails_before_any_update(standin):
+    provisioner = provisioner_for(standin)
+    for call in (provisioner.bring_up, provisioner.stop, provisioner.tear_down):
+        with pytest.raises(ProvisionError, match=r"not a server name: 'worker' \(expected gpu"):
+            call(lambda _: None, server="worker")
+    assert standin.instances() == {} and not standin.backend.exists()
+
+
 def test_a_failed_up_is_a_provision_error_with_the_reason(standin):
     standin.env["STANDIN_FAIL_UP"] = "quota exceeded for gpua5000"
 

@@ -6,7 +6,8 @@ this instead: select it with `PulumiCommand(root="tests/doubles/standin_pulumi")
 `LanguageRuntime.Run` at `--client`, serves the `ResourceMonitor` and `Engine` the program talks
 to, and streams engine events to `--event-log`. Resources are "created" in a simulated cloud
 kept next to the state, in the `file://` backend directory (`standin-cloud.json`); a compute
-instance boots from its user data (`server`): the files cloud-init writes, then the bring-up,
+instance (on a loopback address of its own, 127.0.0.1 first: its public IP) boots from its
+user data (`server`): the files cloud-init writes, then the bring-up,
 whose public front is Debian's nginx with the rendered site in front of `tests.doubles.fake_ollama`;
 it is stopped when destroyed.
 

@@ -163,7 +163,7 @@ def stack_output(ws: Workspace, stack: str, options: dict) -> int:
         ws.require_passphrase()
     outputs = ws.backend.outputs(stack)
     shown = reveal(outputs) if options.get("--show-secrets") else mask(outputs)
-    print(json.dumps(shown, indent=2))
+    print(json.dumps(shown, indent=2, sort_keys=True))  # Go's encoding/json sorts map keys
     return 0
 
 

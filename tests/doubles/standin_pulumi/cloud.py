@@ -236,12 +236,13 @@ class Cloud:
         disk = make_disk(prefix=f"standin-{object_id[:8]}-")
         with self.objects() as data:
             template = data["templates"].get(plain.get("templateId") or "")
+            address = _free_address(data["instances"])  # creates come one at a time
         if template is not None:  # a private template: its disk is the snapshot's, copied
             shutil.copytree(template["disk"], disk, symlinks=True, dirs_exist_ok=True)
         (disk / "user-data").write_text(plain.get("userData") or "")
         record = {
             **plain,
-            "publicIpAddress": "127.0.0.1",
+            "publicIpAddress": address,
             "port": self._port(plain, stack),
             "disk": str(disk),
             "createdAt": now_text(),
@@ -303,6 +304,7 @@ class Cloud:
         disk = Path(record["disk"])
         (disk / "boot.json").write_text(json.dumps({
             "instance_id": object_id,  # what cloud-init keys its once-per-instance work on
+            "address": record["publicIpAddress"],
             "port": record["port"],
             "boot_delay": float(self.env.get("STANDIN_BOOT_DELAY") or 0),
             "pull_seconds": float(self.env.get("STANDIN_PULL_SECONDS") or 0),
@@ -333,6 +335,18 @@ def _check_user_data(user_data: str) -> None:
         pass
     if len(base64.b64encode(raw)) >= MAX_USER_DATA:
         raise StepError(f"user-data maximum allowed length is {MAX_USER_DATA} bytes")
+
+
+def _free_address(instances: dict) -> str:
+    """A public address no instance holds. An Exoscale instance has a public IPv4 address of
+    its own (the API's `public-ip-assignment` `inet4`, the provider's `public_ip_address`); a
+    simulated one gets a loopback address of its own, 127.0.0.1 first, so that several serve
+    one port side by side, as several GPU servers behind one firewall rule do."""
+    taken = {record.get("publicIpAddress") for record in instances.values()}
+    for n in range(1, 255):
+        if f"127.0.0.{n}" not in taken:
+            return f"127.0.0.{n}"
+    raise StepError("creating Compute instance: the stand-in has no loopback address left")
 
 
 def _instance_outputs(record: dict) -> dict:

@@ -351,7 +351,8 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
                 if request.custom:
                     package = request.type.split(":")[0]
                     new["provider"] = request.provider or self.provider(package, request.version)
-                resource = self.apply(new, list(request.additionalSecretOutputs))
+                resource = self.apply(new, list(request.additionalSecretOutputs),
+                                      delete_first=request.deleteBeforeReplace)
             except StepError as exc:
                 self.fail(self.step("create", urn, request.type, self.old.get(urn), new), str(exc))
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the update failed")
@@ -361,7 +362,7 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
 
     # -- steps --------------------------------------------------------------------------------
 
-    def apply(self, new: dict, secret_outputs: list[str]) -> dict:
+    def apply(self, new: dict, secret_outputs: list[str], delete_first: bool = False) -> dict:
         old = self.old.get(new["urn"])
         op = _operation(old, new)
         metadata = self.step(op, new["urn"], new["type"], old, new)
@@ -382,11 +383,13 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
             )
             new = {**new, "id": old["id"], "outputs": outputs}
         else:
-            if op == "replace" and new["type"] == INSTANCE:
-                # Simulated instances share 127.0.0.1:port: the old one must free it first.
+            # A replacement creates the new one, then deletes the old, unless the program says
+            # `delete_before_replace` (pkg/resource/deploy/step_generator.go: CreateBeforeDelete
+            # by default, DeleteBeforeCreate when the resource option is set).
+            if op == "replace" and delete_first:
                 self.cloud.delete(old["type"], old.get("id", ""))
             new = self.create(new)
-            if op == "replace" and new["type"] != INSTANCE:
+            if op == "replace" and not delete_first:
                 self.cloud.delete(old["type"], old.get("id", ""))
         new["outputs"] = _mark_secrets(new.get("outputs") or {}, secret_outputs)
         self.put(new)

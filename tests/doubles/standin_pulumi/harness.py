@@ -10,6 +10,7 @@ does (TLS pinned to the stack's certificate, the stack's token).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,23 +148,63 @@ def _get_tags(url: str, token: str, ca_cert: str, server_name: str) -> tuple[int
     return int(head.split()[1]), head, body
 
 
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to an address, trusting only `ca_cert` for `server_name` (as the proxy does)."""
+
+    def __init__(self, url: str, ca_cert: str, server_name: str, timeout: float):
+        host, port = url.removeprefix("https://").rsplit(":", 1)
+        super().__init__(host, int(port), timeout=timeout,
+                         context=ssl.create_default_context(cadata=ca_cert))
+        self.server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.server_name)
+
+
+def stream_generate(url: str, token: str, ca_cert: str, server_name: str, *, chunks: int,
+                    interval: float, started: threading.Event | None = None) -> list[dict]:
+    """POST {url}/api/generate, streamed: `chunks` tokens, one every `interval` seconds (the
+    test Ollama's X-Fake-Interval); returns every NDJSON line, `started` set at the first."""
+    connection = _PinnedHTTPS(url, ca_cert, server_name, timeout=30)
+    body = json.dumps({"model": "llama3.2", "prompt": "hi", "stream": True,
+                       "options": {"num_predict": chunks}})
+    try:
+        connection.request("POST", "/api/generate", body=body, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json",
+            "X-Fake-Interval": str(interval)})
+        answer = connection.getresponse()
+        if answer.status != 200:
+            raise AssertionError(f"{answer.status} {answer.read()[:200]!r}")
+        lines = []
+        while line := answer.readline():
+            lines.append(json.loads(line))
+            if started is not None:
+                started.set()
+        return lines
+    finally:
+        connection.close()
+
+
 def settings_for(port: int, **overrides) -> Settings:
     """Settings for a test: the instance serves on `port`, reachable from this host only."""
     return Settings(allowed_cidrs=("127.0.0.1/32",), port=port, **overrides)
 
 
-def crash_mid_up(world: Standin, timeout: float = 60.0) -> None:
-    """Run an `up` in another process and kill it (SIGKILL, CLI included) mid-create."""
+def crash_mid_up(world: Standin, timeout: float = 60.0, servers: dict | None = None) -> None:
+    """Run an `up` in another process and kill it (SIGKILL, CLI included) mid-create: of the
+    one server, or of the first server of `servers` the stack does not hold yet."""
     env = {**world.env, "STANDIN_UP_HANG": "1", "PYTHONPATH": str(ROOT.parents[2])}
+    before = len(world.instances())
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.doubles.standin_pulumi.crash", str(world.state_dir),
-         str(world.port)],
+         str(world.port), *([json.dumps(servers)] if servers is not None else [])],
         env=env, cwd=ROOT.parents[2], start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + timeout
-        while not (world.instances() and _pending(world)):
+        while not (len(world.instances()) > before and _pending(world)):
             assert process.poll() is None, "the crashing up ended early"
             assert time.monotonic() < deadline, "the stand-in did not reach the hang point"
             time.sleep(0.1)

@@ -14,9 +14,10 @@ database and Docker's image store), made by the stage that "installs" it, so a d
 stage, as setup.sh's checks do. Left out: the volume's mount.
 
 DISK/boot.json, written by the stand-in cloud, holds what the machine itself decides: the
-public port, the boot delay (before anything listens), how long a pull takes, the folder
-that keeps the pulled models (the root disk's, or an attached volume's), and whether the
-bring-up gives up (a driver that will not install: setup.sh's `give_up`, with that reason).
+public address (a loopback address of its own) and port, the boot delay (before anything
+listens), how long a pull takes, the folder that keeps the pulled models (the root disk's, or
+an attached volume's), and whether the bring-up gives up (a driver that will not install:
+setup.sh's `give_up`, with that reason).
 It runs until SIGTERM, in a session of its own with nginx in its process group: the cloud
 stops the whole server by signalling the group.
 """
@@ -74,6 +75,7 @@ class Server:
         self.state = on_disk(disk, STATE_DIR)
         self.env = {**os.environ, "STATUS_FILE": str(self.state / "status.json")}
         self.models_dir = Path(self.boot["models_dir"])
+        self.address = self.boot.get("address") or "127.0.0.1"  # its public address
         self.front: Front | None = None
         self.ollama: fake_ollama.FakeOllama | None = None
 
@@ -97,7 +99,7 @@ class Server:
         self.say("packages", "starting the bring-up")
         self.install("toolkit", "installing the NVIDIA container toolkit")
         ollama_port = fake_ollama.free_port()
-        self.front = Front(self.disk, ollama_port, int(self.boot["port"])).start()
+        self.front = Front(self.disk, ollama_port, int(self.boot["port"]), self.address).start()
         if self.boot.get("gives_up"):  # as setup.sh's give_up: the reason, then no more
             log(f"giving up: {self.boot['gives_up']}")
             self.progress("fail", self.boot["gives_up"])
@@ -127,7 +129,7 @@ class Server:
         self.say("container", "starting Ollama with the GPU")
         self.progress("ready")  # as setup.sh's mark_ready: the document, then the gate
         ready.touch()
-        log(f"ready: the front answers on 127.0.0.1:{self.boot['port']}")
+        log(f"ready: the front answers on {self.address}:{self.boot['port']}")
 
     def reset_if_new_instance(self) -> None:
         """setup.sh's reset_if_new_instance: markers of the instance a template was baked from

@@ -40,7 +40,7 @@ KEY_PEM = "-----BEGIN PRIVATE KEY-----\nS0VZ\n-----END PRIVATE KEY-----\n"
 MAIN = Path(__file__).resolve().parents[3] / "infra" / "__main__.py"
 OUTPUT_NAMES = {
     "remote_url", "public_ip", "instance_id", "token", "tls_certificate", "tls_server_name",
-    "instance_type", "zone", "instance_state",
+    "instance_type", "zone", "instance_state", "servers",
 }
 
 
@@ -326,6 +326,9 @@ def test_outputs(run_program):
     assert values["instance_type"] == "gpua5000.small"
     assert values["zone"] == "ch-gva-2"
     assert values["instance_state"] == "running"
+    assert values["servers"] == {"gpu": {  # the one server, in the fleet's map too
+        "remote_url": f"https://{PUBLIC_IP}:8443", "public_ip": PUBLIC_IP,
+        "instance_id": "gpu-id", "instance_state": "running"}}
 
 
 def test_only_the_token_output_is_secret(run_program):
