@@ -111,7 +111,7 @@ class LifecycleCollector:
             "ollama_exoscale_phase", "1 for the lifecycle's current phase.", labels=["phase"]
         )
         for name in PHASES:
-            phase.add_metric([name], 1.0 if snapshot.state.phase == name else 0.0)
+            phase.add_metric([name], 1.0 if snapshot.phase == name else 0.0)
         yield phase
         yield GaugeMetricFamily(
             "ollama_exoscale_in_flight", "Requests and streams forwarded right now, all workers.",

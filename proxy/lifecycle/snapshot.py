@@ -25,6 +25,12 @@ class Snapshot:
         primary = self.state.phase == Phase.READY and self.state.endpoint is not None
         return primary or any(s.serving for s in self.state.servers.values())
 
+    @property
+    def phase(self) -> str:
+        """The fleet's phase, as people see it: `ready` while any server serves, else the
+        primary's (with one server, simply its phase)."""
+        return Phase.READY.value if self.serving else self.state.phase.value
+
     def members(self) -> list[Member]:
         """The fleet, the primary first: each server's phase and requests in flight."""
         counts = self.demand.by_server

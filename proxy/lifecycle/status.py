@@ -51,7 +51,7 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
     snapshot = lifecycle.snapshot()
     now = time.time()
     idle_left = None
-    if snapshot.state.phase == "ready":
+    if snapshot.phase == "ready":
         if snapshot.demand.inflight:
             idle_left = config.idle_timeout
         else:
@@ -62,7 +62,7 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
     cold = snapshot.state.cold_starts
     return {
         "service": SERVICE,
-        "provisioning_status": snapshot.state.phase,
+        "provisioning_status": snapshot.phase,
         "detail": snapshot.state.detail,
         "steps": [{**step, "at": _iso(step["at"])} for step in snapshot.state.steps],
         "instance_status": snapshot.state.endpoint.instance_status if snapshot.state.endpoint
@@ -81,9 +81,9 @@ def status_document(config: Config, lifecycle: Lifecycle) -> dict[str, Any]:
         "last_error": snapshot.state.last_error,
         "failures": snapshot.state.failures,
         "retry_at": _iso(snapshot.state.retry_at) if snapshot.state.phase == "error" else None,
-        "retry_after": None if snapshot.state.phase == "ready" else lifecycle.retry_after(snapshot),
+        "retry_after": None if snapshot.phase == "ready" else lifecycle.retry_after(snapshot),
         # Unclamped, for a person (Retry-After stops at 60 s for the OpenAI SDKs).
-        "expected_wait": None if snapshot.state.phase == "ready"
+        "expected_wait": None if snapshot.phase == "ready"
         else max(1, round(lifecycle.expected_wait(snapshot))),
         "cold_starts": {
             "count": len(cold),

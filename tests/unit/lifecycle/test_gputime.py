@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from proxy.lifecycle import gputime
 
 VIENNA = ZoneInfo("Europe/Vienna")
@@ -50,3 +52,18 @@ def test_only_the_last_month_of_days_is_kept():
 
 def test_nothing_is_booked_without_a_server():
     assert gputime.close_interval({}, ts("2026-12-02T12:00"), VIENNA) == {"instance_since": 0.0}
+
+
+def test_the_daily_budget_counts_every_server_of_a_fleet():
+    from datetime import timezone
+
+    now = 1_780_000_000.0
+    one = {"instance_since": now - 1800, "gpu_days": {}, "gpu_seconds": 0.0}
+    three = {**one, "fleet_since": [now - 1800, now - 1800]}
+    assert gputime.today_seconds(three, now, timezone.utc) == pytest.approx(5400)
+    assert not gputime.over_budget(one, now, timezone.utc, daily_hours=1)
+    assert gputime.over_budget(three, now, timezone.utc, daily_hours=1)
+    assert gputime.instance_seconds(three, now) == pytest.approx(1800)  # the limit is each's
+    assert gputime.total_seconds(three, now) == pytest.approx(5400)
+    booked = gputime.close_interval(three, now, timezone.utc, start=now - 1800)
+    assert booked["gpu_seconds"] == pytest.approx(1800) and "instance_since" not in booked

@@ -70,3 +70,11 @@ def test_when_every_ready_server_broke_lately_they_are_tried_anyway():
     for name in ("gpu", "gpu-1", "gpu-2"):
         router.broke(name)
     assert router.choose(snapshot, {}) == "gpu"
+
+
+def test_the_fleet_is_ready_while_any_server_serves():
+    snapshot = fleet({"gpu": 0, "gpu-1": 0, "gpu-2": 0})
+    broken_primary = Snapshot(State(phase=Phase.ERROR, servers=snapshot.state.servers))
+    assert broken_primary.serving and broken_primary.phase == "ready"
+    assert Router().choose(broken_primary, {}) == "gpu-1"
+    assert Snapshot(State(phase=Phase.STARTING)).phase == "starting"
