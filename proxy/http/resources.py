@@ -4,6 +4,7 @@ clients poll (answered here until the GPU server is ready, forwarded after).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,11 @@ class WarmUp:
         self.lifecycle = lifecycle
 
     async def on_post(self, req, resp) -> None:
-        if self.lifecycle.snapshot().state.phase != "ready":
+        serving = self.lifecycle.snapshot().serving
+        if not serving and self.lifecycle.refresh_needed():
+            # Another worker may have shown `ready` already: this `up` then asks for one more.
+            serving = await asyncio.to_thread(self.lifecycle.refresh)
+        if not serving:
             self.lifecycle.want()
         elif self.config.max_servers > 1:
             self.lifecycle.one_more()

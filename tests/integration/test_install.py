@@ -9,6 +9,7 @@ the test venv's editable install of this repository is not seen.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,7 +120,16 @@ def test_the_installed_proxy_serves_its_routes_and_its_page(installed, tmp_path,
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         output = server.communicate(timeout=40)[0].decode(errors="replace")
+        _stop_upstream(tmp_path / "state")
     assert "Traceback" not in output, output
+
+
+def _stop_upstream(state: Path) -> None:
+    """The upstream the 503 started outlives the proxy, as it is meant to: stop it here."""
+    try:
+        os.killpg(json.loads((state / "local-upstream.json").read_text())["pid"], signal.SIGKILL)
+    except (OSError, ValueError, KeyError):
+        pass
 
 
 def _answers(url: str) -> bool:
