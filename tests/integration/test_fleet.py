@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.harness import MotoS3, Proxy, free_port, upstream_env, wait_until
+from tests.harness import Proxy, free_port, upstream_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -143,21 +143,6 @@ def _pid_of(tmp_path, name: str) -> int | None:
         return json.loads((tmp_path / f"local-upstream-{name}.json").read_text())["pid"]
     except (OSError, ValueError):
         return None
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.close()
-
-
-@pytest.fixture(params=["sqlite", "s3"])
-def store_env(request) -> dict[str, str]:
-    if request.param == "sqlite":
-        return {}
-    moto = request.getfixturevalue("moto")
-    return moto.env(moto.bucket())
 
 
 def test_each_start_is_decided_once_by_four_workers_on_two_hosts(tmp_path, store_env):

@@ -14,25 +14,9 @@ import requests
 
 from proxy.store import open_store
 from tests import harness
-from tests.harness import MotoS3, Proxy, starts, wait_until
+from tests.harness import Proxy, starts, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.close()
-
-
-@pytest.fixture(params=["sqlite", "s3"])
-def store_env(request) -> dict[str, str]:
-    """The environment that points a proxy at the shared store."""
-    if request.param == "sqlite":
-        return {}
-    moto = request.getfixturevalue("moto")
-    return moto.env(moto.bucket())
 
 
 @pytest.fixture

@@ -14,13 +14,6 @@ from proxy.store.sqlite import SqliteStore
 from tests.harness import MotoS3
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.close()
-
-
 @pytest.fixture(params=["sqlite", "s3"])
 def two_stores(request, tmp_path):
     """Two connections to one store, as two workers (or two hosts) have."""

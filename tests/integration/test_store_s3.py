@@ -28,13 +28,6 @@ from tests.harness import MotoS3, free_port, wait_until
 SOS = "https://sos-at-vie-2.exo.io"
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def bucket(moto):
     return moto.bucket()
