@@ -185,12 +185,17 @@ def test_a_restarted_proxy_adopts_every_server_and_down_removes_them_all(tmp_pat
             again.stop()
 
 
-def test_up_while_ready_starts_one_more_server_and_idle_takes_it_back(tmp_path):
-    with Proxy(tmp_path, **fleet_env(tmp_path, PROXY_MAX_SERVERS="2")) as proxy:
+def test_up_while_ready_starts_one_more_server_and_down_removes_both(tmp_path):
+    # An idle timeout longer than the test: the primary stays while the second comes.
+    env = fleet_env(tmp_path, PROXY_MAX_SERVERS="2", PROXY_IDLE_TIMEOUT="120")
+    with Proxy(tmp_path, **env) as proxy:
         requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()
         proxy.wait_phase("ready")
         requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()
-        wait_until(lambda: servers(proxy).get("gpu-1") == "ready", 30, what="gpu-1 ready")
+        wait_until(lambda: servers(proxy).get("gpu-1") == "ready", 60, what="gpu-1 ready")
         requests.post(proxy.url + "/admin/up", timeout=10).raise_for_status()  # at the maximum
-        wait_until(lambda: servers(proxy) == {}, 40, what="both idle and removed")
+        time.sleep(1)
+        assert set(servers(proxy)) == {"gpu", "gpu-1"}
+        requests.post(proxy.url + "/admin/down", timeout=10).raise_for_status()
+        wait_until(lambda: servers(proxy) == {}, 40, what="both removed")
         assert len((tmp_path / "starts").read_text().splitlines()) == 2
