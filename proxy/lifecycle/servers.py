@@ -39,11 +39,7 @@ class Server:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in doc.items() if k in known and v is not None}
         try:
-            if "phase" in values:
-                values["phase"] = Phase(values["phase"])
-            if "endpoint" in values:
-                values["endpoint"] = Endpoint(**values["endpoint"])
-            return cls(**values)
+            return cls(**typed(values))
         except (TypeError, ValueError) as exc:
             raise StoreError(f"a fleet server in the lifecycle document is not one this "
                              f"version reads: {exc}") from None
@@ -56,6 +52,16 @@ class Server:
 
     def moved(self, phase: Phase, now: float, **changes: Any) -> Server:
         return replace(self, phase=phase, phase_since=now, **changes)
+
+
+def typed(values: dict[str, Any]) -> dict[str, Any]:
+    """A document's `phase` and `endpoint` as their types (TypeError or ValueError if they are
+    not ones this version reads); the primary's and each fleet server's alike."""
+    if "phase" in values:
+        values["phase"] = Phase(values["phase"])
+    if "endpoint" in values:
+        values["endpoint"] = Endpoint(**values["endpoint"])
+    return values
 
 
 def servers_from_doc(raw: Any) -> dict[str, Server]:

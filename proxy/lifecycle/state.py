@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from proxy.lifecycle.phase import Phase
-from proxy.lifecycle.servers import Server, servers_from_doc, servers_to_doc
+from proxy.lifecycle.servers import Server, servers_from_doc, servers_to_doc, typed
 from proxy.provision.base import Endpoint
 from proxy.store.base import StoreError
 
@@ -62,10 +62,7 @@ class State:
         # A null stood for the default: no endpoint, no error, "absent", no GPU days.
         values = {key: value for key, value in doc.items() if key in known and value is not None}
         try:
-            if "phase" in values:
-                values["phase"] = Phase(values["phase"])
-            if "endpoint" in values:
-                values["endpoint"] = Endpoint(**values["endpoint"])
+            typed(values)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"the lifecycle document is not one this version reads: {exc}"
                              ) from None
