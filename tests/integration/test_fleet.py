@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.harness import Proxy, free_port, upstream_env, wait_until
+from tests.harness import Proxy, free_ports, upstream_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +22,11 @@ PARALLEL = 2  # answers each server generates at once
 
 
 def fleet_env(tmp_path, **env) -> dict:
-    base = free_port()
-    while any(_taken(base + i) for i in (1, 2, 3)):  # server i listens on base + i
-        base = free_port()
-    settings = {"PROXY_LOCAL_ADDR": f"127.0.0.1:{base}", "OLLAMA_NUM_PARALLEL": str(PARALLEL),
+    settings = {"PROXY_LOCAL_ADDR": f"127.0.0.1:{free_ports(4)}",  # server i on its port + i
+                "OLLAMA_NUM_PARALLEL": str(PARALLEL),
                 "PROXY_MAX_SERVERS": "3", "PROXY_TARGET_INFLIGHT": str(PARALLEL),
                 "PROXY_SCALE_UP_AFTER": "1", "PROXY_IDLE_TIMEOUT": "3", "PROXY_WORKERS": "2"}
     return upstream_env(tmp_path, "--chunk-interval", "0.1", **{**settings, **env})
-
-
-def _taken(port: int) -> bool:
-    import socket
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def stream(url: str, tokens: int, seen: list) -> None:

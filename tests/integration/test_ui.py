@@ -11,7 +11,7 @@ import pytest
 import requests
 from playwright.sync_api import sync_playwright
 
-from tests.harness import Proxy, fake_ollama_command, free_port, upstream_env
+from tests.harness import Proxy, fake_ollama_command, free_port, free_ports, upstream_env
 
 pytestmark = pytest.mark.slow
 
@@ -220,9 +220,8 @@ def test_the_last_cold_start_is_drawn_as_bars_with_the_servers_stages_side_by_si
 
 
 def test_a_fleet_shows_a_row_per_server_with_its_load(tmp_path, browser):
-    base = free_port()
-    env = upstream_env(tmp_path, PROXY_LOCAL_ADDR=f"127.0.0.1:{base}", PROXY_MAX_SERVERS="2",
-                       PROXY_MIN_SERVERS="2")
+    env = upstream_env(tmp_path, PROXY_LOCAL_ADDR=f"127.0.0.1:{free_ports(2)}",
+                       PROXY_MAX_SERVERS="2", PROXY_MIN_SERVERS="2")
     with Proxy(tmp_path, **env) as proxy:
         page = browser.new_page()
         page.goto(proxy.url + "/ui")
