@@ -143,7 +143,9 @@ def test_each_start_is_decided_once_by_four_workers_on_two_hosts(tmp_path, store
         requests.post(one.url + "/admin/up", timeout=10).raise_for_status()
         one.wait_phase("ready")
         seen: list = []
-        load = [threading.Thread(target=stream, args=(proxy.url, 150, seen))
+        # Eight on the primary (the only one ready when they came), queued two at a time: the
+        # load stays above two servers' target for two rounds of eight seconds.
+        load = [threading.Thread(target=stream, args=(proxy.url, 80, seen))
                 for proxy in (one, two) for _ in range(4)]
         for thread in load:
             thread.start()
