@@ -118,13 +118,18 @@ def stop_process_group(pid: int | None) -> None:
 
 def get_tags(url: str, token: str, ca_cert: str, server_name: str, timeout: float = 15.0) -> dict:
     """GET {url}/api/tags over TLS, trusting only `ca_cert` for `server_name`, with the token;
-    waited for while nothing listens yet or the front answers 503 (the bring-up is not done)."""
+    waited for while nothing listens yet or the front answers 503 (the bring-up is not done).
+
+    A reset counts as not listening yet: the bring-up's `nginx -t` binds and listens on the
+    front's address for a moment (nginx's src/core/ngx_connection.c,
+    ngx_open_listening_sockets, in test mode too), so a connection made then is reset when
+    the test ends."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             status, head, body = _get_tags(url, token, ca_cert, server_name)
-        except ConnectionRefusedError:
-            status, head, body = 0, b"connection refused", b""
+        except (ConnectionRefusedError, ConnectionResetError) as exc:
+            status, head, body = 0, type(exc).__name__.encode(), b""
         if status == 200:
             return json.loads(body)
         if status not in (0, 503) or time.monotonic() > deadline:
