@@ -9,6 +9,7 @@ import resource
 import shutil
 
 from proxy.config import Config
+from proxy.util.shared_file import allocate
 
 _config = Config.from_env()
 
@@ -47,6 +48,22 @@ def on_starting(server):
     if soft != resource.RLIM_INFINITY and soft < wanted:
         limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+# prometheus-client's value files of a worker (its values.MultiProcessValue names them
+# `<type>_<pid>.db`; mmap_dict.MmapedDict reads a zeroed one as empty) and their sizes: made
+# with their blocks allocated before the worker imports the metrics. The library makes them
+# sparse (ftruncate) and writes through a map, so a new label set written once the disk is
+# full was a SIGBUS that killed the worker mid-request (tests/integration/test_faults.py).
+METRICS_FILES = {"counter": 256 * 1024, "gauge_livesum": 64 * 1024}
+
+
+def post_fork(server, worker):
+    for kind, size in METRICS_FILES.items():
+        try:
+            allocate(_metrics_dir / f"{kind}_{worker.pid}.db", size)
+        except OSError as exc:  # the library makes it sparse, as it would have anyway
+            server.log.error("cannot allocate the worker's metrics file: %s", exc.strerror)
 
 
 def child_exit(server, worker):

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -217,3 +218,34 @@ def test_a_locked_state_store_leaves_requests_answered_and_starts_nothing(tmp_pa
                    what="the store back")
         assert proxy.status()["provisioning_status"] == "ready"
         assert starts(tmp_path) == 1
+
+
+LABEL_SETS = """
+import os, sys
+from types import SimpleNamespace
+import proxy.gunicorn_conf as conf  # PROXY_STATE_DIR: the small disk
+conf.on_starting(None)
+if sys.argv[1] == "allocated":
+    conf.post_fork(SimpleNamespace(log=None), SimpleNamespace(pid=os.getpid()))
+from tests.integration.test_faults import fill
+from pathlib import Path
+fill(Path(os.environ["PROXY_STATE_DIR"]))
+from proxy.http.metrics import KNOWN_ROUTES, REQUESTS
+for route in sorted(KNOWN_ROUTES):
+    for outcome in ("forwarded", "unavailable", "local"):
+        REQUESTS.labels(route, outcome).inc()
+"""
+
+
+def test_a_worker_counts_new_label_sets_on_a_full_disk_without_dying(full_disk):
+    """prometheus-client maps its value files sparse: a new label set written into a hole once
+    the disk is full is a SIGBUS. post_fork allocates a worker's files before it counts."""
+    env = {**os.environ, "PROXY_STATE_DIR": str(full_disk), "PYTHONPATH": os.getcwd()}
+    sparse = subprocess.run([sys.executable, "-c", LABEL_SETS, "sparse"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert sparse.returncode == -signal.SIGBUS, sparse.stderr  # the hazard is real here
+    for leftover in full_disk.iterdir():
+        subprocess.run(["rm", "-rf", str(leftover)], check=True)
+    allocated = subprocess.run([sys.executable, "-c", LABEL_SETS, "allocated"], env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert allocated.returncode == 0, allocated.stderr
