@@ -75,12 +75,15 @@ def run_all(plan: scenarios.Plan, workdir: Path, profile: bool, previous_ref: st
     previous_build = targets.Build(str(python), tree)
     results: dict = {"previous": {"commit": previous_label}}
     with Processes(OUT / "logs") as procs:
-        log("starting the proxy (and through it the fake upstream), nginx, naive")
+        log("starting the proxy (and through it the fake upstream), nginx, naive, bare-forward")
         ours, direct = targets.start_ours(procs, workdir)
         found = {"ours": ours, "direct": direct}
         found["nginx"] = targets.start_nginx(procs, workdir, direct)
         found["naive"] = targets.start_app(procs, workdir, "naive", "bench.naive:create()",
                                            {"BENCH_UPSTREAM": direct.url}, wsgi=True)
+        found["bare-forward"] = targets.start_app(procs, workdir, "bare-forward",
+                                                  "bench.bare_forward:create()",
+                                                  {"BENCH_UPSTREAM": direct.url})
         log(f"starting the previous proxy ({previous_label})")
         found["previous"], found["previous-direct"] = targets.start_ours(
             procs, workdir, "previous", build=previous_build)
