@@ -2,9 +2,10 @@
 that keeps apart the processes (flock: the kernel frees it when a worker dies) and one
 process's threads (which flock does not). The wrong-key table and the change counter use it.
 
-Its blocks are allocated when it is sized (`allocate`), not left as holes: a write through a
-map into a hole of a file whose disk is full is a SIGBUS, which kills the worker mid-request
-(tests/integration/test_faults.py, tests/unit/util/test_shared_file.py).
+Its blocks are allocated when it is sized (posix_fallocate), not left as holes: a write
+through a map into a hole of a file whose disk is full is a SIGBUS, which kills the worker
+mid-request (tests/integration/test_faults.py). `allocate` does the same for files another
+library maps (prometheus-client's, proxy/gunicorn_conf.py).
 """
 
 from __future__ import annotations
