@@ -141,10 +141,10 @@ def goals_8(results: dict) -> list[list[Any]]:
 
 
 def _added(rows: list[dict], field: str, target: str = "ours", **match: Any) -> float | None:
-    ours, direct = find(rows, target=target, **match), find(rows, target="direct", **match)
-    if field not in ours or field not in direct:
+    path, direct = find(rows, target=target, **match), find(rows, target="direct", **match)
+    if field not in path or field not in direct:
         return None
-    return ours[field] - direct[field]
+    return path[field] - direct[field]
 
 
 def _x(value: float | None) -> str:

@@ -174,7 +174,7 @@ def forward(ctx: Context) -> dict:
     rows = []
     for name, (path, body) in FORWARD_BODIES.items():
         body_file = _body_file(ctx, name, body)
-        compared = [ctx.targets[p] for p in (*FORWARD_PATHS, FLOOR) if p in ctx.targets]
+        compared = [ctx.targets[p] for p in (*FORWARD_PATHS, FLOOR)]
         for clients in ctx.plan.clients_forward:
             rows += [{"body": name, **row}
                      for row in _wrk_rows(ctx, compared, path, clients, body_file)]
