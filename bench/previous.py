@@ -2,9 +2,10 @@
 uvicorn and aiohttp (issue 14), checked out in its own `git worktree` under bench/out/ with its
 own venv, and started as its users start it (`python -m proxy.cli serve`).
 
-Which commit: `--previous REF` if given; else the merge base with `main` while this branch is
-not merged (main's latest proxy, the one this change replaces); else the parent of the commit
-that deleted `proxy/h1.py`.
+Which commit: `--previous REF` if given; else the newest commit (by commit date) in this
+history whose tree still has `proxy/h1.py`: the old core as main last had it, with every fix
+main made while the async core was on its branch (the parent of the commit that deleted
+h1.py lacks those: it is where the branch began, not what it replaced).
 """
 
 from __future__ import annotations
@@ -23,23 +24,20 @@ def _git(*args: str, check: bool = True) -> str:
                           check=check).stdout.strip()
 
 
-def _has_old_core(commit: str) -> bool:
-    return subprocess.run(["git", "cat-file", "-e", f"{commit}:proxy/h1.py"], cwd=REPO,
-                          capture_output=True, check=False).returncode == 0
-
-
 def commit(ref: str | None = None) -> str:
     """The previous proxy's commit (full hash)."""
     if ref:
         return _git("rev-parse", ref)
-    base = _git("merge-base", "HEAD", "main", check=False)
-    if base and _has_old_core(base):
-        return base
-    deleting = _git("log", "-1", "--diff-filter=D", "--format=%H", "--", "proxy/h1.py")
-    if not deleting:
-        raise RuntimeError("no previous proxy: proxy/h1.py was never deleted here; "
-                           "pass --previous REF")
-    return _git("rev-parse", f"{deleting}^")
+    history = _git("rev-list", "--date-order", "HEAD").split()
+    # One git process asks of every commit whether proxy/h1.py is in its tree.
+    answers = subprocess.run(
+        ["git", "cat-file", "--batch-check"], cwd=REPO, capture_output=True, text=True,
+        check=True, input="".join(f"{c}:proxy/h1.py\n" for c in history),
+    ).stdout.splitlines()
+    for full, answer in zip(history, answers, strict=True):
+        if not answer.endswith("missing"):
+            return full
+    raise RuntimeError("no previous proxy: no commit here has proxy/h1.py; pass --previous REF")
 
 
 def checkout(ref: str | None = None, log=print) -> tuple[Path, Path, str]:
