@@ -4,6 +4,7 @@ Run directly with `gunicorn -c proxy/gunicorn_conf.py 'proxy.asgi:create()'`, or
 `ollama-exoscale serve`, which uses the same settings.
 """
 
+import gc
 import os
 import resource
 import shutil
@@ -64,6 +65,15 @@ def post_fork(server, worker):
             allocate(_metrics_dir / f"{kind}_{worker.pid}.db", size)
         except OSError as exc:  # the library makes it sparse, as it would have anyway
             server.log.error("cannot allocate the worker's metrics file: %s", exc.strerror)
+
+
+def post_worker_init(worker):
+    """The worker's app is built: what start-up made and keeps (modules, the app, its config) is
+    moved out of the collector's reach, so each collection walks only what requests made.
+    Measured in bench/RESULTS.md ("the collector"): the full collections of ~55,000 start-up
+    objects had cost ~21 µs a request and set the p99 at 64 clients."""
+    gc.collect()  # start-up's garbage goes first: a frozen object is never freed
+    gc.freeze()
 
 
 def child_exit(server, worker):
