@@ -20,6 +20,8 @@ from pathlib import Path
 
 import requests
 
+from tests.harness import free_port, free_ports  # the tests' own: one way to pick ports
+
 from . import nginx
 from .procs import (
     PYTHON,
@@ -28,7 +30,6 @@ from .procs import (
     StartError,
     answers,
     children,
-    free_port,
     wait_until,
 )
 
@@ -119,7 +120,9 @@ def start_ours(procs: Processes, workdir: Path, name: str = "ours",
     `settings`: PROXY_* variables over the shipped defaults; `build`: another checkout's proxy;
     `upstream_flags`: the fake upstream's own flags.
     """
-    port, upstream_port = free_port(), free_port()
+    # A fleet's server i listens on the upstream's port + i: consecutive ports, all free.
+    servers = int((settings or {}).get("PROXY_MAX_SERVERS", "1"))
+    port, upstream_port = free_port(), free_ports(servers)
     state = workdir / name
     command = upstream_command(*upstream_flags)
     env = {**_proxy_env(port, state, command, upstream_port), **(settings or {})}
