@@ -1,11 +1,11 @@
 """A bounded soak: mixed traffic for a fixed time against a real proxy with 2 workers.
 
-The proxy runs as a user starts it (`ollama-exoscale serve`, gunicorn gthread, the `local`
-provisioner starting the test upstream). Traffic comes in cycles: a busy spell of streams
-(Ollama NDJSON and OpenAI SSE), back-to-back non-streamed requests and polls of the passive
-routes, then a quiet spell longer than the idle timeout, so the upstream is removed and the
-next busy spell starts cold with a storm of 503s. Every request must get a definite answer:
-a complete stream, a 200, or a 503 in the contract's shape. Each worker's threads, file
+The proxy runs as a user starts it (`ollama-exoscale serve`: gunicorn with uvicorn's worker
+class, the `local` provisioner starting the test upstream). Traffic comes in cycles: a busy
+spell of streams (Ollama NDJSON and OpenAI SSE), back-to-back non-streamed requests and polls of
+the passive routes, then a quiet spell longer than the idle timeout, so the upstream is removed
+and the next busy spell starts cold with a storm of 503s. Every request must get a definite
+answer: a complete stream, a 200, or a 503 in the contract's shape. Each worker's threads, file
 descriptors and memory are read from /proc after a warm-up and again at the end.
 
     python -m tests.soak --minutes 10          # what ./dev soak runs

@@ -1,5 +1,5 @@
-"""The whole lifecycle through a real gunicorn (gthread, several workers), the `local`
-provisioner starting the test upstream, and the real `ollama` and `openai` clients."""
+"""The whole lifecycle through a real gunicorn (uvicorn's worker class, several workers), the
+`local` provisioner starting the test upstream, and the real `ollama` and `openai` clients."""
 
 from __future__ import annotations
 
