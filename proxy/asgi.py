@@ -24,8 +24,6 @@ from proxy.util.logs import register_secrets, setup_logging
 
 log = logging.getLogger("ollama_exoscale")
 
-
-
 CLOSE_TIMEOUT = 8.0  # seconds for a running provisioning step, after the streams' 20 (of 30)
 
 

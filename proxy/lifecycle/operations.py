@@ -365,6 +365,7 @@ class Operations:
                 raise LeaseLost()
             self.state = state
 
+
 _PERCENT = re.compile(r"\s*\d+%$")
 
 
