@@ -86,7 +86,7 @@ def declare(settings: Settings) -> None:
                for server in settings.server_names if settings.model_volume_gb}
     instances = {
         server: gpu_instance(settings, name, server, state, template.id, firewall.id, user_data,
-                             volumes.get(server))
+                             volumes.get(server), kept=server in settings.kept)
         for server, state in settings.declared_servers.items()
     }
 
@@ -120,10 +120,16 @@ def model_volume(settings: Settings, name: str, server: str) -> exoscale.BlockSt
     )
 
 
+# What a server kept as it was made does not take from new settings: each would replace it
+# (user data, template) or stop it to resize (type, disk).
+KEPT_AS_MADE = ["user_data", "template_id", "type", "disk_size"]
+
+
 def gpu_instance(settings: Settings, name: str, server: str, state: str, template_id, firewall_id,
-                 user_data, volume: exoscale.BlockStorageVolume | None
+                 user_data, volume: exoscale.BlockStorageVolume | None, *, kept: bool = False
                  ) -> exoscale.ComputeInstance:
-    """One GPU server; `gpu` keeps the logical and cloud names of the one server before fleets."""
+    """One GPU server; `gpu` keeps the logical and cloud names of the one server before fleets.
+    `kept`: its user data stays as it was made (the update is about another server)."""
     return exoscale.ComputeInstance(
         server,
         name=server_object_name(name, server),
@@ -141,6 +147,8 @@ def gpu_instance(settings: Settings, name: str, server: str, state: str, templat
         opts=pulumi.ResourceOptions(
             # cloud-init runs once per instance: new user data (models, port) needs a new one.
             replace_on_changes=["user_data"],
+            # …except while the update is about another server: this one may be serving.
+            ignore_changes=KEPT_AS_MADE if kept else None,
             # The old one goes first: each server is one GPU of the quota (`exo limits`), and
             # a volume attaches to one instance.
             delete_before_replace=True,

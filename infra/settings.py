@@ -95,6 +95,10 @@ class Settings:
     # The GPU servers, name -> running | stopped (None: today's one server, `gpu`); the proxy
     # sets it per update, never from the environment.
     servers: dict[str, str] | None = field(default=None, hash=False)
+    # Servers this update keeps as they were made: new user data (other models, a new release's
+    # setup) does not replace them, so an update about one server never cuts another's streams.
+    # The proxy sets it per update, never from the environment.
+    kept: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         normalise = object.__setattr__  # frozen: normalise once, here
@@ -122,6 +126,7 @@ class Settings:
                                 f"expected one of {', '.join(INSTANCE_STATES)}")
         listed = "running" if self.instance_state == "absent" else self.instance_state
         normalise(self, "servers", check_servers(self.servers, listed))
+        normalise(self, "kept", frozenset(self.kept))
 
     @property
     def server_names(self) -> tuple[str, ...]:

@@ -131,7 +131,10 @@ class ExoscaleProvisioner:
         if state == "stopped" and server not in existing:
             progress(f"GPU server {server} does not exist: nothing to stop")
             return None
-        outputs = self.runner.up(progress, servers={**existing, server: state})
+        # The others may be serving: new user data reaches each when it is itself made (a
+        # server being stopped is only stopped: it is made anew when it starts again).
+        kept = set(existing) - {server} if state == "running" else set(existing)
+        outputs = self.runner.up(progress, servers={**existing, server: state}, kept=kept)
         if outputs is None:
             raise UpdateFailed("the Pulumi program declared no instance; check infra/program.py")
         return outputs
@@ -142,7 +145,8 @@ class ExoscaleProvisioner:
         others = {name: state for name, state in existing.items() if name != server}
         if others:
             if server in existing:
-                self.runner.up(progress, servers=others)  # it goes, with its model volume
+                # It goes, with its model volume; the others stay as they were made.
+                self.runner.up(progress, servers=others, kept=others)
             return
         if self.runner.settings is not None and self.runner.settings.model_volume_gb:
             # Only the instance goes: its models' volume (and token, firewall) wait for the next;

@@ -6,6 +6,7 @@ loopback address of their own behind the real nginx front."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +119,44 @@ def test_the_primary_can_go_first_and_a_server_stop_and_start_again(standin):
     assert again.instance_status == "running" and serves(again)
     provisioner.stop(lambda _: None, server="gpu-7")  # none such: nothing to stop
     assert list(provisioner.observe_fleet()) == ["gpu-1"]
+
+
+def user_data(world, object_id: str) -> str:
+    """The user data the cloud booted an instance with (the stand-in keeps it on its disk)."""
+    return (Path(world.instances()[object_id]["disk"]) / "user-data").read_text()
+
+
+def test_new_settings_reach_each_server_when_it_is_made_and_change_no_other_serving(standin):
+    provisioner_for(standin).bring_up(lambda _: None)
+    (gpu_id,) = standin.instances()
+    gpu_pid, made_with = standin.instances()[gpu_id]["pid"], user_data(standin, gpu_id)
+    # A restarted proxy whose servers differ: other user data (another model list; a new
+    # release's setup) and another type and disk.
+    upgraded = provisioner_for(standin, models=("llama3.2", "qwen2.5"),
+                               instance_type="gpua5000.medium", disk_size=200)
+    said: list[str] = []
+
+    upgraded.bring_up(said.append, server="gpu-1")
+
+    ids = instance_ids(standin)
+    assert ids["ollama-exoscale"] == gpu_id and standin.instances()[gpu_id]["pid"] == gpu_pid
+    assert not any(s.startswith(("replacing", "updating")) for s in said), said
+    assert user_data(standin, gpu_id) == made_with  # serving on, as it was made
+    made = standin.instances()[gpu_id]
+    assert (made["type"], made["diskSize"]) == ("gpua5000.small", 100), made
+    new_data = user_data(standin, ids["ollama-exoscale-gpu-1"])
+    assert standin.instances()[ids["ollama-exoscale-gpu-1"]]["type"] == "gpua5000.medium"
+    assert new_data != made_with
+
+    upgraded.tear_down(lambda _: None, server="gpu-1")  # scaling in replaces no other either
+    assert list(standin.instances()) == [gpu_id]
+    assert standin.instances()[gpu_id]["pid"] == gpu_pid
+
+    upgraded.stop(lambda _: None)  # only stopped, as it was made
+    assert list(standin.instances()) == [gpu_id] and user_data(standin, gpu_id) == made_with
+    upgraded.bring_up(lambda _: None)  # started again, it is made anew: with the new data
+    (remade,) = standin.instances()
+    assert remade != gpu_id and user_data(standin, remade) == new_data
 
 
 def test_bring_ups_from_two_threads_keep_both_servers(standin):

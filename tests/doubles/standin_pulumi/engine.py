@@ -348,6 +348,9 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
                 "dependencies": list(request.dependencies),
             }
             try:
+                if urn in self.old and request.ignoreChanges:
+                    new["inputs"] = _ignore_changes(
+                        new["inputs"], self.old[urn].get("inputs") or {}, request.ignoreChanges)
                 if request.custom:
                     package = request.type.split(":")[0]
                     new["provider"] = request.provider or self.provider(package, request.version)
@@ -432,6 +435,23 @@ class Deployment(Operation, resource_pb2_grpc.ResourceMonitorServicer,
             self.done(self.step(op, urn, new["type"], old, new))
             existing = new
         return f"{urn}::{existing['id']}"
+
+
+def _ignore_changes(inputs: dict, old_inputs: dict, paths) -> dict:
+    """`ignoreChanges`: each named input takes its old value (or stays unset if it had none),
+    so the diff sees no change there and no replacement follows (pulumi/pulumi
+    pkg/resource/deploy/step_generator.go `processIgnoreChanges`, applied only to a resource
+    the state already holds). Property paths deeper than a top-level name are refused: this
+    stand-in does not model them."""
+    kept = dict(inputs)
+    for path in paths:
+        if not path.isidentifier():
+            raise StepError(f"the stand-in supports ignoreChanges on top-level inputs only: {path}")
+        if path in old_inputs:
+            kept[path] = old_inputs[path]
+        else:
+            kept.pop(path, None)
+    return kept
 
 
 def _operation(old: dict | None, new: dict) -> str:

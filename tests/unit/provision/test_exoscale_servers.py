@@ -28,6 +28,7 @@ class DataRunner:
         self.instances: dict[str, str] = {}  # server -> state
         self.volumes: set[str] = set()  # servers with a model volume
         self.ups: list[tuple[str, dict | None]] = []
+        self.kept: list[set[str]] = []  # each update's servers left as they were made
         self.destroys = 0
 
     def export_state(self):
@@ -37,8 +38,9 @@ class DataRunner:
                        "type": repair.VOLUME_TYPE} for name in self.volumes]
         return SimpleNamespace(deployment={"resources": resources, "pending_operations": []})
 
-    def up(self, progress, *, instance_state="running", refresh=None, servers=None):
+    def up(self, progress, *, instance_state="running", refresh=None, servers=None, kept=()):
         self.ups.append((instance_state, None if servers is None else dict(servers)))
+        self.kept.append(set(kept))
         declared = dataclasses.replace(self.settings, instance_state=instance_state,
                                        servers=servers)
         self.instances = declared.declared_servers
@@ -79,6 +81,19 @@ def test_bring_up_declares_the_servers_that_exist_plus_that_one(runner):
                           ("running", {"gpu": "stopped", "gpu-2": "running"})]
     assert endpoint.url == "https://192.0.2.2:11434" and endpoint.instance_status == "running"
     assert provisioner.observe().instance_status == "stopped"  # the primary's, kept as it was
+
+
+def test_each_update_leaves_the_other_servers_as_they_were_made(runner):
+    provisioner = ExoscaleProvisioner(runner)
+    provisioner.bring_up(quiet)
+    provisioner.bring_up(quiet, server="gpu-1")
+    provisioner.bring_up(quiet, server="gpu-2")
+    provisioner.stop(quiet, server="gpu-1")
+    provisioner.bring_up(quiet, server="gpu-1")  # started again: it is the one made anew
+    provisioner.tear_down(quiet, server="gpu-2")
+
+    assert runner.kept == [set(), {"gpu"}, {"gpu", "gpu-1"}, {"gpu", "gpu-1", "gpu-2"},
+                           {"gpu", "gpu-2"}, {"gpu", "gpu-1"}]
 
 
 def test_stop_declares_that_one_stopped_and_no_other_change(runner):
