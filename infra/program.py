@@ -129,7 +129,7 @@ def gpu_instance(settings: Settings, name: str, server: str, state: str, templat
                  user_data, volume: exoscale.BlockStorageVolume | None, *, kept: bool = False
                  ) -> exoscale.ComputeInstance:
     """One GPU server; `gpu` keeps the logical and cloud names of the one server before fleets.
-    `kept`: its user data stays as it was made (the update is about another server)."""
+    `kept`: it stays as it was made, KEPT_AS_MADE unchanged (the update is about another server)."""
     return exoscale.ComputeInstance(
         server,
         name=server_object_name(name, server),

@@ -92,9 +92,9 @@ class StackRunner:
         `servers` (name -> running | stopped) declares those servers and no other; None
         declares today's one server, `gpu`, in `instance_state`. `absent` removes the
         instances but keeps the rest (the model volumes of `servers`): returns None.
-        `kept`: servers whose user data this update leaves as it was made (Pulumi's
-        ignore_changes), so new user data does not replace them while the update is about
-        another server.
+        `kept`: servers this update leaves as they were made (Pulumi's ignore_changes on
+        infra/program.py's KEPT_AS_MADE), so new settings neither replace nor resize them
+        while the update is about another server.
         Declaring `running` or `stopped` refreshes first (`up --refresh`): the pinned provider
         (terraform-provider-exoscale 0.66.0) stops an instance without reading its state, and
         Exoscale refuses to stop one that is stopped already; with the state read back, an
@@ -106,7 +106,7 @@ class StackRunner:
         if self.settings is not None:  # checked here: a bad map stops before the CLI runs
             self._declared = dataclasses.replace(
                 self.settings, instance_state=instance_state,
-                servers=dict(servers) if servers is not None else None, kept=frozenset(kept))
+                servers=dict(servers) if servers is not None else None, kept=kept)
         try:
             result = stack.up(on_event=narrator, color="never",
                               refresh=instance_state in ("running", "stopped")

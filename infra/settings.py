@@ -95,9 +95,10 @@ class Settings:
     # The GPU servers, name -> running | stopped (None: today's one server, `gpu`); the proxy
     # sets it per update, never from the environment.
     servers: dict[str, str] | None = field(default=None, hash=False)
-    # Servers this update keeps as they were made: new user data (other models, a new release's
-    # setup) does not replace them, so an update about one server never cuts another's streams.
-    # The proxy sets it per update, never from the environment.
+    # Servers this update keeps as they were made: new settings (other models, a new release's
+    # setup, another type) neither replace nor resize them (infra/program.py KEPT_AS_MADE), so
+    # an update about one server never cuts another's streams. The proxy sets it per update,
+    # never from the environment.
     kept: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
